@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install what the tests need on a fresh Debian 12 machine (as root), then run every test:
+# lint, types, unit, integration (real etcd) and functional (real nspawn cluster).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./deploy/setup.sh
+VENV="${FLEET_VENV:-/opt/fleet/venv}"
+export PATH="$VENV/bin:$PATH"
+echo "== ruff"
+ruff check .
+ruff format --check .
+echo "== mypy --strict"
+mypy
+echo "== pytest"
+exec pytest -ra "$@"

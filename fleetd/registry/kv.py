@@ -1,0 +1,129 @@
+"""The key-value contract fleet needs from etcd v3, and nothing more.
+
+Two implementations honour it: `fleetd.registry.etcd.EtcdKV` (the only module that imports
+aetcd) and `fleetd.registry.fake.FakeKV` (in memory, for unit tests and the simulator). The
+schema-aware `Registry` is written once against this protocol, so the same code runs on both,
+and one contract test suite checks both.
+
+Keys and values are `str` here; the etcd adapter encodes them as UTF-8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: str
+    value: str
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int = 0
+
+
+CompareTarget = Literal["value", "version", "create", "mod"]
+CompareOp = Literal["==", "!=", "<", ">"]
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """One transaction guard, as in etcd: `target(key) op operand`.
+
+    A key that does not exist has version 0, create/mod revision 0 and never equals a value.
+    """
+
+    key: str
+    target: CompareTarget
+    op: CompareOp
+    operand: str | int
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: str
+    value: str
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: str
+    prefix: bool = False
+
+
+Op = Put | Delete
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+
+
+class EventType(StrEnum):
+    PUT = "put"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    type: EventType
+    key: str
+    value: str  # "" for deletes
+    mod_revision: int
+
+
+# etcd refuses transactions with more operations than --max-txn-ops (default 128).
+MAX_TXN_OPS = 128
+
+
+class KV(Protocol):
+    """What the registry needs from etcd. All methods may raise RegistryUnavailable."""
+
+    async def get(self, key: str) -> KeyValue | None: ...
+
+    async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """Every key starting with `prefix`, sorted by key, and the store revision read at."""
+        ...
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[Op],
+        failure: Sequence[Op] = (),
+    ) -> TxnResult:
+        """Atomically: if every compare holds, apply `success`, else `failure`.
+
+        At most MAX_TXN_OPS operations per branch.
+        """
+        ...
+
+    async def grant(self, ttl: int) -> int:
+        """A new lease of `ttl` seconds; returns its id."""
+        ...
+
+    async def keepalive(self, lease: int) -> int:
+        """Refresh a lease; returns its remaining TTL, or 0 if it has expired (it is gone)."""
+        ...
+
+    async def revoke(self, lease: int) -> None:
+        """End a lease now, deleting every key attached to it. A missing lease is no error."""
+        ...
+
+    def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        """Batches of events on keys under `prefix`, from `start_revision` (inclusive) on.
+
+        Raises `fleetd.errors.Compacted` when `start_revision` is compacted away (the caller
+        resyncs from a fresh snapshot) and RegistryUnavailable when the stream breaks; the
+        caller resumes with a new watch from the revision after the last event it saw.
+        """
+        ...
+
+    async def compact(self, revision: int) -> None: ...
+
+    async def close(self) -> None: ...
