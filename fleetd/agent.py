@@ -1,0 +1,410 @@
+"""The agent: runs what the engine scheduled to this machine, through systemd.
+
+It watches only `schedule/<this machine>/`, `global/` and its own dynamic metadata, so a
+placement elsewhere costs it nothing. Each change: plan tasks with the pure planner
+(fleetd.agentplan) from (desired, what this agent did so far), run them in order, record.
+
+What the agent did is recorded in a file under /run (unit -> hash and loaded/launched), so a
+restarted fleetd plans against the truth and leaves healthy units alone: no restart, same PID.
+
+Never does it stop a unit because etcd is slow or unreachable: registry errors only delay
+reconciliation. Units stop only when the schedule, read from etcd, says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from fleetd.agentplan import CurrentUnit, DesiredUnit, Task, TaskKind, desired_for_machine, plan_tasks
+from fleetd.errors import Compacted, FleetError, RegistryUnavailable, UnitFileError
+from fleetd.model import Machine, Requirements, ScheduledUnit, TargetState, Unit, UnitState
+from fleetd.registry import codec
+from fleetd.registry.codec import CorruptValue
+from fleetd.registry.kv import EventType, WatchEvent
+from fleetd.registry.registry import Registry
+from fleetd.systemd.manager import SystemdState, UnitManager
+from fleetd.unitfile import UnitFile
+from fleetd.unitfile import requirements as parse_requirements
+
+log = structlog.get_logger("fleetd.agent")
+
+BATCH_WINDOW = 0.005
+
+
+@dataclass
+class AgentRecord:
+    """What this agent has done: unit -> (hash, loaded|launched). Persisted across restarts."""
+
+    units: dict[str, CurrentUnit] = field(default_factory=dict)
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, path: Path | None) -> AgentRecord:
+        record = cls(path=path)
+        if path is None or not path.exists():
+            return record
+        try:
+            raw = json.loads(path.read_text())
+            for name, entry in raw.items():
+                record.units[name] = CurrentUnit(
+                    name, str(entry["hash"]), TargetState(entry["state"])
+                )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            # A damaged record only costs a re-load of the units; say so and go on.
+            log.warning("agent_record_unreadable", path=str(path), error=str(e))
+        return record
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        data = {n: {"hash": u.hash, "state": u.state.value} for n, u in sorted(self.units.items())}
+        tmp = self.path.with_suffix(".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, separators=(",", ":")))
+        os.replace(tmp, self.path)
+
+
+class Agent:
+    def __init__(
+        self,
+        registry: Registry,
+        manager: UnitManager,
+        machine: Callable[[], Machine],
+        lease: Callable[[], int],
+        *,
+        record_path: Path | None = None,
+        safety_interval: float = 30.0,
+    ) -> None:
+        self.registry = registry
+        self.keys = registry.keys
+        self.manager = manager
+        self._machine = machine
+        self._lease = lease
+        self.machine_id = machine().id
+        self.record = AgentRecord.load(record_path)
+        self.safety_interval = safety_interval
+        self.scheduled: dict[str, ScheduledUnit] = {}
+        self.globals: dict[str, ScheduledUnit] = {}
+        self.dynamic_meta: dict[str, str] = {}
+        self._requirements: dict[tuple[str, str], Requirements] = {}
+        self._wake = asyncio.Event()
+        self._reconcile_lock = asyncio.Lock()
+        self._published: dict[str, UnitState] = {}
+        self._observed: dict[str, SystemdState] = {}
+        self._dirty_states: set[str] = set()
+        self._states_changed = asyncio.Event()
+        self.tasks_run = 0
+        self.synced = False  # True once the first reconcile against etcd has run
+
+    # ---- main loop ---------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        publisher = asyncio.ensure_future(self._publish_loop(stop))
+        observer = asyncio.ensure_future(self._observe_loop(stop))
+        backoff = 0.5
+        try:
+            while not stop.is_set():
+                try:
+                    await self._sync(stop)
+                    backoff = 0.5
+                except Compacted as e:
+                    log.info("agent_resync_after_compaction", error=str(e))
+                except RegistryUnavailable as e:
+                    log.warning("agent_registry_unavailable", error=str(e), retry_in=backoff)
+                    await _sleep_or_stop(stop, backoff)
+                    backoff = min(backoff * 2, 10.0)
+        finally:
+            publisher.cancel()
+            observer.cancel()
+            await asyncio.gather(publisher, observer, return_exceptions=True)
+
+    async def _sync(self, stop: asyncio.Event) -> None:
+        """Load the schedule, reconcile, then follow watches until an error or stop."""
+        revision = await self._load_desired()
+        await self.reconcile()
+        self.synced = True
+        queue: asyncio.Queue[list[WatchEvent] | BaseException] = asyncio.Queue()
+        prefixes = [
+            self.keys.machine_schedule(self.machine_id),
+            self.keys.globals,
+            self.keys.machine_meta + self.machine_id + "/",
+        ]
+        pumps = [asyncio.ensure_future(self._pump(p, revision + 1, queue)) for p in prefixes]
+        stop_task = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait(
+                    {getter, stop_task},
+                    timeout=self.safety_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if getter in done:
+                    self._absorb(getter.result())
+                    await asyncio.sleep(BATCH_WINDOW)
+                    while not queue.empty():
+                        self._absorb(queue.get_nowait())
+                else:
+                    getter.cancel()
+                if not stop.is_set():
+                    await self.reconcile()
+        finally:
+            stop_task.cancel()
+            for p in pumps:
+                p.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def _pump(
+        self, prefix: str, revision: int, queue: asyncio.Queue[list[WatchEvent] | BaseException]
+    ) -> None:
+        try:
+            async for batch in self.registry.watch(prefix, revision):
+                queue.put_nowait(batch)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            queue.put_nowait(e)
+
+    def _absorb(self, item: list[WatchEvent] | BaseException) -> None:
+        if isinstance(item, BaseException):
+            raise item
+        for event in item:
+            self._on_event(event)
+
+    def _on_event(self, event: WatchEvent) -> None:
+        keys = self.keys
+        mine = keys.machine_schedule(self.machine_id)
+        meta = keys.machine_meta + self.machine_id + "/"
+        if event.key.startswith(meta):
+            key = keys.tail(event.key, meta)
+            if event.type == EventType.DELETE:
+                self.dynamic_meta.pop(key, None)
+            else:
+                self.dynamic_meta[key] = event.value
+            return
+        if event.key.startswith(mine):
+            target, name, machine_id = self.scheduled, keys.tail(event.key, mine), self.machine_id
+        elif event.key.startswith(keys.globals):
+            target, name, machine_id = self.globals, keys.tail(event.key, keys.globals), ""
+        else:
+            return
+        if event.type == EventType.DELETE:
+            target.pop(name, None)
+            return
+        try:
+            hash_, state = codec.decode_desired(event.value)
+        except CorruptValue as e:
+            log.warning("corrupt_value_skipped", key=event.key, error=str(e))
+            return
+        target[name] = ScheduledUnit(name, machine_id, hash_, state)
+
+    async def _load_desired(self) -> int:
+        scheduled, revision = await self.registry.machine_schedule(self.machine_id)
+        globals_, _ = await self.registry.global_units()
+        meta_kvs, _ = await self.registry.kv.range(
+            self.keys.machine_meta + self.machine_id + "/"
+        )
+        self.scheduled = {s.name: s for s in scheduled}
+        self.globals = {s.name: s for s in globals_}
+        prefix = self.keys.machine_meta + self.machine_id + "/"
+        self.dynamic_meta = {self.keys.tail(kv.key, prefix): kv.value for kv in meta_kvs}
+        return revision
+
+    # ---- reconciliation --------------------------------------------------------------------
+
+    def machine(self) -> Machine:
+        base = self._machine()
+        if not self.dynamic_meta:
+            return base
+        merged = base.metadata_dict | self.dynamic_meta
+        return Machine.make(base.id, base.public_ip, merged, base.version, base.disable_engine)
+
+    async def desired(self) -> dict[str, DesiredUnit]:
+        requirements: dict[str, Requirements] = {}
+        global_units: dict[str, tuple[Unit, Requirements]] = {}
+        for s in [*self.scheduled.values(), *self.globals.values()]:
+            reqs = await self._requirements_of(s.name, s.hash)
+            if reqs is None:
+                continue
+            requirements[s.name] = reqs
+            if not s.machine_id:
+                global_units[s.name] = (Unit(s.name, s.hash, s.target_state), reqs)
+        scheduled = [s for s in self.scheduled.values() if s.name in requirements]
+        return desired_for_machine(self.machine(), scheduled, global_units, requirements)
+
+    async def _requirements_of(self, name: str, hash_: str) -> Requirements | None:
+        key = (name, hash_)
+        cached = self._requirements.get(key)
+        if cached is not None:
+            return cached
+        body = await self.registry.get_body(hash_)
+        if body is None:
+            log.error("unit_body_missing", unit=name, hash=hash_)
+            return None
+        try:
+            reqs = parse_requirements(body, name)
+        except UnitFileError as e:
+            log.error("unit_requirements_invalid", unit=name, error=str(e))
+            return None
+        self._requirements[key] = reqs
+        return reqs
+
+    async def reconcile(self) -> int:
+        """Plan and run tasks until the machine matches its schedule; returns tasks run."""
+        async with self._reconcile_lock:
+            desired = await self.desired()
+            tasks = plan_tasks(desired, self.record.units)
+            ran = 0
+            for task in tasks:
+                try:
+                    await self._run_task(task, desired)
+                except (FleetError, OSError) as e:
+                    # Stop at the first failure, as fleet does; the next pass retries.
+                    log.error(
+                        "agent_task_failed", task=task.kind.name, unit=task.unit, error=str(e)
+                    )
+                    break
+                ran += 1
+                log.info(
+                    "agent_task_completed", task=task.kind.name, unit=task.unit, reason=task.reason
+                )
+            self.tasks_run += ran
+            return ran
+
+    async def _run_task(self, task: Task, desired: Mapping[str, DesiredUnit]) -> None:
+        name = task.unit
+        record = self.record
+        match task.kind:
+            case TaskKind.RELOAD:
+                await self.manager.reload()
+                return
+            case TaskKind.LOAD:
+                want = desired[name]
+                body = await self._body(want.hash)
+                await self.manager.load(name, body.serialize(), has_install=body.has_install_section)
+                record.units[name] = CurrentUnit(name, want.hash, TargetState.LOADED)
+            case TaskKind.START:
+                await self.manager.start(name)
+                record.units[name] = CurrentUnit(
+                    name, record.units[name].hash, TargetState.LAUNCHED
+                )
+            case TaskKind.STOP:
+                await self.manager.stop(name)
+                record.units[name] = CurrentUnit(name, record.units[name].hash, TargetState.LOADED)
+            case TaskKind.UNLOAD:
+                await self.manager.unload(name)
+                record.units.pop(name, None)
+        record.save()
+        self._mark_state_dirty(name)
+
+    async def _body(self, hash_: str) -> UnitFile:
+        body = await self.registry.get_body(hash_)
+        if body is None:
+            raise FleetError(f"unit body {hash_} missing from the registry")
+        return body
+
+    # ---- state publishing --------------------------------------------------------------
+
+    def _mark_state_dirty(self, name: str) -> None:
+        self._dirty_states.add(name)
+        self._states_changed.set()
+
+    def republish_all(self) -> None:
+        """After a new lease (the old one expired with our states on it), publish everything."""
+        self._published.clear()
+        for name in self.record.units:
+            self._mark_state_dirty(name)
+
+    async def _observe_loop(self, stop: asyncio.Event) -> None:
+        """Follow systemd's signals for the units we manage."""
+        names = list(self.record.units)
+        if names:
+            with contextlib.suppress(FleetError):
+                for name, state in (await self.manager.states(names)).items():
+                    self._observed[name] = state
+                    self._mark_state_dirty(name)
+        async for name, state in self.manager.watch():
+            if stop.is_set():
+                return
+            self._observed[name] = state
+            if name in self.record.units:
+                self._mark_state_dirty(name)
+
+    async def _publish_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._states_changed.wait()
+            self._states_changed.clear()
+            await asyncio.sleep(BATCH_WINDOW)
+            dirty, self._dirty_states = self._dirty_states, set()
+            try:
+                await self._publish(dirty)
+            except RegistryUnavailable as e:
+                log.warning("state_publish_failed", error=str(e))
+                self._dirty_states |= dirty
+                await _sleep_or_stop(stop, 1.0)
+                self._states_changed.set()
+
+    async def _publish(self, names: Iterable[str]) -> None:
+        lease = self._lease()
+        if not lease:
+            raise RegistryUnavailable("not registered yet")
+        missing = [n for n in names if n in self.record.units and n not in self._observed]
+        if missing:
+            self._observed.update(await self.manager.states(missing))
+        puts: list[UnitState] = []
+        removals: list[str] = []
+        for name in sorted(names):
+            current = self.record.units.get(name)
+            if current is None:
+                # Unloaded: its state goes (a delete of a missing key is harmless).
+                self._published.pop(name, None)
+                removals.append(name)
+                continue
+            sd = self._observed.get(name)
+            state = UnitState(
+                name=name,
+                machine_id=self.machine_id,
+                load_state=sd.load_state if sd else "",
+                active_state=sd.active_state if sd else "",
+                sub_state=sd.sub_state if sd else "",
+                hash=current.hash,
+                agent_state=current.state,
+            )
+            if self._published.get(name) != state:
+                puts.append(state)
+        if puts:
+            await self.registry.publish_states(puts, lease)
+            for s in puts:
+                self._published[s.name] = s
+        for name in removals:
+            await self.registry.remove_state(name, self.machine_id)
+            self._observed.pop(name, None)
+
+    # ---- shutdown ------------------------------------------------------------------------
+
+    async def purge(self) -> None:
+        """Graceful stop: stop and unload every unit this agent runs, and drop their states."""
+        async with self._reconcile_lock:
+            tasks = plan_tasks({}, self.record.units)
+            for task in tasks:
+                try:
+                    await self._run_task(task, {})
+                except (FleetError, OSError) as e:
+                    log.error("agent_purge_failed", unit=task.unit, error=str(e))
+            with contextlib.suppress(FleetError):
+                for name in list(self._published):
+                    await self.registry.remove_state(name, self.machine_id)
+            self._published.clear()
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -1,0 +1,344 @@
+"""The engine: leader election, then a watch-driven loop around the pure planner.
+
+Every fleetd runs one (unless disable_engine); one leads at a time. The leader key lives on the
+machine's lease, so a dead leader is replaced as soon as its lease expires, and every write is
+fenced on that key's create revision, so a deposed leader cannot place anything.
+
+Loop shape: read a snapshot once, then keep it current from watches on units/, machines/ and
+machine-meta/; after each burst of events, plan and apply. A timer re-plans on the in-memory
+view as a safety net; it reads nothing from etcd, so an idle cluster costs only keepalives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from fleetd import engineplan
+from fleetd.engineplan import EngineView, Write
+from fleetd.errors import Compacted, FleetError, NotLeader, RegistryUnavailable, UnitFileError
+from fleetd.model import Requirements, Unit
+from fleetd.registry import codec
+from fleetd.registry.codec import CorruptValue
+from fleetd.registry.kv import EventType, Op, WatchEvent
+from fleetd.registry.registry import LeaderToken, Registry
+from fleetd.unitfile import requirements as parse_requirements
+
+log = structlog.get_logger("fleetd.engine")
+
+# How long to keep collecting watch events before planning: one plan per burst, not per event.
+BATCH_WINDOW = 0.005
+
+
+@dataclass
+class EngineStats:
+    plans: int = 0
+    writes: int = 0
+    last_plan_seconds: float = 0.0
+
+
+class Engine:
+    def __init__(
+        self,
+        registry: Registry,
+        machine_id: str,
+        lease: Callable[[], Awaitable[int]],
+        *,
+        safety_interval: float = 30.0,
+    ) -> None:
+        self.registry = registry
+        self.keys = registry.keys
+        self.machine_id = machine_id
+        self._lease = lease  # waits for, then returns, the machine's current lease
+        self.safety_interval = safety_interval
+        self.view = EngineView()
+        self.stats = EngineStats()
+        self.token: LeaderToken | None = None
+        # Requirements depend on the body (by hash) and the name (specifiers).
+        self._requirements: dict[tuple[str, str], Requirements] = {}
+        # Set by watch events, resolved (with etcd reads) just before the next plan.
+        self._needs_body: set[str] = set()
+        self._machines_dirty = False
+
+    @property
+    def is_leader(self) -> bool:
+        return self.token is not None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                lease = await self._lease()
+                token = await self.registry.campaign(self.machine_id, lease)
+                if token is None:
+                    await self._follow(stop)
+                else:
+                    self.token = token
+                    log.info("engine_leadership_acquired", machine=self.machine_id)
+                    await self._lead(token, stop)
+                backoff = 0.5
+            except NotLeader as e:
+                log.warning("engine_leadership_lost", reason=str(e))
+            except (RegistryUnavailable, Compacted) as e:
+                log.warning("engine_registry_error", error=str(e), retry_in=backoff)
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                if self.token is not None and stop.is_set():
+                    with contextlib.suppress(FleetError):
+                        await self.registry.resign(self.token)
+                        log.info("engine_leadership_released", machine=self.machine_id)
+                self.token = None
+
+    async def _follow(self, stop: asyncio.Event) -> None:
+        """Wait until the leader key goes away (or stop), then campaign again."""
+        kv = await self.registry.kv.get(self.keys.leader)
+        if kv is None:
+            return
+        log.debug("engine_leader_is", leader=kv.value)
+        async with _closing(self.registry.watch(self.keys.leader, kv.mod_revision + 1)) as events:
+            stop_task = asyncio.ensure_future(stop.wait())
+            try:
+                async for batch in _until(events, stop_task):
+                    if any(e.type == EventType.DELETE for e in batch):
+                        return
+            finally:
+                stop_task.cancel()
+
+    async def _lead(self, token: LeaderToken, stop: asyncio.Event) -> None:
+        revision = await self._load()
+        await self._plan_and_apply(token)
+        queue: asyncio.Queue[list[WatchEvent] | BaseException] = asyncio.Queue()
+        prefixes = [self.keys.units, self.keys.machines, self.keys.machine_meta, self.keys.leader]
+        pumps = [asyncio.ensure_future(self._pump(p, revision + 1, queue)) for p in prefixes]
+        stop_task = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait(
+                    {getter, stop_task},
+                    timeout=self.safety_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if getter not in done:
+                    getter.cancel()
+                    if not stop.is_set():
+                        await self._plan_and_apply(token)  # safety pass, no etcd reads
+                    continue
+                self._absorb(getter.result())
+                await asyncio.sleep(BATCH_WINDOW)
+                while not queue.empty():
+                    self._absorb(queue.get_nowait())
+                await self._plan_and_apply(token)
+        finally:
+            stop_task.cancel()
+            for p in pumps:
+                p.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def _pump(
+        self,
+        prefix: str,
+        revision: int,
+        queue: asyncio.Queue[list[WatchEvent] | BaseException],
+    ) -> None:
+        try:
+            async for batch in self.registry.watch(prefix, revision):
+                queue.put_nowait(batch)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # handed to the loop, which re-raises it
+            queue.put_nowait(e)
+
+    def _absorb(self, item: list[WatchEvent] | BaseException) -> None:
+        if isinstance(item, BaseException):
+            raise item
+        for event in item:
+            self._on_event(event)
+
+    def _on_event(self, event: WatchEvent) -> None:
+        keys = self.keys
+        if event.key == keys.leader:
+            if event.type == EventType.DELETE or event.value != self.machine_id:
+                raise NotLeader("leader key changed")
+            return
+        if event.key.startswith(keys.units):
+            name = keys.tail(event.key, keys.units)
+            if event.type == EventType.DELETE:
+                self.view.units.pop(name, None)
+                return
+            try:
+                hash_, state = codec.decode_desired(event.value)
+            except CorruptValue as e:
+                log.warning("corrupt_value_skipped", key=event.key, error=str(e))
+                return
+            self.view.units[name] = Unit(name, hash_, state)
+            self._needs_body.add(name)
+        elif event.key.startswith(keys.machines) or event.key.startswith(keys.machine_meta):
+            # Machine changes are rare; re-reading the machines is simpler than merging.
+            self._machines_dirty = True
+
+    async def _load(self) -> int:
+        """Read everything the engine needs, once; returns the revision to watch from."""
+        registry = self.registry
+        unit_kvs, revision = await registry.kv.range(self.keys.units)
+        units = {}
+        for kv in unit_kvs:
+            name = self.keys.tail(kv.key, self.keys.units)
+            try:
+                hash_, state = codec.decode_desired(kv.value)
+            except CorruptValue as e:
+                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+                continue
+            units[name] = Unit(name, hash_, state)
+        view = EngineView(units=units)
+        view.machines = {m.id: m for m in await registry.list_machines()}
+        view.schedule = {s.name: s for s in await registry.full_schedule()}
+        view.globals = {
+            s.name: Unit(s.name, s.hash, s.target_state) for s in (await registry.global_units())[0]
+        }
+        view.placements = await registry.placements()
+        self.view = view
+        self._needs_body = set(units)
+        self._machines_dirty = False
+        log.info(
+            "engine_state_loaded",
+            revision=revision,
+            units=len(units),
+            machines=len(view.machines),
+            scheduled=len(view.schedule),
+        )
+        return revision
+
+    async def _refresh(self) -> None:
+        """Bring in what events only flagged: new bodies' requirements, machine changes."""
+        if self._machines_dirty:
+            self.view.machines = {m.id: m for m in await self.registry.list_machines()}
+            self._machines_dirty = False
+        for name in sorted(self._needs_body):
+            unit = self.view.units.get(name)
+            if unit is None:
+                continue
+            reqs = await self._requirements_of(unit)
+            if reqs is not None:
+                self.view.requirements[name] = reqs
+        self._needs_body.clear()
+        for name in list(self.view.requirements):
+            if name not in self.view.units:
+                del self.view.requirements[name]
+
+    async def _requirements_of(self, unit: Unit) -> Requirements | None:
+        key = (unit.name, unit.hash)
+        cached = self._requirements.get(key)
+        if cached is not None:
+            return cached
+        body = await self.registry.get_body(unit.hash)
+        if body is None:
+            log.error("unit_body_missing", unit=unit.name, hash=unit.hash)
+            return None
+        try:
+            reqs = parse_requirements(body, unit.name)
+        except UnitFileError as e:
+            log.error("unit_requirements_invalid", unit=unit.name, error=str(e))
+            return None
+        self._requirements[key] = reqs
+        return reqs
+
+    async def _plan_and_apply(self, token: LeaderToken) -> None:
+        await self._refresh()
+        started = time.perf_counter()
+        # Units whose body could not be read are left out of planning rather than guessed at.
+        view = self.view
+        plannable = EngineView(
+            units={n: u for n, u in view.units.items() if n in view.requirements},
+            requirements=view.requirements,
+            machines=view.machines,
+            schedule=view.schedule,
+            globals=view.globals,
+            placements=view.placements,
+        )
+        writes, reasons = engineplan.plan(plannable)
+        self.stats.plans += 1
+        self.stats.last_plan_seconds = time.perf_counter() - started
+        if not writes:
+            return
+        await self.registry.fenced(token, self._ops(writes))
+        view.apply(writes)
+        self.stats.writes += len(writes)
+        for w in writes:
+            _log_write(w, reasons)
+
+    def _ops(self, writes: list[Write]) -> list[Op]:
+        r = self.registry
+        ops: list[Op] = []
+        for w in writes:
+            match w:
+                case engineplan.SetSchedule(unit, machine_id):
+                    ops += r.op_schedule(unit, machine_id)
+                case engineplan.DeleteSchedule(name, machine_id, _):
+                    ops += r.op_unschedule(name, machine_id)
+                case engineplan.SetPlacement(name, machine_id, reason):
+                    if machine_id is None:
+                        ops += r.op_unplaced(name, reason)
+                    # A placement on a machine is written together with its schedule key.
+                case engineplan.DeletePlacement(name):
+                    ops += r.op_forget_placement(name)
+                case engineplan.SetGlobal(unit):
+                    ops += r.op_global(unit)
+                case engineplan.DeleteGlobal(name):
+                    ops += r.op_unglobal(name)
+        return ops
+
+
+def _log_write(w: Write, reasons: dict[str, str]) -> None:
+    match w:
+        case engineplan.SetSchedule(unit, machine_id):
+            log.info(
+                "unit_scheduled", unit=unit.name, machine=machine_id, state=unit.target_state.value
+            )
+        case engineplan.DeleteSchedule(name, machine_id, reason):
+            log.info("unit_unscheduled", unit=name, machine=machine_id, reason=reason)
+        case engineplan.SetPlacement(name, None, reason):
+            log.warning("unit_unplaceable", unit=name, reason=reason)
+        case _:
+            pass
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+@contextlib.asynccontextmanager
+async def _closing(
+    events: AsyncIterator[list[WatchEvent]],
+) -> AsyncIterator[AsyncIterator[list[WatchEvent]]]:
+    try:
+        yield events
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _until(
+    events: AsyncIterator[list[WatchEvent]], stop_task: asyncio.Future[Any]
+) -> AsyncIterator[list[WatchEvent]]:
+    """Iterate `events` until the stop future completes."""
+    while True:
+        nxt: asyncio.Future[Any] = asyncio.ensure_future(events.__anext__())
+        done, _ = await asyncio.wait({nxt, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if nxt not in done:
+            nxt.cancel()
+            return
+        try:
+            yield nxt.result()
+        except StopAsyncIteration:
+            return
+

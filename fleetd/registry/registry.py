@@ -1,0 +1,384 @@
+"""The schema-aware registry: fleet's operations over the KV contract.
+
+Written once against `KV`, so fleetd, fleetctl's etcd driver, the API and the simulator run the
+same code on real etcd and on the in-memory fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from fleetd.errors import Conflict, InvalidInput, NotFound, NotLeader
+from fleetd.model import Machine, Placement, ScheduledUnit, Snapshot, TargetState, Unit, UnitState
+from fleetd.registry import codec
+from fleetd.registry.codec import CorruptValue
+from fleetd.registry.keys import SCHEMA_VERSION, Keys, normalize_prefix
+from fleetd.registry.kv import KV, MAX_TXN_OPS, Compare, Delete, KeyValue, Op, Put, WatchEvent
+from fleetd.unitfile import UnitFile, parse_unit
+
+log = structlog.get_logger("fleetd.registry")
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderToken:
+    """Proof of leadership: the leader key's create revision fences every engine write."""
+
+    machine_id: str
+    lease: int
+    create_revision: int
+
+
+class Registry:
+    def __init__(self, kv: KV, prefix: str = "/fleet/") -> None:
+        self.kv = kv
+        self.keys = Keys(normalize_prefix(prefix))
+        # Bodies are immutable (content-addressed), so caching them forever is safe.
+        self._bodies: dict[str, UnitFile] = {}
+
+    # ---- schema -------------------------------------------------------------------------
+
+    async def ensure_schema(self) -> None:
+        """Create the schema version key, or refuse a keyspace written by a newer release."""
+        key = self.keys.schema
+        result = await self.kv.txn(
+            [Compare(key, "version", "==", 0)], [Put(key, str(SCHEMA_VERSION))]
+        )
+        if result.succeeded:
+            return
+        current = await self.kv.get(key)
+        found = current.value if current else "?"
+        if found != str(SCHEMA_VERSION):
+            raise InvalidInput(
+                f"etcd keyspace {self.keys.prefix} has schema version {found}; "
+                f"this release understands {SCHEMA_VERSION}"
+            )
+
+    # ---- unit bodies ----------------------------------------------------------------------
+
+    async def get_body(self, hash_: str) -> UnitFile | None:
+        cached = self._bodies.get(hash_)
+        if cached is not None:
+            return cached
+        kv = await self.kv.get(self.keys.body(hash_))
+        if kv is None:
+            return None
+        unit = parse_unit(kv.value)
+        self._bodies[hash_] = unit
+        return unit
+
+    # ---- units (desired state, written by clients) ----------------------------------------
+
+    async def get_unit(self, name: str) -> Unit | None:
+        kv = await self.kv.get(self.keys.unit(name))
+        return self._decode_unit(kv) if kv else None
+
+    async def list_units(self) -> list[Unit]:
+        kvs, _ = await self.kv.range(self.keys.units)
+        return [u for u in (self._decode_unit(kv) for kv in kvs) if u is not None]
+
+    def _decode_unit(self, kv: KeyValue) -> Unit | None:
+        name = self.keys.tail(kv.key, self.keys.units)
+        try:
+            hash_, state = codec.decode_desired(kv.value)
+        except CorruptValue as e:
+            log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+            return None
+        return Unit(name, hash_, state)
+
+    async def create_unit(
+        self,
+        name: str,
+        unit: UnitFile,
+        target_state: TargetState = TargetState.INACTIVE,
+        *,
+        replace: bool = False,
+    ) -> bool:
+        """Store a unit. Without `replace` it must not exist yet (returns False if it does).
+
+        The body and the unit record go in one transaction, so no reader sees a unit whose
+        body is missing.
+        """
+        unit_key = self.keys.unit(name)
+        body_key = self.keys.body(unit.hash)
+        record = Put(unit_key, codec.encode_desired(unit.hash, target_state))
+        guards = [] if replace else [Compare(unit_key, "version", "==", 0)]
+        # Writing an existing body again rewrites identical bytes; skip it when it exists.
+        body_exists = await self.kv.get(body_key) is not None
+        ops: list[Op] = [record] if body_exists else [Put(body_key, unit.serialize()), record]
+        result = await self.kv.txn(guards, ops)
+        if result.succeeded:
+            self._bodies[unit.hash] = unit
+        return result.succeeded
+
+    async def set_target_state(self, name: str, state: TargetState) -> None:
+        """Change a unit's desired state; compare-and-swap so a concurrent replace is kept."""
+        key = self.keys.unit(name)
+        for _ in range(10):
+            kv = await self.kv.get(key)
+            if kv is None:
+                raise NotFound(f"unit {name} does not exist")
+            hash_, current = codec.decode_desired(kv.value)
+            if current == state:
+                return
+            result = await self.kv.txn(
+                [Compare(key, "mod", "==", kv.mod_revision)],
+                [Put(key, codec.encode_desired(hash_, state))],
+            )
+            if result.succeeded:
+                return
+        raise Conflict(f"unit {name} kept changing while its state was being set")
+
+    async def destroy_unit(self, name: str) -> bool:
+        """Delete a unit's record; the engine then unschedules it. False if it did not exist."""
+        key = self.keys.unit(name)
+        result = await self.kv.txn([Compare(key, "version", ">", 0)], [Delete(key)])
+        return result.succeeded
+
+    # ---- machines ------------------------------------------------------------------------
+
+    async def register_machine(self, machine: Machine, lease: int) -> bool:
+        """Announce presence on `lease`. False if another live lease holds this machine id.
+
+        Create-only, unless the key is already ours (same lease): that is a fleetd restart
+        that kept its lease, not a duplicate machine.
+        """
+        key = self.keys.machine(machine.id)
+        value = codec.encode_machine(machine)
+        result = await self.kv.txn(
+            [Compare(key, "version", "==", 0)],
+            [Put(key, value, lease)],
+        )
+        if result.succeeded:
+            return True
+        existing = await self.kv.get(key)
+        if existing is None:
+            return await self.register_machine(machine, lease)
+        if existing.lease != lease:
+            return False
+        if existing.value != value:
+            await self.kv.txn(
+                [Compare(key, "mod", "==", existing.mod_revision)], [Put(key, value, lease)]
+            )
+        return True
+
+    async def list_machines(self) -> list[Machine]:
+        kvs, _ = await self.kv.range(self.keys.machines)
+        meta_kvs, _ = await self.kv.range(self.keys.machine_meta)
+        return self._decode_machines(kvs, meta_kvs)
+
+    def _decode_machines(
+        self, kvs: Iterable[KeyValue], meta_kvs: Iterable[KeyValue]
+    ) -> list[Machine]:
+        dynamic: dict[str, dict[str, str]] = {}
+        for kv in meta_kvs:
+            machine_id, _, key = self.keys.tail(kv.key, self.keys.machine_meta).partition("/")
+            dynamic.setdefault(machine_id, {})[key] = kv.value
+        machines = []
+        for kv in kvs:
+            try:
+                machine = codec.decode_machine(kv.value)
+            except CorruptValue as e:
+                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+                continue
+            extra = dynamic.get(machine.id)
+            if extra:
+                # Dynamic metadata (set through the API) wins over the config's.
+                merged = machine.metadata_dict | extra
+                machine = Machine.make(
+                    machine.id, machine.public_ip, merged, machine.version, machine.disable_engine
+                )
+            machines.append(machine)
+        return machines
+
+    async def set_machine_metadata(self, machine_id: str, key: str, value: str | None) -> None:
+        meta_key = self.keys.machine_meta_key(machine_id, key)
+        op: Op = Delete(meta_key) if value is None else Put(meta_key, value)
+        await self.kv.txn([], [op])
+
+    # ---- published unit states -------------------------------------------------------------
+
+    async def publish_state(self, state: UnitState, lease: int) -> None:
+        key = self.keys.state(state.name, state.machine_id)
+        await self.kv.txn([], [Put(key, codec.encode_state(state), lease)])
+
+    async def publish_states(self, states: Sequence[UnitState], lease: int) -> None:
+        """Publish many states with as few transactions as etcd allows."""
+        ops: list[Op] = [
+            Put(self.keys.state(s.name, s.machine_id), codec.encode_state(s), lease) for s in states
+        ]
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            await self.kv.txn([], ops[start : start + MAX_TXN_OPS])
+
+    async def remove_state(self, unit: str, machine_id: str) -> None:
+        await self.kv.txn([], [Delete(self.keys.state(unit, machine_id))])
+
+    async def list_states(
+        self, unit: str | None = None, machine_id: str | None = None
+    ) -> list[UnitState]:
+        prefix = self.keys.unit_states(unit) if unit else self.keys.states
+        kvs, _ = await self.kv.range(prefix)
+        states = self._decode_states(kvs)
+        if machine_id is not None:
+            states = [s for s in states if s.machine_id == machine_id]
+        return states
+
+    def _decode_states(self, kvs: Iterable[KeyValue]) -> list[UnitState]:
+        states = []
+        for kv in kvs:
+            unit, _, machine_id = self.keys.tail(kv.key, self.keys.states).rpartition("/")
+            try:
+                states.append(codec.decode_state(unit, machine_id, kv.value))
+            except CorruptValue as e:
+                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+        return states
+
+    # ---- schedule (engine-owned) -----------------------------------------------------------
+
+    async def placements(self) -> dict[str, Placement]:
+        kvs, _ = await self.kv.range(self.keys.placements)
+        return self._decode_placements(kvs)
+
+    async def placement(self, name: str) -> Placement | None:
+        kv = await self.kv.get(self.keys.placement(name))
+        if kv is None:
+            return None
+        machine, reason = codec.decode_placement(kv.value)
+        return Placement(name, machine, reason)
+
+    def _decode_placements(self, kvs: Iterable[KeyValue]) -> dict[str, Placement]:
+        out = {}
+        for kv in kvs:
+            name = self.keys.tail(kv.key, self.keys.placements)
+            try:
+                machine, reason = codec.decode_placement(kv.value)
+            except CorruptValue as e:
+                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+                continue
+            out[name] = Placement(name, machine, reason)
+        return out
+
+    async def machine_schedule(self, machine_id: str) -> tuple[list[ScheduledUnit], int]:
+        """One machine's schedule and the revision it was read at (to watch from)."""
+        prefix = self.keys.machine_schedule(machine_id)
+        kvs, revision = await self.kv.range(prefix)
+        return self._decode_schedule(kvs, machine_id, prefix), revision
+
+    async def global_units(self) -> tuple[list[ScheduledUnit], int]:
+        """Global units (machine_id ""), and the revision read at."""
+        kvs, revision = await self.kv.range(self.keys.globals)
+        return self._decode_schedule(kvs, "", self.keys.globals), revision
+
+    def _decode_schedule(
+        self, kvs: Iterable[KeyValue], machine_id: str, prefix: str
+    ) -> list[ScheduledUnit]:
+        out = []
+        for kv in kvs:
+            try:
+                hash_, state = codec.decode_desired(kv.value)
+            except CorruptValue as e:
+                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+                continue
+            out.append(ScheduledUnit(self.keys.tail(kv.key, prefix), machine_id, hash_, state))
+        return out
+
+    async def full_schedule(self) -> list[ScheduledUnit]:
+        kvs, _ = await self.kv.range(self.keys.schedule)
+        out = []
+        for kv in kvs:
+            machine_id, _, name = self.keys.tail(kv.key, self.keys.schedule).partition("/")
+            try:
+                hash_, state = codec.decode_desired(kv.value)
+            except CorruptValue as e:
+                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+                continue
+            out.append(ScheduledUnit(name, machine_id, hash_, state))
+        return out
+
+    async def snapshot(self) -> Snapshot:
+        """Units, machines, schedule and states, each read with one range request."""
+        unit_kvs, revision = await self.kv.range(self.keys.units)
+        machine_kvs, _ = await self.kv.range(self.keys.machines)
+        meta_kvs, _ = await self.kv.range(self.keys.machine_meta)
+        schedule = await self.full_schedule()
+        state_kvs, _ = await self.kv.range(self.keys.states)
+        units = {u.name: u for u in (self._decode_unit(kv) for kv in unit_kvs) if u is not None}
+        machines = {m.id: m for m in self._decode_machines(machine_kvs, meta_kvs)}
+        states = {(s.name, s.machine_id): s for s in self._decode_states(state_kvs)}
+        return Snapshot(
+            revision=revision,
+            units=units,
+            machines=machines,
+            schedule={s.name: s for s in schedule},
+            states=states,
+        )
+
+    # ---- engine leadership and fenced writes ----------------------------------------------
+
+    async def campaign(self, machine_id: str, lease: int) -> LeaderToken | None:
+        """Try to become the engine leader on `lease`. None if someone else leads."""
+        key = self.keys.leader
+        result = await self.kv.txn(
+            [Compare(key, "version", "==", 0)], [Put(key, machine_id, lease)]
+        )
+        current = await self.kv.get(key)
+        if current is None:
+            return None
+        if result.succeeded or (current.value == machine_id and current.lease == lease):
+            return LeaderToken(machine_id, lease, current.create_revision)
+        return None
+
+    async def leader(self) -> str | None:
+        kv = await self.kv.get(self.keys.leader)
+        return kv.value if kv else None
+
+    async def resign(self, token: LeaderToken) -> None:
+        key = self.keys.leader
+        await self.kv.txn([Compare(key, "create", "==", token.create_revision)], [Delete(key)])
+
+    async def fenced(self, token: LeaderToken, ops: Sequence[Op]) -> None:
+        """Apply engine writes only while `token` still leads; raise NotLeader otherwise.
+
+        Chunked to etcd's per-transaction limit; each chunk is fenced on its own, so a
+        deposed leader can at most have landed the chunks written before it was deposed.
+        """
+        guard = Compare(self.keys.leader, "create", "==", token.create_revision)
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            chunk = ops[start : start + MAX_TXN_OPS]
+            result = await self.kv.txn([guard], chunk)
+            if not result.succeeded:
+                raise NotLeader(f"engine leadership of {token.machine_id} was lost")
+
+    # engine write helpers: build ops, apply them with `fenced`
+    def op_schedule(self, unit: Unit, machine_id: str) -> list[Op]:
+        value = codec.encode_desired(unit.hash, unit.target_state)
+        return [
+            Put(self.keys.scheduled(machine_id, unit.name), value),
+            Put(self.keys.placement(unit.name), codec.encode_placement(machine_id)),
+        ]
+
+    def op_unschedule(self, name: str, machine_id: str) -> list[Op]:
+        return [Delete(self.keys.scheduled(machine_id, name))]
+
+    def op_unplaced(self, name: str, reason: str) -> list[Op]:
+        return [Put(self.keys.placement(name), codec.encode_placement(None, reason))]
+
+    def op_forget_placement(self, name: str) -> list[Op]:
+        return [Delete(self.keys.placement(name))]
+
+    def op_global(self, unit: Unit) -> list[Op]:
+        return [
+            Put(
+                self.keys.global_unit(unit.name), codec.encode_desired(unit.hash, unit.target_state)
+            )
+        ]
+
+    def op_unglobal(self, name: str) -> list[Op]:
+        return [Delete(self.keys.global_unit(name))]
+
+    # ---- watches ---------------------------------------------------------------------------
+
+    def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        return self.kv.watch(prefix, start_revision)

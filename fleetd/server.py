@@ -1,0 +1,194 @@
+"""fleetd's wiring: build the components from the config, run them, stop them well.
+
+Shutdown has two meanings, told apart by asking systemd what job is pending on fleetd's own
+unit (fleet could not tell them apart and always stopped every unit):
+
+- `systemctl restart fleet` (or an upgrade): exit quickly and leave units running and the
+  lease alive; the next fleetd adopts the lease and finds its units as they were.
+- `systemctl stop fleet` (or a plain SIGTERM outside systemd): hand over at once: stop the
+  units here, drop their states, release the engine lead and revoke the lease, so the engine
+  elsewhere reschedules them immediately instead of after agent_ttl.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import structlog
+
+from fleetd import __version__
+from fleetd.agent import Agent
+from fleetd.config import Config, detect_public_ip, load_config, read_machine_id
+from fleetd.engine import Engine
+from fleetd.errors import FleetError
+from fleetd.log import configure_logging
+from fleetd.model import Machine
+from fleetd.presence import Presence
+from fleetd.registry.etcd import EtcdConfig, EtcdKV
+from fleetd.registry.registry import Registry
+from fleetd.systemd.dbus import DBusUnitManager
+from fleetd.systemd.manager import UnitManager
+
+log = structlog.get_logger("fleetd.server")
+
+
+def etcd_config(config: Config) -> EtcdConfig:
+    return EtcdConfig(
+        endpoints=list(config.etcd_servers),
+        ca_file=config.etcd_cafile or None,
+        cert_file=config.etcd_certfile or None,
+        key_file=config.etcd_keyfile or None,
+        username=config.etcd_username or None,
+        password=config.etcd_password or None,
+        request_timeout=config.etcd_request_timeout,
+    )
+
+
+def own_unit_name() -> str | None:
+    """The systemd unit this process runs in, from its cgroup path (None outside systemd)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        path = line.split(":", 2)[-1]
+        leaf = path.rstrip("/").rsplit("/", 1)[-1]
+        if leaf.endswith(".service"):
+            return leaf
+    return None
+
+
+class Server:
+    def __init__(
+        self, config: Config, config_path: str | None = None, manager: UnitManager | None = None
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.machine_id = read_machine_id(config)
+        self._public_ip = config.public_ip or detect_public_ip()
+        self.kv = EtcdKV(etcd_config(config))
+        self.registry = Registry(self.kv, config.etcd_key_prefix)
+        self._manager = manager
+        self.stop = asyncio.Event()
+        self.keep_units = False  # set when systemd is restarting us
+        state_dir = Path(config.state_dir)
+        self.presence = Presence(
+            self.registry, self.machine, config.agent_ttl, lease_file=state_dir / "lease"
+        )
+        self.state_dir = state_dir
+
+    def machine(self) -> Machine:
+        return Machine.make(
+            id=self.machine_id,
+            public_ip=self._public_ip,
+            metadata=self.config.metadata,
+            version=__version__,
+            disable_engine=self.config.disable_engine,
+        )
+
+    async def run(self) -> int:
+        manager = self._manager or DBusUnitManager(
+            Path(self.config.units_directory), user=self.config.systemd_user
+        )
+        self._manager = manager
+        agent = Agent(
+            self.registry,
+            manager,
+            self.machine,
+            lambda: self.presence.lease,
+            record_path=self.state_dir / "agent.json",
+        )
+        self.presence.on_lease_changed(lambda _lease: agent.republish_all())
+        engine = None
+        if self.config.disable_engine:
+            log.info("engine_disabled", reason="disable_engine is set")
+        else:
+            engine = Engine(
+                self.registry,
+                self.machine_id,
+                self.presence.current_lease,
+                safety_interval=max(self.config.engine_reconcile_interval * 5, 10.0),
+            )
+        self._install_signals()
+        log.info("fleetd_starting", version=__version__, machine=self.machine_id)
+        with contextlib.suppress(FleetError):
+            await self.registry.ensure_schema()
+        tasks: list[asyncio.Future[None]] = [
+            asyncio.ensure_future(self.presence.run(self.stop)),
+            asyncio.ensure_future(agent.run(self.stop)),
+        ]
+        if engine is not None:
+            tasks.append(asyncio.ensure_future(engine.run(self.stop)))
+        await self.stop.wait()
+        await self._shutdown(agent, tasks)
+        return 0
+
+    async def _shutdown(self, agent: Agent, tasks: list[asyncio.Future[None]]) -> None:
+        if self.keep_units:
+            log.info("fleetd_restarting", detail="units keep running; lease kept for the next fleetd")
+        else:
+            log.info("fleetd_graceful_stop", detail="handing units over")
+        done, pending = await asyncio.wait(tasks, timeout=10)
+        for t in pending:
+            t.cancel()
+        if not self.keep_units:
+            await agent.purge()
+            await self.presence.release()
+        await self.kv.close()
+        if self._manager is not None:
+            await self._manager.close()
+        log.info("fleetd_stopped")
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop_soon, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+
+    def _stop_soon(self, sig: signal.Signals) -> None:
+        self._stopping = asyncio.ensure_future(self._on_stop(sig))
+
+    async def _on_stop(self, sig: signal.Signals) -> None:
+        if self.stop.is_set():
+            return
+        unit = own_unit_name()
+        job = None
+        if unit is not None and self._manager is not None:
+            with contextlib.suppress(FleetError):
+                job = await self._manager.own_job_type(unit)
+        self.keep_units = job == "restart"
+        log.info("fleetd_signal", signal=sig.name, unit=unit, pending_job=job)
+        self.stop.set()
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config; metadata and public_ip take effect at the next renew."""
+        log.info("fleetd_reloading_config", path=self.config_path)
+        try:
+            fresh = load_config(self.config_path, os.environ, {})
+        except FleetError as e:
+            log.error("fleetd_reload_failed", error=str(e))
+            return
+        self.config = replace(
+            self.config,
+            metadata=fresh.metadata,
+            public_ip=fresh.public_ip,
+            verbosity=fresh.verbosity,
+        )
+        self._public_ip = self.config.public_ip or detect_public_ip()
+        configure_logging(self.config.verbosity)
+
+
+def run(config: Config, config_path: str | None = None) -> int:
+    configure_logging(config.verbosity)
+    for warning in config.warnings:
+        log.warning("config_warning", detail=warning)
+    try:
+        return asyncio.run(Server(config, config_path).run())
+    except FleetError as e:
+        log.error("fleetd_failed", error=str(e))
+        return 1

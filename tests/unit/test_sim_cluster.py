@@ -1,0 +1,165 @@
+"""End to end in one process: real presence, engine and agent code over FakeKV, with fake
+systemd per machine. Fast checks of the cluster's behaviour; the same scenarios run on real
+etcd and real systemd in tests/functional."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from fleetd.model import TargetState
+from fleetd.registry.fake import FakeKV
+from fleetd.sim import SimCluster, SimMachine
+from fleetd.unitfile import parse_unit
+
+HELLO = "[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n"
+TTL = 1.0
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> float:
+    """Poll `cond` until true; returns the seconds it took. Fails the test at the deadline."""
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or cond}")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[SimCluster]:
+    kv = FakeKV()
+    sim = SimCluster(kv, agent_ttl=TTL, safety_interval=0.5, state_dir=tmp_path)
+    for i in range(3):
+        sim.add(f"{i + 1:032x}", metadata={"idx": str(i + 1)}, public_ip=f"10.0.0.{i + 1}")
+    await sim.start_all()
+    await wait_for(lambda: sim.leader() is not None, what="an engine leader")
+    yield sim
+    await sim.close()
+
+
+def running_on(sim: SimCluster, name: str) -> list[SimMachine]:
+    out = []
+    for m in sim.machines.values():
+        if not m.running:
+            continue
+        state = m.manager._states.get(name)
+        if state is not None and state.active_state == "active":
+            out.append(m)
+    return out
+
+
+async def start_unit(sim: SimCluster, name: str, text: str = HELLO) -> None:
+    await sim.client.create_unit(name, parse_unit(text), TargetState.LAUNCHED)
+
+
+async def test_unit_starts_on_exactly_one_machine(cluster: SimCluster) -> None:
+    await start_unit(cluster, "hello.service")
+    await wait_for(lambda: len(running_on(cluster, "hello.service")) == 1, what="hello running")
+    placement = await cluster.client.placement("hello.service")
+    assert (
+        placement is not None and placement.machine_id == running_on(cluster, "hello.service")[0].id
+    )
+
+    async def published() -> bool:
+        states = await cluster.client.list_states("hello.service")
+        return any(
+            s.active_state == "active" and s.agent_state == TargetState.LAUNCHED for s in states
+        )
+
+    deadline = time.monotonic() + 5
+    while not await published():
+        assert time.monotonic() < deadline, "state never published"
+        await asyncio.sleep(0.01)
+
+
+async def test_units_spread_least_loaded(cluster: SimCluster) -> None:
+    for i in range(6):
+        await start_unit(cluster, f"hello@{i}.service")
+    names = [f"hello@{i}.service" for i in range(6)]
+    await wait_for(lambda: all(len(running_on(cluster, n)) == 1 for n in names), what="all running")
+    per_machine = [len(m.manager.files) for m in cluster.machines.values()]
+    assert per_machine == [2, 2, 2]
+
+
+async def test_stop_then_destroy(cluster: SimCluster) -> None:
+    await start_unit(cluster, "hello.service")
+    await wait_for(lambda: len(running_on(cluster, "hello.service")) == 1)
+    host = running_on(cluster, "hello.service")[0]
+    await cluster.client.set_target_state("hello.service", TargetState.LOADED)
+    await wait_for(lambda: not running_on(cluster, "hello.service"), what="stopped")
+    assert "hello.service" in host.manager.files  # still loaded
+    await cluster.client.destroy_unit("hello.service")
+    await wait_for(lambda: "hello.service" not in host.manager.files, what="unloaded")
+
+    async def forgotten() -> bool:
+        placement = await cluster.client.placement("hello.service")
+        states = await cluster.client.list_states("hello.service")
+        return placement is None and not states
+
+    deadline = time.monotonic() + 5
+    while not await forgotten():
+        assert time.monotonic() < deadline, "placement or state left behind after destroy"
+        await asyncio.sleep(0.01)
+
+
+async def test_crashed_machine_units_move(cluster: SimCluster) -> None:
+    await start_unit(cluster, "hello.service")
+    await wait_for(lambda: len(running_on(cluster, "hello.service")) == 1)
+    victim = running_on(cluster, "hello.service")[0]
+    await cluster.crash(victim)
+    took = await wait_for(
+        lambda: any(m.id != victim.id for m in running_on(cluster, "hello.service")),
+        timeout=TTL + 5,
+        what="hello rescheduled",
+    )
+    assert took < TTL + 3
+
+
+async def test_graceful_stop_hands_over_without_waiting_for_ttl(cluster: SimCluster) -> None:
+    await start_unit(cluster, "hello.service")
+    await wait_for(lambda: len(running_on(cluster, "hello.service")) == 1)
+    victim = running_on(cluster, "hello.service")[0]
+    await cluster.graceful_stop(victim)
+    assert "hello.service" not in victim.manager.files
+    took = await wait_for(
+        lambda: len(running_on(cluster, "hello.service")) == 1, timeout=TTL + 5, what="moved"
+    )
+    assert took < TTL  # no lease expiry involved
+
+
+async def test_restarted_agent_leaves_running_units_alone(cluster: SimCluster) -> None:
+    await start_unit(cluster, "hello.service")
+    await wait_for(lambda: len(running_on(cluster, "hello.service")) == 1)
+    host = running_on(cluster, "hello.service")[0]
+    pid = await host.manager.main_pid("hello.service")
+    await cluster.crash(host)
+    cluster.restart(host)  # a new Agent, reading the record the old one left
+    await wait_for(lambda: host.agent.synced, what="restarted agent synced")
+    assert host.agent.tasks_run == 0  # nothing to do: no restart of the unit
+    assert await host.manager.main_pid("hello.service") == pid
+    assert [m.id for m in running_on(cluster, "hello.service")] == [host.id]
+
+
+async def test_unplaceable_unit_gets_reason(cluster: SimCluster) -> None:
+    text = HELLO + "\n[X-Fleet]\nMachineMetadata=idx=9\n"
+    await start_unit(cluster, "picky.service", text)
+
+    async def reason() -> str:
+        p = await cluster.client.placement("picky.service")
+        return p.reason if p and p.machine_id is None else ""
+
+    deadline = time.monotonic() + 5
+    while not await reason():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert "idx=9" in await reason()
+
+
+async def test_global_unit_runs_everywhere(cluster: SimCluster) -> None:
+    await start_unit(cluster, "g.service", HELLO + "\n[X-Fleet]\nGlobal=true\n")
+    await wait_for(lambda: len(running_on(cluster, "g.service")) == 3, what="global everywhere")
