@@ -292,7 +292,11 @@ class Agent:
                 await self.manager.load(name, body.serialize(), has_install=body.has_install_section)
                 record.units[name] = CurrentUnit(name, want.hash, TargetState.LOADED)
             case TaskKind.START:
-                await self.manager.start(name)
+                result = await self.manager.start(name)
+                if result != "done":
+                    # The unit's own failure, not ours: systemd's Restart= governs it, and the
+                    # published state shows it. Retrying here would fight systemd.
+                    log.warning("unit_start_job_result", unit=name, result=result)
                 record.units[name] = CurrentUnit(
                     name, record.units[name].hash, TargetState.LAUNCHED
                 )
@@ -324,19 +328,17 @@ class Agent:
             self._mark_state_dirty(name)
 
     async def _observe_loop(self, stop: asyncio.Event) -> None:
-        """Follow systemd's signals for the units we manage."""
-        names = list(self.record.units)
-        if names:
-            with contextlib.suppress(FleetError):
-                for name, state in (await self.manager.states(names)).items():
+        """Follow systemd's state of the units we manage (the watch starts with a snapshot)."""
+        while not stop.is_set():
+            try:
+                async for name, state in self.manager.watch():
                     self._observed[name] = state
-                    self._mark_state_dirty(name)
-        async for name, state in self.manager.watch():
-            if stop.is_set():
-                return
-            self._observed[name] = state
-            if name in self.record.units:
-                self._mark_state_dirty(name)
+                    if name in self.record.units:
+                        self._mark_state_dirty(name)
+            except FleetError as e:
+                # The bus connection broke; the next watch reconnects.
+                log.warning("systemd_watch_broken", error=str(e))
+            await _sleep_or_stop(stop, 1.0)
 
     async def _publish_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
