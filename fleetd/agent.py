@@ -23,7 +23,14 @@ from pathlib import Path
 
 import structlog
 
-from fleetd.agentplan import CurrentUnit, DesiredUnit, Task, TaskKind, desired_for_machine, plan_tasks
+from fleetd.agentplan import (
+    CurrentUnit,
+    DesiredUnit,
+    Task,
+    TaskKind,
+    desired_for_machine,
+    plan_tasks,
+)
 from fleetd.errors import Compacted, FleetError, RegistryUnavailable, UnitFileError
 from fleetd.model import Machine, Requirements, ScheduledUnit, TargetState, Unit, UnitState
 from fleetd.registry import codec
@@ -209,9 +216,7 @@ class Agent:
     async def _load_desired(self) -> int:
         scheduled, revision = await self.registry.machine_schedule(self.machine_id)
         globals_, _ = await self.registry.global_units()
-        meta_kvs, _ = await self.registry.kv.range(
-            self.keys.machine_meta + self.machine_id + "/"
-        )
+        meta_kvs, _ = await self.registry.kv.range(self.keys.machine_meta + self.machine_id + "/")
         self.scheduled = {s.name: s for s in scheduled}
         self.globals = {s.name: s for s in globals_}
         prefix = self.keys.machine_meta + self.machine_id + "/"
@@ -289,7 +294,9 @@ class Agent:
             case TaskKind.LOAD:
                 want = desired[name]
                 body = await self._body(want.hash)
-                await self.manager.load(name, body.serialize(), has_install=body.has_install_section)
+                await self.manager.load(
+                    name, body.serialize(), has_install=body.has_install_section
+                )
                 record.units[name] = CurrentUnit(name, want.hash, TargetState.LOADED)
             case TaskKind.START:
                 result = await self.manager.start(name)
@@ -348,7 +355,8 @@ class Agent:
             dirty, self._dirty_states = self._dirty_states, set()
             try:
                 await self._publish(dirty)
-            except RegistryUnavailable as e:
+            except FleetError as e:
+                # Unreachable etcd, or our lease just expired (a new one brings a republish).
                 log.warning("state_publish_failed", error=str(e))
                 self._dirty_states |= dirty
                 await _sleep_or_stop(stop, 1.0)

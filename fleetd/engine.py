@@ -102,7 +102,8 @@ class Engine:
         if kv is None:
             return
         log.debug("engine_leader_is", leader=kv.value)
-        async with _closing(self.registry.watch(self.keys.leader, kv.mod_revision + 1)) as events:
+        events = self.registry.watch(self.keys.leader, kv.mod_revision + 1)
+        async with contextlib.aclosing(events):
             stop_task = asyncio.ensure_future(stop.wait())
             try:
                 async for batch in _until(events, stop_task):
@@ -315,18 +316,6 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-@contextlib.asynccontextmanager
-async def _closing(
-    events: AsyncIterator[list[WatchEvent]],
-) -> AsyncIterator[AsyncIterator[list[WatchEvent]]]:
-    try:
-        yield events
-    finally:
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 async def _until(
     events: AsyncIterator[list[WatchEvent]], stop_task: asyncio.Future[Any]
 ) -> AsyncIterator[list[WatchEvent]]:
@@ -341,4 +330,3 @@ async def _until(
             yield nxt.result()
         except StopAsyncIteration:
             return
-

@@ -130,10 +130,12 @@ class Server:
 
     async def _shutdown(self, agent: Agent, tasks: list[asyncio.Future[None]]) -> None:
         if self.keep_units:
-            log.info("fleetd_restarting", detail="units keep running; lease kept for the next fleetd")
+            log.info(
+                "fleetd_restarting", detail="units keep running; lease kept for the next fleetd"
+            )
         else:
             log.info("fleetd_graceful_stop", detail="handing units over")
-        done, pending = await asyncio.wait(tasks, timeout=10)
+        _, pending = await asyncio.wait(tasks, timeout=10)
         for t in pending:
             t.cancel()
         if not self.keep_units:

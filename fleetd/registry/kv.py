@@ -10,7 +10,7 @@ Keys and values are `str` here; the etcd adapter encodes them as UTF-8.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal, Protocol
@@ -115,7 +115,7 @@ class KV(Protocol):
         """End a lease now, deleting every key attached to it. A missing lease is no error."""
         ...
 
-    def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+    def watch(self, prefix: str, start_revision: int) -> AsyncGenerator[list[WatchEvent], None]:
         """Batches of events on keys under `prefix`, from `start_revision` (inclusive) on.
 
         Raises `fleetd.errors.Compacted` when `start_revision` is compacted away (the caller

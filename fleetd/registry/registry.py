@@ -6,7 +6,7 @@ same code on real etcd and on the in-memory fake.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -380,5 +380,5 @@ class Registry:
 
     # ---- watches ---------------------------------------------------------------------------
 
-    def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+    def watch(self, prefix: str, start_revision: int) -> AsyncGenerator[list[WatchEvent], None]:
         return self.kv.watch(prefix, start_revision)

@@ -20,12 +20,12 @@ HELLO = "[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n"
 TTL = 1.0
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> float:
+async def wait_for(cond: Callable[[], bool], within: float = 5.0, what: str = "") -> float:
     """Poll `cond` until true; returns the seconds it took. Fails the test at the deadline."""
     start = time.monotonic()
     while not cond():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or cond}")
+        if time.monotonic() - start > within:
+            pytest.fail(f"timed out after {within}s waiting for {what or cond}")
         await asyncio.sleep(0.01)
     return time.monotonic() - start
 
@@ -61,9 +61,8 @@ async def test_unit_starts_on_exactly_one_machine(cluster: SimCluster) -> None:
     await start_unit(cluster, "hello.service")
     await wait_for(lambda: len(running_on(cluster, "hello.service")) == 1, what="hello running")
     placement = await cluster.client.placement("hello.service")
-    assert (
-        placement is not None and placement.machine_id == running_on(cluster, "hello.service")[0].id
-    )
+    assert placement is not None
+    assert placement.machine_id == running_on(cluster, "hello.service")[0].id
 
     async def published() -> bool:
         states = await cluster.client.list_states("hello.service")
@@ -114,7 +113,7 @@ async def test_crashed_machine_units_move(cluster: SimCluster) -> None:
     await cluster.crash(victim)
     took = await wait_for(
         lambda: any(m.id != victim.id for m in running_on(cluster, "hello.service")),
-        timeout=TTL + 5,
+        within=TTL + 5,
         what="hello rescheduled",
     )
     assert took < TTL + 3
@@ -127,7 +126,7 @@ async def test_graceful_stop_hands_over_without_waiting_for_ttl(cluster: SimClus
     await cluster.graceful_stop(victim)
     assert "hello.service" not in victim.manager.files
     took = await wait_for(
-        lambda: len(running_on(cluster, "hello.service")) == 1, timeout=TTL + 5, what="moved"
+        lambda: len(running_on(cluster, "hello.service")) == 1, within=TTL + 5, what="moved"
     )
     assert took < TTL  # no lease expiry involved
 
