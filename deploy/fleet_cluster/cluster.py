@@ -1,0 +1,642 @@
+"""A local fleet cluster: etcd on the host, N systemd-nspawn machines on a bridge, fleetd in each.
+
+`Cluster` is the library API (pytest fixtures use it) and what the CLI drives. Its state lives
+in `<state root>/<name>/state.json` so that separate CLI invocations can operate one cluster.
+
+Teardown is the part that must never fail quietly: `down()` tries every step even when some
+fail, finds leftovers by where they live (mounts under the state directory, processes in the
+cluster's cgroups or naming its paths), not only through the state file, and reports whatever
+it could not remove.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from . import cgroups, etcd, machine, mounts, network, prereqs, procs, rootfs, signals, ssh
+from .errors import (
+    ClusterError,
+    ClusterExists,
+    NoSuchCluster,
+    PrerequisiteError,
+    TeardownIncomplete,
+)
+from .fleet_service import (
+    FLEET_CONF,
+    FleetdStatus,
+    fleet_conf,
+    fleetd_state,
+    parse_metadata,
+    start_fleetd,
+    stop_fleetd,
+)
+from .state import STATE_ROOT, ClusterState, EtcdState, Layout, MachineState, load, locked, save
+from .teardown import teardown
+
+Progress = Callable[[str, str], None]
+"""Called as progress(subject, message): subject is a machine name, "etcd", "network"..."""
+
+MachineRef = MachineState | str | int
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def _quiet(subject: str, message: str) -> None:
+    del subject, message
+
+
+def default_binds() -> list[str]:
+    """Host paths every machine sees read-only at the same path: the checkout and the venv.
+
+    They are in the overlay of `/` anyway when they live on the root file system, but bound
+    they show edits made while the cluster runs: a lower layer changed under a mounted
+    overlay is undefined behaviour (new files may stay invisible in it). The interpreter the
+    venv links to is bound only if it is on another file system, where the overlay misses it.
+    """
+    binds = [str(CHECKOUT), sys.prefix]
+    root_device = os.stat("/").st_dev
+    base = Path(sys.base_prefix)
+    if base.exists() and os.stat(base).st_dev != root_device and str(base) not in binds:
+        binds.append(str(base))
+    return binds
+
+
+class Cluster:
+    """A local cluster. `with Cluster(...) as c:` boots it and always tears it down."""
+
+    def __init__(
+        self,
+        name: str = "fleet",
+        n: int = 3,
+        *,
+        subnet: str = "10.77.0.0/24",
+        agent_ttl: str | None = None,
+        metadata: Mapping[str, Mapping[str, str]] | None = None,
+        etcd_key_prefix: str = "/fleet/",
+        fleetd: bool = True,
+        etcd_port: int = 0,
+        binds: Sequence[str] | None = None,
+        state_root: Path = STATE_ROOT,
+        progress: Progress | None = None,
+        boot_timeout: float = 60.0,
+        stop_grace: float = 5.0,
+        fleetd_settle: float = 2.0,
+        keep_on_failure: bool = False,
+    ) -> None:
+        if not NAME_PATTERN.match(name):
+            raise ClusterError(
+                f"bad cluster name {name!r}: 1-10 characters, lowercase letters, digits and "
+                "dashes, starting with a letter (it names the bridge and the machines)"
+            )
+        if not 1 <= n <= 200:
+            raise ClusterError(f"machine count {n} out of range 1..200")
+        self.name = name
+        self.n = n
+        self.subnet = network.parse_subnet(subnet)
+        self.agent_ttl = agent_ttl
+        self.metadata = {str(k): dict(v) for k, v in (metadata or {}).items()}
+        refs = {r for i in range(1, n + 1) for r in (str(i), f"m{i}", f"{name}{i}")}
+        unknown = set(self.metadata) - refs - {"*"}
+        if unknown:
+            raise ClusterError(f"metadata for unknown machines: {', '.join(sorted(unknown))}")
+        self.etcd_key_prefix = etcd_key_prefix
+        self.fleetd = fleetd
+        self.etcd_port = etcd_port
+        self.binds = list(default_binds() if binds is None else binds)
+        self.layout = Layout(state_root / name)
+        self.progress: Progress = progress or _quiet
+        self.boot_timeout = boot_timeout
+        self.stop_grace = stop_grace
+        self.fleetd_settle = fleetd_settle
+        self.keep_on_failure = keep_on_failure
+        try:
+            self.state: ClusterState | None = load(self.layout)
+        except PrerequisiteError:  # not root: every operation that needs it will say so
+            self.state = None
+        self._save_lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._hierarchies: cgroups.Hierarchies | None = None
+
+    @classmethod
+    def attach(
+        cls, name: str = "fleet", *, state_root: Path = STATE_ROOT, progress: Progress | None = None
+    ) -> Cluster:
+        """The cluster `name` that an earlier `up` (maybe another process) left running."""
+        state = load(Layout(state_root / name))
+        if state is None:
+            raise NoSuchCluster(f"no cluster {name!r} (no {state_root / name / 'state.json'})")
+        cluster = cls(
+            name,
+            max(1, len(state.machines)),
+            subnet=state.subnet,
+            agent_ttl=state.agent_ttl,
+            etcd_key_prefix=state.etcd_key_prefix,
+            fleetd=state.fleetd,
+            binds=state.binds,
+            state_root=state_root,
+            progress=progress,
+        )
+        return cluster
+
+    # -- what the cluster is -------------------------------------------------------------
+
+    @property
+    def bridge(self) -> str:
+        return f"{self.name}br0"
+
+    @property
+    def machines(self) -> list[MachineState]:
+        return list(self._require_state().machines)
+
+    def machine(self, ref: MachineRef) -> MachineState:
+        if isinstance(ref, MachineState):
+            return ref
+        return self._require_state().machine(ref)
+
+    @property
+    def etcd_endpoint(self) -> str:
+        """etcd's client URL as the machines (and the host) reach it: on the bridge."""
+        state = self._require_state()
+        if state.etcd is None:
+            raise ClusterError(f"cluster {self.name!r} has no etcd")
+        return f"http://{state.bridge_ip}:{state.etcd.client_port}"
+
+    @property
+    def ssh_key(self) -> Path:
+        return self.layout.user_key
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.layout.known_hosts
+
+    def _require_state(self) -> ClusterState:
+        if self.state is None:
+            raise NoSuchCluster(f"cluster {self.name!r} is not up")
+        return self.state
+
+    def _save(self) -> None:
+        with self._save_lock:
+            if self.state is not None and self.layout.root.is_dir():
+                save(self.layout, self.state)
+
+    def _cgroup_dirs(self, name: str) -> list[Path]:
+        if self._hierarchies is None:
+            self._hierarchies = cgroups.discover()
+        return cgroups.machine_dirs(self._hierarchies, self.name, name)
+
+    # -- up ------------------------------------------------------------------------------
+
+    def up(self) -> None:
+        """Boot the cluster. On any failure (or Ctrl-C) what was built is torn down again."""
+        prereqs.check_host()
+        if self.state is not None or self.layout.state_file.exists():
+            raise ClusterExists(
+                f"cluster {self.name!r} already exists (state in {self.layout.root}); "
+                f"use it, or run `fleet-cluster down --name {self.name}` first"
+            )
+        # Checks that build nothing come first: failing them needs no teardown.
+        self._hierarchies = cgroups.discover()
+        network.check_free(self.subnet, self.bridge)
+        self._cancel.clear()
+        try:
+            self._up()
+        except BaseException as failure:
+            self._cancel.set()
+            if not self.keep_on_failure:
+                self.progress("cluster", "boot failed; tearing down what was built")
+                try:
+                    self.down()
+                except ClusterError as exc:
+                    # Keep the boot failure as the error, but never hide a dirty teardown.
+                    self.progress("cluster", str(exc))
+                    failure.add_note(str(exc))
+            raise
+
+    def _up(self) -> None:
+        started = time.monotonic()
+        bridge_ip = network.bridge_address(self.subnet)
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.layout.root, 0o700)  # it holds the cluster's private SSH key
+        self.state = ClusterState(
+            name=self.name,
+            state_dir=str(self.layout.root),
+            subnet=str(self.subnet),
+            bridge=self.bridge,
+            bridge_ip=str(bridge_ip),
+            prefixlen=self.subnet.prefixlen,
+            agent_ttl=self.agent_ttl,
+            etcd_key_prefix=self.etcd_key_prefix,
+            fleetd=self.fleetd,
+            venv=sys.prefix,
+            binds=self.binds,
+            machines=[self._new_machine(i) for i in range(1, self.n + 1)],
+        )
+        with locked(self.layout):
+            self._save()  # first thing: `down` can find whatever follows
+            network.create_bridge(self.bridge, bridge_ip, self.subnet.prefixlen)
+            self.progress("network", f"bridge {self.bridge} {bridge_ip}/{self.subnet.prefixlen}")
+            self._start_etcd(str(bridge_ip))
+            ssh.ensure_user_key(self.layout, self.name)
+            self._parallel(self._prepare, self.state.machines)
+            self._write_known_hosts()
+            self._parallel(self._boot, self.state.machines)
+        took = time.monotonic() - started
+        boots = ", ".join(f"{m.name} {m.boot_seconds:.2f} s" for m in self.state.machines)
+        self.progress("cluster", f"{self.n} machine(s) up in {took:.2f} s (boot: {boots})")
+
+    def _new_machine(self, index: int) -> MachineState:
+        name = f"{self.name}{index}"
+        metadata: dict[str, str] = dict(self.metadata.get("*", {}))
+        for ref in (str(index), f"m{index}", name):
+            metadata.update(self.metadata.get(ref, {}))
+        return MachineState(
+            name=name,
+            index=index,
+            ip=str(network.machine_address(self.subnet, index)),
+            machine_id=uuid.uuid4().hex,
+            metadata=metadata,
+        )
+
+    def _start_etcd(self, bridge_ip: str) -> None:
+        state = self._require_state()
+        client_port = self.etcd_port or network.free_port()
+        peer_port = network.free_port()
+        pid = etcd.start(self.layout, self.name, bridge_ip, client_port, peer_port)
+        state.etcd = EtcdState(pid=pid, client_port=client_port, peer_port=peer_port)
+        self._save()
+        etcd.wait_healthy(self.layout, pid, f"http://127.0.0.1:{client_port}")
+        self.progress("etcd", f"healthy at {self.etcd_endpoint} (pid {pid})")
+
+    def _parallel(self, work: Callable[[MachineState], None], items: list[MachineState]) -> None:
+        """Run `work` for every machine at once; Ctrl-C cancels the others' waits."""
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(len(items), 32) or 1)
+        futures = {pool.submit(work, item): item for item in items}
+        try:
+            concurrent.futures.wait(futures)
+        except BaseException:
+            self._cancel.set()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+        errors = [(futures[f].name, f.exception()) for f in futures if f.exception() is not None]
+        if errors:
+            lines = "\n".join(f"  {name}: {exc}" for name, exc in errors)
+            raise ClusterError(f"{len(errors)} machine(s) failed:\n{lines}")
+
+    def _prepare(self, m: MachineState) -> None:
+        """Mount a machine's root and give it its identity and configuration."""
+        state = self._require_state()
+        root = rootfs.mount_root(self.layout, m.name)
+        rootfs.write(root, "etc/machine-id", m.machine_id + "\n", 0o444)
+        rootfs.write(root, "etc/hostname", m.name + "\n")
+        hosts = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else ""
+        peers = "".join(f"{p.ip}\t{p.name}\n" for p in state.machines)
+        rootfs.write(root, "etc/hosts", hosts + f"# fleet-cluster {self.name}\n" + peers)
+        rootfs.write(
+            root,
+            FLEET_CONF,
+            fleet_conf(
+                machine=m.name,
+                etcd_servers=[self.etcd_endpoint],
+                public_ip=m.ip,
+                metadata=m.metadata,
+                agent_ttl=state.agent_ttl,
+                etcd_key_prefix=state.etcd_key_prefix,
+            ),
+        )
+        # fleet's SSH tunnel runs `fleetctl fd-forward` on the far end: it must be on PATH.
+        rootfs.symlink(root, "usr/local/bin/fleetctl", f"{state.venv}/bin/fleetctl")
+        for relative in ssh.HOST_KEYS_TO_HIDE:
+            rootfs.remove(root, relative)
+        ssh.keygen(root / ssh.HOST_KEY, f"root@{m.name}")
+        rootfs.write(root, ssh.SSHD_CONFIG, ssh.SSHD_CONFIG_TEXT)
+        user_public = self.layout.user_key.with_name(self.layout.user_key.name + ".pub")
+        authorized = [user_public.read_text().strip(), *ssh.invoking_user_keys()]
+        (root / "root/.ssh").mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(root / "root/.ssh", 0o700)
+        rootfs.write(root, "root/.ssh/authorized_keys", "\n".join(authorized) + "\n", 0o600)
+        # The cluster key inside too: `fleetctl ssh` from one machine reaches the others.
+        rootfs.write(root, "root/.ssh/id_ed25519", self.layout.user_key.read_bytes(), 0o600)
+        rootfs.write(root, "root/.ssh/id_ed25519.pub", user_public.read_bytes())
+        self.progress(m.name, f"root file system ready (machine-id {m.machine_id})")
+
+    def _write_known_hosts(self) -> None:
+        lines = []
+        for m in self._require_state().machines:
+            public = (self.layout.machine_root(m.name) / (ssh.HOST_KEY + ".pub")).read_text()
+            lines.append(ssh.known_hosts_line([m.ip, m.name], public))
+        text = "\n".join(lines) + "\n"
+        self.layout.known_hosts.write_text(text)
+        for m in self._require_state().machines:
+            rootfs.write(self.layout.machine_root(m.name), "root/.ssh/known_hosts", text)
+
+    def _boot(self, m: MachineState) -> None:
+        """Boot a prepared machine: nspawn, systemd running, network, sshd, then fleetd."""
+        state = self._require_state()
+        started = time.monotonic()
+
+        def step(message: str) -> None:
+            self.progress(m.name, f"{message} ({time.monotonic() - started:.2f} s)")
+
+        dirs = self._cgroup_dirs(m.name)
+        for directory in dirs:  # leftovers of a previous boot would confuse systemd
+            cgroups.remove(directory)
+        procs_files = cgroups.create(dirs)
+        m.status = "booting"
+        m.nspawn_pid = machine.launch(self.layout, m.name, state.bridge, state.binds, procs_files)
+        self._save()
+        step(f"systemd-nspawn started (pid {m.nspawn_pid})")
+        m.init_pid = machine.find_init(
+            self.layout, m.name, m.nspawn_pid, self.boot_timeout, self._cancel
+        )
+        self._save()
+        system = machine.wait_running(self.layout, m, self.boot_timeout, self._cancel)
+        step(f"systemd {system} (init pid {m.init_pid})")
+        network.configure_machine(m.init_pid, m.ip, state.prefixlen, state.bridge_ip)
+        m.veth = network.host_veth(m.init_pid)
+        m.partitioned = False
+        self._save()
+        step(f"network {m.ip}/{state.prefixlen} via {state.bridge_ip} (host side {m.veth})")
+        self._wait_etcd_reachable(m)
+        step("etcd reachable from inside")
+        self._start_sshd(m)
+        step("sshd ready")
+        m.status = "running"
+        m.boot_seconds = round(time.monotonic() - started, 3)
+        self._save()
+        if state.fleetd:
+            try:
+                status = self.start_fleetd(m)
+            except ClusterError as exc:  # a broken fleetd must not fail the boot
+                status = FleetdStatus(False, "error", str(exc))
+                m.fleetd = status.summary
+            detail = "\n".join(status.detail.splitlines()[-8:])
+            step(f"fleetd {status.summary}" + ("" if status.ok else f"\n{detail}"))
+
+    def _wait_etcd_reachable(self, m: MachineState) -> None:
+        state = self._require_state()
+        assert m.init_pid is not None
+        assert state.etcd is not None
+        init_pid = m.init_pid
+        probe_argv = ["bash", "-c", f"exec 3<>/dev/tcp/{state.bridge_ip}/{state.etcd.client_port}"]
+        procs.wait_for(
+            lambda: True if machine.exec_in(init_pid, probe_argv).returncode == 0 else None,
+            10.0,
+            f"{m.name} to reach etcd at {self.etcd_endpoint}",
+            cancel=self._cancel,
+        )
+
+    def _start_sshd(self, m: MachineState) -> None:
+        assert m.init_pid is not None
+        machine.exec_in(
+            m.init_pid,
+            [
+                "systemd-run",
+                f"--unit={ssh.SSHD_UNIT}",
+                "--description=sshd for fleet-cluster",
+                "--property=RuntimeDirectory=sshd",
+                "--property=RuntimeDirectoryMode=0755",
+                "--property=Restart=on-failure",
+                "/usr/sbin/sshd",
+                "-D",
+                "-e",
+                "-f",
+                f"/{ssh.SSHD_CONFIG}",
+            ],
+            check=True,
+            timeout=20,
+        )
+        procs.wait_for(
+            lambda: True if network.ssh_banner(m.ip) else None,
+            10.0,
+            f"sshd on {m.name} ({m.ip}:22)",
+            cancel=self._cancel,
+        )
+
+    # -- operating a running cluster -----------------------------------------------------
+
+    def exec(
+        self,
+        m: MachineRef,
+        argv: Sequence[str],
+        *,
+        check: bool = False,
+        timeout: float | None = 60.0,
+        input_text: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `argv` inside a machine (nsenter into all its namespaces): CompletedProcess[str]."""
+        target = self.machine(m)
+        init_pid = machine.require_running(target)
+        return machine.exec_in(init_pid, argv, check=check, timeout=timeout, input_text=input_text)
+
+    def ssh_argv(
+        self, m: MachineRef, command: Sequence[str] = (), *, tty: bool = False
+    ) -> list[str]:
+        return ssh.client_argv(self.layout, self.machine(m).ip, command, tty=tty)
+
+    def kill(self, m: MachineRef) -> None:
+        """SIGKILL a machine (as a crash would); its overlay is kept for `restart`."""
+        target = self.machine(m)
+        with locked(self.layout):
+            machine.kill(self.layout, target, self._cgroup_dirs(target.name))
+            target.status = "killed"
+            target.fleetd = None
+            self._save()
+        self.progress(target.name, "killed")
+
+    def stop(self, m: MachineRef) -> None:
+        """Shut a machine down cleanly (SIGKILL after the grace period); overlay kept."""
+        target = self.machine(m)
+        with locked(self.layout):
+            machine.stop(self.layout, target, self._cgroup_dirs(target.name), self.stop_grace)
+            target.status = "stopped"
+            target.fleetd = None
+            self._save()
+        self.progress(target.name, "stopped")
+
+    def restart(self, m: MachineRef) -> None:
+        """Boot a killed or stopped machine again (a running one is stopped first).
+
+        Same overlay, so same machine-id, host key and whatever the machine wrote.
+        """
+        target = self.machine(m)
+        prereqs.check_host()
+        if target.nspawn_pid is not None or target.init_pid is not None:
+            self.stop(target)
+        self._cancel.clear()
+        with locked(self.layout):
+            if not mounts.is_mounted(self.layout.machine_root(target.name)):
+                # Unmounted by hand: the machine's writes are gone; give it its identity again.
+                self._prepare(target)
+                self._write_known_hosts()
+            self._boot(target)
+        self.progress(target.name, f"restarted in {target.boot_seconds:.2f} s")
+
+    def partition(self, m: MachineRef) -> None:
+        """Cut a machine off the network: its host-side veth goes down.
+
+        Returns once the machine's end has lost carrier, so nothing gets through afterwards.
+        """
+        target = self.machine(m)
+        self._set_link(target, up=False)
+        init_pid = machine.require_running(target)
+        procs.wait_for(
+            lambda: None if network.host0_has_carrier(init_pid) else True,
+            5.0,
+            f"{target.name}'s host0 to lose carrier",
+        )
+        self.progress(target.name, f"partitioned ({target.veth} down)")
+
+    def heal(self, m: MachineRef) -> None:
+        """Undo `partition`; returns once the machine reaches etcd on the bridge again.
+
+        Bringing the host end up is not enough to return: the machine's end gets its carrier
+        back asynchronously (the kernel's link watch batches such events for up to a second),
+        and connections made before that fail.
+        """
+        target = self.machine(m)
+        self._set_link(target, up=True)
+        init_pid = machine.require_running(target)
+        procs.wait_for(
+            lambda: True if network.host0_has_carrier(init_pid) else None,
+            5.0,
+            f"{target.name}'s host0 to get carrier back",
+        )
+        self._wait_etcd_reachable(target)
+        self.progress(target.name, f"healed ({target.veth} up)")
+
+    def _set_link(self, target: MachineState, *, up: bool) -> None:
+        init_pid = machine.require_running(target)
+        with locked(self.layout):
+            # Re-resolve: cheap, and exact even if the state file is stale.
+            target.veth = network.host_veth(init_pid)
+            network.set_link(target.veth, up)
+            target.partitioned = not up
+            self._save()
+
+    def start_fleetd(self, m: MachineRef) -> FleetdStatus:
+        target = self.machine(m)
+        status = start_fleetd(target, venv=self._require_state().venv, settle=self.fleetd_settle)
+        target.fleetd = status.summary
+        self._save()
+        return status
+
+    def stop_fleetd(self, m: MachineRef) -> str:
+        target = self.machine(m)
+        result = stop_fleetd(target)
+        target.fleetd = result
+        self._save()
+        return result
+
+    # -- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """A live look at the cluster (processes, systemd and fleet state, etcd health)."""
+        state = self._require_state()
+        machines = []
+        for m in state.machines:
+            alive = m.init_pid is not None and procs.is_alive(m.init_pid)
+            entry: dict[str, Any] = {
+                "name": m.name,
+                "status": m.status if alive or m.status != "running" else "dead",
+                "ip": m.ip,
+                "machine_id": m.machine_id,
+                "nspawn_pid": m.nspawn_pid,
+                "init_pid": m.init_pid,
+                "veth": m.veth,
+                "partitioned": m.partitioned,
+                "metadata": m.metadata,
+                "boot_seconds": m.boot_seconds,
+                "systemd": "-",
+                "fleet": "-",
+            }
+            if alive and m.init_pid is not None:
+                entry["systemd"] = machine.system_state(m.init_pid)
+                try:
+                    entry["fleet"] = fleetd_state(m)
+                except ClusterError as exc:
+                    entry["fleet"] = f"unknown ({exc})"
+            machines.append(entry)
+        etcd_info: dict[str, Any] = {"endpoint": None, "pid": None, "healthy": False}
+        if state.etcd is not None:
+            etcd_info = {
+                "endpoint": self.etcd_endpoint,
+                "pid": state.etcd.pid,
+                "healthy": etcd.healthy(f"http://127.0.0.1:{state.etcd.client_port}"),
+            }
+        return {
+            "name": state.name,
+            "state_dir": state.state_dir,
+            "bridge": state.bridge,
+            "bridge_ip": f"{state.bridge_ip}/{state.prefixlen}",
+            "etcd": etcd_info,
+            "etcd_key_prefix": state.etcd_key_prefix,
+            "agent_ttl": state.agent_ttl,
+            "machines": machines,
+        }
+
+    # -- down ----------------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Tear everything down; safe to repeat, and to run on a half-built cluster."""
+        with signals.deferred():
+            self._down()
+
+    def _down(self) -> None:
+        self._cancel.set()  # a boot still waiting in another thread gives up
+        with locked(self.layout):
+            self._teardown()
+
+    def _teardown(self) -> None:
+        state = self.state or load(self.layout)
+        bridge = state.bridge if state else self.bridge
+        problems = teardown(
+            self.name, self.layout, state, bridge, grace=self.stop_grace, report=self.progress
+        )
+        self.state = None
+        if problems:
+            raise TeardownIncomplete(
+                f"cluster {self.name!r} teardown left things behind:\n  " + "\n  ".join(problems)
+            )
+        self.progress("cluster", f"{self.name!r} is down")
+
+    # -- context manager -----------------------------------------------------------------
+
+    def __enter__(self) -> Cluster:
+        self.up()  # tears down by itself when it fails
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.down()
+
+
+def parse_machine_metadata(specs: Sequence[str]) -> dict[str, dict[str, str]]:
+    """CLI `--metadata` values: `m1:k=v,k2=v2` for one machine, `k=v` for all of them."""
+    result: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        head, sep, rest = spec.partition(":")
+        if sep and "=" not in head:
+            target, pairs = head.strip(), rest
+        else:
+            target, pairs = "*", spec
+        result.setdefault(target, {}).update(parse_metadata(pairs))
+    return result
+
+
+__all__ = ["Cluster", "FleetdStatus", "MachineState", "parse_machine_metadata"]

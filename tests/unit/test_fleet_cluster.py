@@ -1,0 +1,138 @@
+"""The local cluster tool's pure parts: naming, addressing, config, state, prerequisites.
+
+Booting real clusters is tested in tests/functional/test_cluster_tool.py (root only).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+import pytest
+from fleet_cluster import Cluster, ClusterError, NoSuchMachine, PrerequisiteError, prereqs
+from fleet_cluster.cluster import parse_machine_metadata
+from fleet_cluster.fleet_service import fleet_conf, parse_metadata
+from fleet_cluster.network import bridge_address, machine_address, parse_subnet
+from fleet_cluster.ssh import known_hosts_line
+from fleet_cluster.state import ClusterState, EtcdState, MachineState
+
+
+def test_metadata_for_one_machine_or_all() -> None:
+    parsed = parse_machine_metadata(["m1:region=east,disk=ssd", "role=worker", "2:region=west"])
+    assert parsed == {
+        "m1": {"region": "east", "disk": "ssd"},
+        "*": {"role": "worker"},
+        "2": {"region": "west"},
+    }
+
+
+def test_metadata_value_may_contain_a_colon() -> None:
+    assert parse_machine_metadata(["url=http://x:1"]) == {"*": {"url": "http://x:1"}}
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=v", "a=b,,=c"])
+def test_bad_metadata_is_refused(bad: str) -> None:
+    with pytest.raises(ClusterError):
+        parse_metadata(bad)
+
+
+def test_fleet_conf_quotes_values() -> None:
+    text = fleet_conf(
+        machine="fleet1",
+        etcd_servers=["http://10.77.0.1:2379"],
+        public_ip="10.77.0.11",
+        metadata={"region": "east", "disk": "ssd"},
+        agent_ttl="3s",
+        etcd_key_prefix="/fleet/",
+    )
+    assert 'etcd_servers="http://10.77.0.1:2379"' in text
+    assert 'public_ip="10.77.0.11"' in text
+    assert 'metadata="region=east,disk=ssd"' in text
+    assert 'agent_ttl="3s"' in text
+    assert 'etcd_key_prefix="/fleet/"' in text
+
+
+def test_fleet_conf_leaves_out_unset_options() -> None:
+    text = fleet_conf(
+        machine="m",
+        etcd_servers=["http://a:1"],
+        public_ip="10.0.0.2",
+        metadata={},
+        agent_ttl=None,
+        etcd_key_prefix=None,
+    )
+    assert "metadata" not in text
+    assert "agent_ttl" not in text
+    assert "etcd_key_prefix" not in text
+
+
+def test_addresses() -> None:
+    subnet = parse_subnet("10.77.5.0/24")
+    assert str(bridge_address(subnet)) == "10.77.5.1"
+    assert str(machine_address(subnet, 1)) == "10.77.5.11"
+    with pytest.raises(ClusterError):
+        machine_address(subnet, 245)
+
+
+@pytest.mark.parametrize("bad", ["10.77.0.0/28", "8.8.8.0/24", "nonsense"])
+def test_bad_subnets_are_refused(bad: str) -> None:
+    with pytest.raises(ClusterError):
+        parse_subnet(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "Fleet", "1abc", "a" * 11, "a_b"])
+def test_bad_cluster_names_are_refused(bad: str) -> None:
+    with pytest.raises(ClusterError, match="bad cluster name"):
+        Cluster(bad)
+
+
+def test_state_round_trips_and_resolves_machine_references() -> None:
+    state = ClusterState(
+        name="fleet",
+        state_dir="/run/fleet-cluster/fleet",
+        subnet="10.77.0.0/24",
+        bridge="fleetbr0",
+        bridge_ip="10.77.0.1",
+        prefixlen=24,
+        agent_ttl="3s",
+        etcd_key_prefix="/fleet/",
+        fleetd=True,
+        venv="/work/venv",
+        binds=["/work/main"],
+        etcd=EtcdState(pid=10, client_port=2379, peer_port=2380),
+        machines=[
+            MachineState("fleet1", 1, "10.77.0.11", "a" * 32, {"region": "east"}),
+            MachineState("fleet2", 2, "10.77.0.12", "b" * 32),
+        ],
+    )
+    again = ClusterState.from_json(state.to_json())
+    assert again == state
+    for ref in ("fleet2", "m2", "2", 2, "10.77.0.12"):
+        assert again.machine(ref).name == "fleet2"
+    with pytest.raises(NoSuchMachine, match="fleet1, fleet2"):
+        again.machine("m3")
+
+
+def test_known_hosts_line() -> None:
+    line = known_hosts_line(["10.77.0.11", "fleet1"], "ssh-ed25519 AAAAC3Nz root@fleet1")
+    assert line == "10.77.0.11,fleet1 ssh-ed25519 AAAAC3Nz"
+
+
+def test_subnet_type() -> None:
+    assert isinstance(parse_subnet("10.77.0.0/16"), ipaddress.IPv4Network)
+
+
+def test_refuses_without_root_or_binaries_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(PrerequisiteError, match="must run as root"):
+        prereqs.check_host()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setitem(prereqs.BINARIES, "definitely-not-a-binary", "some-package")
+    with pytest.raises(PrerequisiteError, match="apt-get install -y some-package"):
+        prereqs.check_host()
+
+
+def test_metadata_for_a_machine_the_cluster_will_not_have_is_refused() -> None:
+    with pytest.raises(ClusterError, match="unknown machines: m4"):
+        Cluster("fleet", 3, metadata={"m4": {"a": "b"}})
+    Cluster("fleet", 3, metadata={"m3": {"a": "b"}, "fleet1": {"c": "d"}, "*": {"e": "f"}})
