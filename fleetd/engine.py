@@ -324,7 +324,11 @@ async def _until(
         nxt: asyncio.Future[Any] = asyncio.ensure_future(events.__anext__())
         done, _ = await asyncio.wait({nxt, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         if nxt not in done:
+            # Let the cancellation land before the caller closes the generator: aclose() on
+            # a generator whose __anext__ is still running raises RuntimeError.
             nxt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await nxt
             return
         try:
             yield nxt.result()
