@@ -90,7 +90,9 @@ class SimCluster:
         )
         presence.on_lease_changed(lambda _lease: agent.republish_all())
         engine = (
-            Engine(registry, machine.id, presence.current_lease, safety_interval=self.safety_interval)
+            Engine(
+                registry, machine.id, presence.current_lease, safety_interval=self.safety_interval
+            )
             if with_engine
             else None
         )

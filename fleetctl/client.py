@@ -1,0 +1,261 @@
+"""fleetctl's view of the cluster (`ClusterClient`) and the factory that picks a driver.
+
+Two drivers implement the protocol, as in fleet (client/api.go): `RegistryClient` talks to
+etcd through the shared `Registry`, `ApiClient` (fleetctl/api_client.py) to fleetd's HTTP API
+v1. Commands never know which one they hold. Both return the same `fleetd.views` values,
+so tables and waits behave the same whatever the driver.
+
+Tests replace `make_client` (monkeypatch `fleetctl.client.make_client`) to hand commands a
+`RegistryClient` over the in-memory KV.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import click
+
+from fleetctl import transport
+from fleetctl.errors import CommandFailed
+from fleetctl.settings import Driver, Settings, Target, select_target
+from fleetd import __version__
+from fleetd.errors import FleetError, InvalidInput
+from fleetd.model import TargetState
+from fleetd.registry.registry import Registry
+from fleetd.unitfile import UnitFile, UnitNameInfo
+from fleetd.views import (
+    MachineView,
+    StateView,
+    UnitView,
+    load_machine_views,
+    load_state_views,
+    load_unit_view,
+    load_unit_views,
+)
+
+
+class ClusterClient(Protocol):
+    """What commands need from the cluster (fleet's client.API)."""
+
+    async def machines(self) -> list[MachineView]:
+        """Registered machines, sorted by id."""
+        ...
+
+    async def units(self) -> list[UnitView]:
+        """Every unit, sorted by name."""
+        ...
+
+    async def unit(self, name: str) -> UnitView | None: ...
+
+    async def unit_states(
+        self, unit: str | None = None, machine_id: str | None = None
+    ) -> list[StateView]:
+        """Published systemd states, sorted by (unit, machine), filtered exactly."""
+        ...
+
+    async def create_unit(
+        self, name: str, unit_file: UnitFile, desired_state: TargetState | None = None
+    ) -> None:
+        """Create `name`, or overwrite it (`--replace`); desired state `inactive` if None."""
+        ...
+
+    async def set_target_state(self, name: str, state: TargetState) -> None:
+        """Raises NotFound for a missing unit, InvalidInput for activating a template."""
+        ...
+
+    async def destroy_unit(self, name: str) -> bool:
+        """Delete a unit; False if it did not exist."""
+        ...
+
+    async def set_machine_metadata(self, machine_id: str, key: str, value: str | None) -> None:
+        """Set (or with None remove) one dynamic metadata key of a machine."""
+        ...
+
+
+def check_activation(name: str, state: TargetState) -> None:
+    """fleet's API refuses to load or start a template (reference §2.4); both drivers do."""
+    info = UnitNameInfo.parse(name)
+    if state is not TargetState.INACTIVE and info is not None and info.is_template:
+        raise InvalidInput(f'cannot activate template "{name}"')
+
+
+class RegistryClient:
+    """The etcd driver: the shared registry, and the views the API server also serves."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        # Bodies are content-addressed, so one cache serves every poll of a blocking command.
+        self._bodies: dict[str, UnitFile] = {}
+
+    async def machines(self) -> list[MachineView]:
+        return await load_machine_views(self.registry)
+
+    async def units(self) -> list[UnitView]:
+        return await load_unit_views(self.registry, self._bodies)
+
+    async def unit(self, name: str) -> UnitView | None:
+        return await load_unit_view(self.registry, name, self._bodies)
+
+    async def unit_states(
+        self, unit: str | None = None, machine_id: str | None = None
+    ) -> list[StateView]:
+        return await load_state_views(self.registry, unit, machine_id)
+
+    async def create_unit(
+        self, name: str, unit_file: UnitFile, desired_state: TargetState | None = None
+    ) -> None:
+        state = desired_state or TargetState.INACTIVE
+        check_activation(name, state)
+        await self.registry.create_unit(name, unit_file, state, replace=True)
+
+    async def set_target_state(self, name: str, state: TargetState) -> None:
+        check_activation(name, state)
+        await self.registry.set_target_state(name, state)
+
+    async def destroy_unit(self, name: str) -> bool:
+        return await self.registry.destroy_unit(name)
+
+    async def set_machine_metadata(self, machine_id: str, key: str, value: str | None) -> None:
+        await self.registry.set_machine_metadata(machine_id, key, value)
+
+
+# ---- version check (fleet's checkVersion, etcd driver only) ------------------------------
+
+OLD_VERSION_WARNING = """\
+####################################################################
+WARNING: fleetctl ({ours}) is older than the latest registered
+version of fleet found in the cluster ({theirs}). You are strongly
+recommended to upgrade fleetctl to prevent incompatibility issues.
+####################################################################"""
+
+
+def _version_key(version: str) -> tuple[int, ...] | None:
+    """The numeric core of a semver ("v1.2.3-rc1+x" -> (1, 2, 3)); None if not semver-like."""
+    core = version.lstrip("v").split("+", 1)[0].split("-", 1)[0]
+    try:
+        return tuple(int(part) for part in core.split("."))
+    except ValueError:
+        return None
+
+
+def version_warning(ours: str, versions: Iterable[str]) -> str:
+    """The banner if some registered fleetd is newer than this fleetctl, else ""."""
+    mine = _version_key(ours)
+    newest = max(
+        (v for v in versions if _version_key(v) is not None),
+        key=lambda v: _version_key(v) or (),
+        default=None,
+    )
+    if mine is None or newest is None or (_version_key(newest) or ()) <= mine:
+        return ""
+    return OLD_VERSION_WARNING.format(ours=ours, theirs=newest)
+
+
+async def _warn_if_outdated(registry: Registry) -> None:
+    machines = await registry.list_machines()
+    banner = version_warning(__version__, (m.version for m in machines if m.version))
+    if banner:
+        click.echo(banner, err=True)
+
+
+# ---- the factory ---------------------------------------------------------------------------
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext:
+    """Verify the server (with --ca-file, else the system CAs), and present --cert-file and
+    --key-file if given. fleet skipped verification unless a cert+key pair was set (§9.13)."""
+    context = ssl.create_default_context(cafile=settings.ca_file or None)
+    if settings.cert_file or settings.key_file:
+        if not (settings.cert_file and settings.key_file):
+            raise InvalidInput("--cert-file and --key-file go together: give both or neither")
+        context.load_cert_chain(settings.cert_file, settings.key_file)
+    return context
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    default = 443 if parts.scheme == "https" else 80
+    return parts.hostname or "127.0.0.1", parts.port or default
+
+
+def _via(url: str, local: tuple[str, int]) -> str:
+    """`url` with its host:port replaced by a local forwarded address."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{local[0]}:{local[1]}"))
+
+
+async def _open(settings: Settings, target: Target, stack: AsyncExitStack) -> ClusterClient:
+    tunnel = None
+    if settings.tunnel:
+        tunnel = transport.open_transport(transport.ssh_options(settings))
+        stack.callback(tunnel.close)
+    if target.driver is Driver.ETCD:
+        # Imported here: it loads grpc/aetcd, which the API driver never needs.
+        from fleetd.registry.etcd import EtcdConfig, EtcdKV
+
+        endpoints = list(target.endpoints)
+        if tunnel is not None:
+            endpoints = [
+                _via(url, stack.enter_context(tunnel.forward_tcp(*_host_port(url))))
+                for url in endpoints
+            ]
+        config = EtcdConfig(
+            endpoints=endpoints,
+            ca_file=settings.ca_file or None,
+            cert_file=settings.cert_file or None,
+            key_file=settings.key_file or None,
+            username=settings.etcd_username or None,
+            password=settings.etcd_password or None,
+            request_timeout=settings.request_timeout,
+        )
+        kv = EtcdKV(config)
+        stack.push_async_callback(kv.close)
+        registry = Registry(kv, settings.etcd_key_prefix)
+        await _warn_if_outdated(registry)
+        return RegistryClient(registry)
+
+    # Imported here: aiohttp takes a third of fleetctl's start-up, and etcd never needs it.
+    from fleetctl.api_client import ApiClient
+
+    url = target.endpoints[0]
+    socket_path = target.unix_socket
+    server_hostname = None
+    if tunnel is not None:
+        if socket_path is not None:
+            local = stack.enter_context(tunnel.forward_unix(socket_path))
+            url, socket_path = f"http://{local[0]}:{local[1]}/", None
+        else:
+            server_hostname = urlsplit(url).hostname
+            url = _via(url, stack.enter_context(tunnel.forward_tcp(*_host_port(url))))
+    tls = _ssl_context(settings) if url.startswith("https:") else None
+    api = ApiClient(
+        url,
+        unix_socket=socket_path,
+        ssl_context=tls,
+        server_hostname=server_hostname,
+        timeout=settings.request_timeout,
+    )
+    stack.push_async_callback(api.close)
+    return api
+
+
+@asynccontextmanager
+async def _make_client(settings: Settings) -> AsyncIterator[ClusterClient]:
+    async with AsyncExitStack() as stack:
+        try:
+            target = select_target(settings)
+            if target.warning:
+                click.echo(f"WARNING: {target.warning}", err=True)
+            client = await _open(settings, target, stack)
+        except (FleetError, OSError, ValueError) as e:
+            raise CommandFailed(f"Unable to initialize client: {e}") from e
+        yield client
+
+
+def make_client(settings: Settings) -> AbstractAsyncContextManager[ClusterClient]:
+    """A connected client for the driver `settings` select, closed on exit."""
+    return _make_client(settings)

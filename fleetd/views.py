@@ -1,0 +1,344 @@
+"""fleet API v1-shaped views of the cluster, shared by fleetctl and the HTTP API server.
+
+fleet's clients see three entities (schema/v1-gen.go): Unit, UnitState and Machine. Our registry
+stores something else (desired state, content-addressed bodies, engine placements, published
+states), so this module joins those records into the entities once, for both consumers:
+
+- `build_unit_views` etc. are pure: records in, views out (table-tested).
+- `load_unit_views` etc. read the registry with one range request per key prefix, never one
+  request per unit, so `list-unit-files` and the API's `GET /units` cost the same for 10 or
+  1000 units.
+- `*_to_api` / `*_from_api` convert to and from the API's JSON objects (omitempty, keys in
+  alphabetical order, as fleet's generated schema code emits them).
+
+currentState (fleet's registry/job_state.go, in our terms): a non-global unit is `inactive`
+unless it is placed on a machine that publishes a state for it; then it is the `agent_state`
+that machine reports (`loaded` or `launched`). Global units have no single machine, so their
+views carry neither currentState nor machineID.
+
+Beyond fleet: a unit the engine cannot place carries the engine's `reason` (API field
+`reason`, omitted when empty; fleet's clients ignore unknown fields).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from fleetd.errors import InvalidInput, UnitFileError
+from fleetd.model import Machine, Placement, TargetState, Unit, UnitState
+from fleetd.registry.registry import Registry
+from fleetd.unitfile import UnitFile, UnitOption, parse_unit, requirements
+
+log = structlog.get_logger("fleetd.views")
+
+
+@dataclass(frozen=True, slots=True)
+class UnitView:
+    """fleet's API `Unit`, plus what our registry knows beyond it (hash, is_global, reason)."""
+
+    name: str
+    options: tuple[UnitOption, ...]
+    desired_state: str
+    current_state: str | None  # None for global units (no single machine)
+    machine_id: str | None  # where it is placed; None if unplaced or global
+    is_global: bool
+    hash: str  # sha1 of the serialized options, 40 hex chars
+    reason: str = ""  # why the engine cannot place it, when it cannot
+
+    @property
+    def unit_file(self) -> UnitFile:
+        return UnitFile(self.options)
+
+
+@dataclass(frozen=True, slots=True)
+class MachineView:
+    """fleet's API `Machine`."""
+
+    id: str
+    primary_ip: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StateView:
+    """fleet's API `UnitState`: systemd's state of one unit on one machine."""
+
+    name: str
+    machine_id: str
+    hash: str
+    load: str
+    active: str
+    sub: str
+
+
+# ---- pure joins ----------------------------------------------------------------------------
+
+
+def current_state(
+    unit: Unit,
+    placement: Placement | None,
+    states: Mapping[tuple[str, str], UnitState],
+) -> tuple[str, str | None]:
+    """(currentState, machineID) of a non-global unit: see the module docstring."""
+    if placement is None or placement.machine_id is None:
+        return TargetState.INACTIVE.value, None
+    state = states.get((unit.name, placement.machine_id))
+    current = state.agent_state.value if state is not None else TargetState.INACTIVE.value
+    return current, placement.machine_id
+
+
+def is_global_unit(body: UnitFile, name: str) -> bool:
+    """`Global=` of a stored unit. A body whose [X-Fleet] no longer validates (a newer release
+    wrote it) is shown as non-global rather than breaking every listing."""
+    try:
+        return requirements(body, name).is_global
+    except UnitFileError:
+        return False
+
+
+def build_unit_view(
+    unit: Unit,
+    body: UnitFile,
+    placement: Placement | None,
+    states: Mapping[tuple[str, str], UnitState],
+) -> UnitView:
+    is_global = is_global_unit(body, unit.name)
+    if is_global:
+        current: str | None = None
+        machine_id: str | None = None
+    else:
+        current, machine_id = current_state(unit, placement, states)
+    # A placement that names a machine carries no reason; only an unplaced unit has one.
+    reason = placement.reason if placement is not None and placement.machine_id is None else ""
+    return UnitView(
+        name=unit.name,
+        options=body.options,
+        desired_state=unit.target_state.value,
+        current_state=current,
+        machine_id=machine_id,
+        is_global=is_global,
+        hash=unit.hash,
+        reason="" if is_global else reason,
+    )
+
+
+def build_unit_views(
+    units: Iterable[Unit],
+    bodies: Mapping[str, UnitFile],
+    placements: Mapping[str, Placement],
+    states: Iterable[UnitState],
+) -> list[UnitView]:
+    """Unit views sorted by name. A unit whose body is missing is left out, as fleet does."""
+    by_key = {(s.name, s.machine_id): s for s in states}
+    views = []
+    for unit in sorted(units, key=lambda u: u.name):
+        body = bodies.get(unit.hash)
+        if body is None:
+            continue
+        views.append(build_unit_view(unit, body, placements.get(unit.name), by_key))
+    return views
+
+
+def machine_view(machine: Machine) -> MachineView:
+    return MachineView(machine.id, machine.public_ip, machine.metadata_dict)
+
+
+def state_view(state: UnitState) -> StateView:
+    return StateView(
+        name=state.name,
+        machine_id=state.machine_id,
+        hash=state.hash,
+        load=state.load_state,
+        active=state.active_state,
+        sub=state.sub_state,
+    )
+
+
+# ---- registry reads ------------------------------------------------------------------------
+
+
+async def _bodies(
+    registry: Registry, hashes: set[str], cache: MutableMapping[str, UnitFile]
+) -> Mapping[str, UnitFile]:
+    """The bodies of `hashes`, through `cache` (bodies are immutable: entries never go stale).
+
+    One range of the bodies prefix fetches every missing body at once; only the bodies asked
+    for are parsed. A lone miss is a single get instead (the common case of a long-lived
+    cache, e.g. the API server's, after one new unit).
+    """
+    missing = hashes - cache.keys()
+    keys = registry.keys
+    if len(missing) == 1:
+        (hash_,) = missing
+        try:
+            body = await registry.get_body(hash_)
+        except UnitFileError as e:
+            log.warning("corrupt_value_skipped", key=keys.body(hash_), error=str(e))
+            body = None
+        if body is not None:
+            cache[hash_] = body
+    elif missing:
+        kvs, _ = await registry.kv.range(keys.bodies)
+        for kv in kvs:
+            hash_ = keys.tail(kv.key, keys.bodies)
+            if hash_ not in missing:
+                continue
+            try:
+                cache[hash_] = parse_unit(kv.value)
+            except UnitFileError as e:
+                # One unreadable body hides its units, not the whole listing.
+                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+    return cache
+
+
+async def load_unit_views(
+    registry: Registry, body_cache: MutableMapping[str, UnitFile] | None = None
+) -> list[UnitView]:
+    """Every unit, sorted by name. Pass a long-lived `body_cache` to skip re-reading bodies."""
+    units, placements, states = await asyncio.gather(
+        registry.list_units(), registry.placements(), registry.list_states()
+    )
+    cache = body_cache if body_cache is not None else {}
+    bodies = await _bodies(registry, {u.hash for u in units}, cache)
+    return build_unit_views(units, bodies, placements, states)
+
+
+async def load_unit_view(
+    registry: Registry, name: str, body_cache: MutableMapping[str, UnitFile] | None = None
+) -> UnitView | None:
+    """One unit, or None if it does not exist (or its body is missing)."""
+    unit, placement, states = await asyncio.gather(
+        registry.get_unit(name), registry.placement(name), registry.list_states(unit=name)
+    )
+    if unit is None:
+        return None
+    cache = body_cache if body_cache is not None else {}
+    bodies = await _bodies(registry, {unit.hash}, cache)
+    body = bodies.get(unit.hash)
+    if body is None:
+        return None
+    return build_unit_view(unit, body, placement, {(s.name, s.machine_id): s for s in states})
+
+
+async def load_machine_views(registry: Registry) -> list[MachineView]:
+    """Registered machines, sorted by id."""
+    machines = await registry.list_machines()
+    return [machine_view(m) for m in sorted(machines, key=lambda m: m.id)]
+
+
+async def load_state_views(
+    registry: Registry, unit: str | None = None, machine_id: str | None = None
+) -> list[StateView]:
+    """Published states, sorted by (unit name, machine id), optionally filtered exactly."""
+    states = await registry.list_states(unit=unit, machine_id=machine_id)
+    return [state_view(s) for s in sorted(states, key=lambda s: (s.name, s.machine_id))]
+
+
+# ---- API v1 JSON ---------------------------------------------------------------------------
+
+
+def _omit_empty(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """Go's `omitempty` with keys in alphabetical order, as fleet's schema code emits them."""
+    return {k: obj[k] for k in sorted(obj) if obj[k] not in (None, "", [], {})}
+
+
+def option_to_api(option: UnitOption) -> dict[str, str]:
+    return _omit_empty({"name": option.name, "section": option.section, "value": option.value})
+
+
+def unit_to_api(view: UnitView) -> dict[str, Any]:
+    return _omit_empty(
+        {
+            "currentState": view.current_state,
+            "desiredState": view.desired_state,
+            "machineID": view.machine_id,
+            "name": view.name,
+            "options": [option_to_api(o) for o in view.options],
+            "reason": view.reason,
+        }
+    )
+
+
+def state_to_api(view: StateView) -> dict[str, str]:
+    return _omit_empty(
+        {
+            "hash": view.hash,
+            "machineID": view.machine_id,
+            "name": view.name,
+            "systemdActiveState": view.active,
+            "systemdLoadState": view.load,
+            "systemdSubState": view.sub,
+        }
+    )
+
+
+def machine_to_api(view: MachineView) -> dict[str, Any]:
+    return _omit_empty(
+        {"id": view.id, "metadata": dict(view.metadata), "primaryIP": view.primary_ip}
+    )
+
+
+def _field(obj: Mapping[str, Any], name: str, entity: str) -> str:
+    value = obj.get(name, "")
+    if not isinstance(value, str):
+        raise InvalidInput(f"{entity}: field {name!r} must be a string, got {value!r}")
+    return value
+
+
+def _object(obj: Any, entity: str) -> Mapping[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise InvalidInput(f"{entity}: expected a JSON object, got {obj!r}")
+    return obj
+
+
+def unit_from_api(obj: Any) -> UnitView:
+    """A UnitView from an API `Unit`; the hash and globality are derived from the options,
+    as fleetctl does (the API does not carry them)."""
+    obj = _object(obj, "Unit")
+    options = obj.get("options") or []
+    if not isinstance(options, list):
+        raise InvalidInput(f"Unit: field 'options' must be a list, got {options!r}")
+    # The API omits empty values; from_options wants every field present.
+    body = UnitFile.from_options({"value": "", **_object(o, "UnitOption")} for o in options)
+    name = _field(obj, "name", "Unit")
+    return UnitView(
+        name=name,
+        options=body.options,
+        desired_state=_field(obj, "desiredState", "Unit"),
+        current_state=_field(obj, "currentState", "Unit") or None,
+        machine_id=_field(obj, "machineID", "Unit") or None,
+        is_global=is_global_unit(body, name),
+        hash=body.hash,
+        reason=_field(obj, "reason", "Unit"),
+    )
+
+
+def state_from_api(obj: Any) -> StateView:
+    obj = _object(obj, "UnitState")
+    return StateView(
+        name=_field(obj, "name", "UnitState"),
+        machine_id=_field(obj, "machineID", "UnitState"),
+        hash=_field(obj, "hash", "UnitState"),
+        load=_field(obj, "systemdLoadState", "UnitState"),
+        active=_field(obj, "systemdActiveState", "UnitState"),
+        sub=_field(obj, "systemdSubState", "UnitState"),
+    )
+
+
+def machine_from_api(obj: Any) -> MachineView:
+    obj = _object(obj, "Machine")
+    metadata = obj.get("metadata") or {}
+    if not isinstance(metadata, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise InvalidInput(f"Machine: field 'metadata' must map strings to strings: {metadata!r}")
+    return MachineView(
+        id=_field(obj, "id", "Machine"),
+        primary_ip=_field(obj, "primaryIP", "Machine"),
+        metadata=dict(metadata),
+    )
