@@ -28,6 +28,7 @@ from fleetd.engine import Engine
 from fleetd.errors import FleetError
 from fleetd.log import configure_logging
 from fleetd.model import Machine
+from fleetd.notify import Notifier
 from fleetd.presence import Presence
 from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.registry.registry import Registry
@@ -75,6 +76,7 @@ class Server:
         self.registry = Registry(self.kv, config.etcd_key_prefix)
         self._manager = manager
         self.stop = asyncio.Event()
+        self.notifier = Notifier()
         self.keep_units = False  # set when systemd is restarting us
         state_dir = Path(config.state_dir)
         self.presence = Presence(
@@ -121,12 +123,25 @@ class Server:
         tasks: list[asyncio.Future[None]] = [
             asyncio.ensure_future(self.presence.run(self.stop)),
             asyncio.ensure_future(agent.run(self.stop)),
+            asyncio.ensure_future(self.notifier.watchdog(self.stop)),
+            asyncio.ensure_future(self._report_registration()),
         ]
         if engine is not None:
             tasks.append(asyncio.ensure_future(engine.run(self.stop)))
+        self.notifier.ready(f"machine {self.machine_id}: registering in etcd")
         await self.stop.wait()
+        self.notifier.stopping()
         await self._shutdown(agent, tasks)
         return 0
+
+    async def _report_registration(self) -> None:
+        stop_task = asyncio.ensure_future(self.stop.wait())
+        registered = asyncio.ensure_future(self.presence.registered.wait())
+        await asyncio.wait({stop_task, registered}, return_when=asyncio.FIRST_COMPLETED)
+        stop_task.cancel()
+        registered.cancel()
+        if self.presence.registered.is_set():
+            self.notifier.status(f"machine {self.machine_id}: registered in etcd")
 
     async def _shutdown(self, agent: Agent, tasks: list[asyncio.Future[None]]) -> None:
         if self.keep_units:
