@@ -17,7 +17,7 @@ from fleetd.engineplan import (
 )
 from fleetd.model import Machine, Placement, Requirements, ScheduledUnit, TargetState, Unit
 
-L, I, D = TargetState.LAUNCHED, TargetState.INACTIVE, TargetState.LOADED
+L, OFF, D = TargetState.LAUNCHED, TargetState.INACTIVE, TargetState.LOADED
 H1, H2 = "1" * 40, "2" * 40
 
 
@@ -64,7 +64,7 @@ def test_replaced_body_rewrites_schedule_in_place() -> None:
 def test_inactive_unit_is_unscheduled_and_its_placement_dropped() -> None:
     v = view({"a.service": (H1, L, Requirements())}, ["m1"])
     settle(v)
-    v.units["a.service"] = Unit("a.service", H1, I)
+    v.units["a.service"] = Unit("a.service", H1, OFF)
     writes, reasons = plan(v)
     assert writes == [
         DeleteSchedule("a.service", "m1", reasons["a.service"]),
@@ -79,7 +79,8 @@ def test_destroyed_unit_leaves_nothing() -> None:
     del v.units["a.service"], v.requirements["a.service"]
     writes = settle(v)
     assert {type(w) for w in writes} == {DeleteSchedule, DeletePlacement}
-    assert not v.schedule and not v.placements
+    assert not v.schedule
+    assert not v.placements
 
 
 def test_lost_machine_moves_its_units_only() -> None:
@@ -102,7 +103,8 @@ def test_unplaceable_unit_records_reason_once() -> None:
     assert len(writes) == 1
     only = writes[0]
     assert isinstance(only, SetPlacement)
-    assert only.machine_id is None and "region=east" in only.reason
+    assert only.machine_id is None
+    assert "region=east" in only.reason
     assert plan(v)[0] == []
 
 
@@ -110,7 +112,7 @@ def test_global_units_are_projected_not_scheduled() -> None:
     g = Requirements(is_global=True)
     v = view({"g.service": (H1, L, g)}, ["m1", "m2"])
     assert settle(v) == [SetGlobal(Unit("g.service", H1, L))]
-    v.units["g.service"] = Unit("g.service", H1, I)
+    v.units["g.service"] = Unit("g.service", H1, OFF)
     assert settle(v) == [DeleteGlobal("g.service")]
 
 
@@ -119,7 +121,7 @@ def clusters(draw: st.DrawFn) -> EngineView:
     machines = [f"m{i}" for i in range(draw(st.integers(0, 4)))]
     units: dict[str, tuple[str, TargetState, Requirements]] = {}
     for i in range(draw(st.integers(0, 8))):
-        state = draw(st.sampled_from([L, D, I]))
+        state = draw(st.sampled_from([L, D, OFF]))
         reqs = Requirements(
             is_global=draw(st.booleans()),
             conflicts=("u*",) if draw(st.booleans()) else (),
@@ -143,7 +145,7 @@ def test_planning_the_applied_result_yields_nothing(v: EngineView, data: st.Data
     assert plan(v)[0] == []
     for s in v.schedule.values():
         assert s.machine_id in v.machines
-        assert v.units[s.name].target_state != I
+        assert v.units[s.name].target_state != OFF
         assert v.placements[s.name] == Placement(s.name, s.machine_id, "")
 
 
