@@ -17,6 +17,7 @@ from . import machine as machine_ops
 from . import prereqs, signals, ssh
 from .cluster import Cluster, default_binds, parse_machine_metadata
 from .errors import ClusterError
+from .fleet_service import parse_metadata
 from .state import STATE_ROOT, Layout, locked
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -267,13 +268,29 @@ _machine_command("stop-fleetd", "Stop fleetd (fleet.service) in MACHINE.", _stop
 
 @main.command()
 @cluster_options
+@click.option("--metadata", default="", help="The new machine's metadata: 'k=v,k2=v2'.")
+@_errors
+def add(name: str, state_root: Path, metadata: str) -> None:
+    """Boot one more machine into the running cluster (next index, new machine-id)."""
+    cluster = _attach(name, state_root)
+    added = cluster.add_machine(parse_metadata(metadata))
+    click.echo(f"{added.name}: {added.ip} machine-id {added.machine_id} fleetd {added.fleetd}")
+
+
+@main.command()
+@cluster_options
 @_errors
 def env(name: str, state_root: Path) -> None:
     """Print shell exports for driving the cluster with fleetctl from the host."""
     cluster = _attach(name, state_root)
     state = cluster.state
     assert state is not None
+    # fleetctl infers the etcd driver only from ports 2379/4001; say it outright.
+    click.echo("export FLEETCTL_DRIVER=etcd")
     click.echo(f"export FLEETCTL_ENDPOINT={cluster.etcd_endpoint}")
     click.echo(f"export FLEETCTL_ETCD_KEY_PREFIX={state.etcd_key_prefix}")
     click.echo(f"export FLEETCTL_KNOWN_HOSTS_FILE={cluster.known_hosts}")
+    # The machines have only root; their sshd accepts the cluster key.
+    click.echo("export FLEETCTL_SSH_USERNAME=root")
+    click.echo(f"export FLEETCTL_SSH_IDENTITY_FILE={cluster.ssh_key}")
     click.echo(f"export FLEET_CLUSTER_SSH_KEY={cluster.ssh_key}")
