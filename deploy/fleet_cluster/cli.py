@@ -274,7 +274,8 @@ def add(name: str, state_root: Path, metadata: str) -> None:
     """Boot one more machine into the running cluster (next index, new machine-id)."""
     cluster = _attach(name, state_root)
     added = cluster.add_machine(parse_metadata(metadata))
-    click.echo(f"{added.name}: {added.ip} machine-id {added.machine_id} fleetd {added.fleetd}")
+    fleetd = added.fleetd or "not started"
+    click.echo(f"{added.name}: {added.ip} machine-id {added.machine_id} fleetd {fleetd}")
 
 
 @main.command()

@@ -300,9 +300,7 @@ class Cluster:
         root = rootfs.mount_root(self.layout, m.name)
         rootfs.write(root, "etc/machine-id", m.machine_id + "\n", 0o444)
         rootfs.write(root, "etc/hostname", m.name + "\n")
-        hosts = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else ""
-        peers = "".join(f"{p.ip}\t{p.name}\n" for p in state.machines)
-        rootfs.write(root, "etc/hosts", hosts + f"# fleet-cluster {self.name}\n" + peers)
+        self._write_hosts(m)
         rootfs.write(
             root,
             FLEET_CONF,
@@ -330,6 +328,14 @@ class Cluster:
         rootfs.write(root, "root/.ssh/id_ed25519", self.layout.user_key.read_bytes(), 0o600)
         rootfs.write(root, "root/.ssh/id_ed25519.pub", user_public.read_bytes())
         self.progress(m.name, f"root file system ready (machine-id {m.machine_id})")
+
+    def _write_hosts(self, m: MachineState) -> None:
+        """The host's /etc/hosts plus every machine of the cluster, in machine `m`."""
+        state = self._require_state()
+        hosts = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else ""
+        peers = "".join(f"{p.ip}\t{p.name}\n" for p in state.machines)
+        text = hosts + f"# fleet-cluster {self.name}\n" + peers
+        rootfs.write(self.layout.machine_root(m.name), "etc/hosts", text)
 
     def _write_known_hosts(self) -> None:
         lines = []
@@ -482,6 +488,32 @@ class Cluster:
                 self._write_known_hosts()
             self._boot(target)
         self.progress(target.name, f"restarted in {target.boot_seconds:.2f} s")
+
+    def add_machine(self, metadata: Mapping[str, str] | None = None) -> MachineState:
+        """Boot one more machine (the next index and address) into the running cluster.
+
+        It gets a new machine-id, the cluster's default metadata (`*`) updated with
+        `metadata`, and fleetd if the cluster runs fleetd; the others learn its name and host
+        key. A machine that fails to boot stays in the state, so `down` removes it too.
+        """
+        state = self._require_state()
+        prereqs.check_host()
+        self._cancel.clear()
+        with locked(self.layout):
+            index = max((m.index for m in state.machines), default=0) + 1
+            new = self._new_machine(index)
+            new.metadata.update(metadata or {})
+            state.machines.append(new)
+            self.n = len(state.machines)
+            self._save()  # first: `down` finds the machine whatever happens next
+            self._prepare(new)
+            for other in state.machines:
+                if other is not new and mounts.is_mounted(self.layout.machine_root(other.name)):
+                    self._write_hosts(other)
+            self._write_known_hosts()
+            self._boot(new)
+        self.progress(new.name, f"added in {new.boot_seconds:.2f} s")
+        return new
 
     def partition(self, m: MachineRef) -> None:
         """Cut a machine off the network: its host-side veth goes down.

@@ -87,8 +87,16 @@ def check_free(subnet: ipaddress.IPv4Network, bridge: str) -> None:
         raise ClusterError(f"subnet {subnet} overlaps {clash}; pick another with --subnet")
 
 
+def bridge_mac(address: ipaddress.IPv4Address) -> str:
+    """A fixed, locally administered MAC for the bridge: 02:00 and its IPv4 address."""
+    return ":".join(f"{octet:02x}" for octet in (2, 0, *address.packed))
+
+
 def create_bridge(name: str, address: ipaddress.IPv4Address, prefixlen: int) -> None:
-    procs.run(["ip", "link", "add", name, "type", "bridge"])
+    # The MAC is given, not left to the kernel: a bridge without one set takes the lowest MAC
+    # of its ports, so killing (or adding) a machine could change it, and every other machine
+    # would keep sending to the old one (its ARP entry stays valid) and lose etcd for seconds.
+    procs.run(["ip", "link", "add", name, "address", bridge_mac(address), "type", "bridge"])
     procs.run(["ip", "addr", "add", f"{address}/{prefixlen}", "dev", name])
     procs.run(["ip", "link", "set", name, "up"])
 

@@ -6,6 +6,7 @@ Every wait has a deadline (no blind sleeps); the clusters are always torn down.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import TypeVar
 import pytest
 from cluster_fixture import free_subnet, progress_printer, require_cluster_host, session_name
 from fleet_cluster import Cluster, MachineNotRunning, MachineState
+from fleet_cluster.network import bridge_mac, links
 from fleet_cluster.procs import is_alive
 
 T = TypeVar("T")
@@ -168,6 +170,28 @@ def test_kill_and_restart_keep_the_machine_id(cluster: Cluster) -> None:
     assert reaches(cluster, m, cluster.state.bridge_ip if cluster.state else "", etcd_port(cluster))
     ssh = subprocess.run(cluster.ssh_argv(m, ["true"]), capture_output=True, timeout=30)
     assert ssh.returncode == 0, ssh.stderr
+
+
+def bridge_mac_now(cluster: Cluster) -> str:
+    [link] = [link for link in links() if link.get("ifname") == cluster.bridge]
+    return str(link["address"])
+
+
+def test_bridge_mac_stays_when_a_machine_goes_and_comes_back(cluster: Cluster) -> None:
+    """A bridge without a MAC of its own takes the lowest of its ports': killing that port's
+    machine changed it, and the other machines, still sending to the old one, lost etcd."""
+    assert cluster.state is not None
+    fixed = bridge_mac(ipaddress.IPv4Address(cluster.state.bridge_ip))
+    assert bridge_mac_now(cluster) == fixed
+    m, other = cluster.machines[0], cluster.machines[2]
+    cluster.kill(m)
+    try:
+        assert bridge_mac_now(cluster) == fixed
+        assert reaches(cluster, other, cluster.state.bridge_ip, etcd_port(cluster))
+    finally:
+        cluster.restart(m)
+    assert bridge_mac_now(cluster) == fixed
+    assert reaches(cluster, other, cluster.state.bridge_ip, etcd_port(cluster))
 
 
 def test_partition_cuts_the_bridge_and_heal_restores_it(cluster: Cluster) -> None:

@@ -12,7 +12,7 @@ import pytest
 from fleet_cluster import Cluster, ClusterError, NoSuchMachine, PrerequisiteError, prereqs
 from fleet_cluster.cluster import parse_machine_metadata
 from fleet_cluster.fleet_service import fleet_conf, parse_metadata
-from fleet_cluster.network import bridge_address, machine_address, parse_subnet
+from fleet_cluster.network import bridge_address, bridge_mac, machine_address, parse_subnet
 from fleet_cluster.ssh import known_hosts_line
 from fleet_cluster.state import ClusterState, EtcdState, MachineState
 
@@ -72,6 +72,14 @@ def test_addresses() -> None:
     assert str(machine_address(subnet, 1)) == "10.77.5.11"
     with pytest.raises(ClusterError):
         machine_address(subnet, 245)
+
+
+def test_bridge_mac_is_fixed_local_unicast_and_names_the_bridge_address() -> None:
+    mac = bridge_mac(ipaddress.IPv4Address("10.77.5.1"))
+    assert mac == "02:00:0a:4d:05:01"
+    first = int(mac.split(":")[0], 16)
+    assert first & 0b10  # locally administered
+    assert not first & 0b01  # unicast
 
 
 @pytest.mark.parametrize("bad", ["10.77.0.0/28", "8.8.8.0/24", "nonsense"])
