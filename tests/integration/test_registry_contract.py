@@ -1,0 +1,213 @@
+"""The Registry's guarantees (fleetd/registry/registry.py), on FakeKV and on a real etcd.
+
+What the engine and agents rely on: CAS on unit records, machine presence and states on a
+lease (gone when it ends), one engine leader at a time with handover when its lease ends,
+and fenced writes that a deposed leader cannot land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+
+from fleetd.errors import InvalidInput, NotFound, NotLeader
+from fleetd.model import Machine, TargetState, Unit, UnitState
+from fleetd.registry.etcd import EtcdConfig, EtcdKV
+from fleetd.registry.fake import FakeKV
+from fleetd.registry.keys import SCHEMA_VERSION
+from fleetd.registry.kv import KV, Put
+from fleetd.registry.registry import Registry
+from fleetd.unitfile import parse_unit
+from tests.integration.etcd_fixture import EtcdServer
+
+HELLO = parse_unit("[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n")
+OTHER = parse_unit("[Service]\nExecStart=/bin/true\n")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Backend:
+    kv: KV
+    fake: FakeKV | None
+    clock: Clock | None
+
+    async def expire(self, ttl: int, done: Callable[[], Awaitable[bool]]) -> None:
+        """Let more than `ttl` seconds pass for leases, until `done()` holds."""
+        if self.fake is not None and self.clock is not None:
+            self.clock.now += ttl + 0.01
+            self.fake.expire_leases()
+            assert await done()
+            return
+        deadline = time.monotonic() + ttl + 10
+        while not await done():
+            assert time.monotonic() < deadline, "lease did not expire in time"
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture(params=["fake", "etcd"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "fake":
+        clock = Clock()
+        fake = FakeKV(clock)
+        yield Backend(fake, fake, clock)
+        return
+    server: EtcdServer = request.getfixturevalue("etcd_server")
+    kv = EtcdKV(EtcdConfig(endpoints=server.endpoints, request_timeout=2.0))
+    try:
+        yield Backend(kv, None, None)
+    finally:
+        await kv.close()
+
+
+pytestmark = pytest.mark.integration
+
+
+async def test_schema_version_created_once_and_newer_refused(backend: Backend) -> None:
+    reg = Registry(backend.kv)
+    await reg.ensure_schema()
+    await reg.ensure_schema()  # idempotent
+    kv = await backend.kv.get(reg.keys.schema)
+    assert kv is not None
+    assert kv.value == str(SCHEMA_VERSION)
+    await backend.kv.txn([], [Put(reg.keys.schema, str(SCHEMA_VERSION + 1))])
+    with pytest.raises(InvalidInput, match="schema version"):
+        await reg.ensure_schema()
+
+
+async def test_units_are_content_addressed_and_create_is_cas(backend: Backend) -> None:
+    reg = Registry(backend.kv)
+    assert await reg.create_unit("a@1.service", HELLO)
+    assert await reg.create_unit("a@2.service", HELLO)
+    assert not await reg.create_unit("a@1.service", OTHER)  # exists: refused, unchanged
+    bodies, _ = await backend.kv.range(reg.keys.bodies)
+    assert [b.key for b in bodies] == [reg.keys.body(HELLO.hash)]  # one body, two units
+    assert await reg.get_unit("a@1.service") == Unit("a@1.service", HELLO.hash)
+    assert await reg.create_unit("a@1.service", OTHER, TargetState.LAUNCHED, replace=True)
+    assert await reg.get_unit("a@1.service") == Unit(
+        "a@1.service", OTHER.hash, TargetState.LAUNCHED
+    )
+    fresh = Registry(backend.kv)  # no cache: the body is really stored
+    assert await fresh.get_body(OTHER.hash) == OTHER
+
+
+async def test_target_state_and_destroy(backend: Backend) -> None:
+    reg = Registry(backend.kv)
+    await reg.create_unit("hello.service", HELLO)
+    await reg.set_target_state("hello.service", TargetState.LAUNCHED)
+    unit = await reg.get_unit("hello.service")
+    assert unit is not None
+    assert unit.target_state == TargetState.LAUNCHED
+    assert await reg.destroy_unit("hello.service")
+    assert not await reg.destroy_unit("hello.service")
+    with pytest.raises(NotFound):
+        await reg.set_target_state("hello.service", TargetState.LOADED)
+
+
+async def test_presence_and_states_vanish_with_the_lease(backend: Backend) -> None:
+    reg = Registry(backend.kv)
+    lease = await backend.kv.grant(1)
+    machine = Machine.make("m1", "10.0.0.1", {"region": "east"})
+    assert await reg.register_machine(machine, lease)
+    assert await reg.register_machine(machine, lease)  # same lease: a restart, accepted
+    await reg.publish_states(
+        [UnitState("hello.service", "m1", "loaded", "active", "running", HELLO.hash)], lease
+    )
+    assert [m.id for m in await reg.list_machines()] == ["m1"]
+    assert len(await reg.list_states()) == 1
+
+    async def gone() -> bool:
+        return not await reg.list_machines() and not await reg.list_states()
+
+    await backend.expire(1, gone)
+
+
+async def test_duplicate_machine_id_is_refused(backend: Backend) -> None:
+    reg = Registry(backend.kv)
+    first = await backend.kv.grant(30)
+    second = await backend.kv.grant(30)
+    assert await reg.register_machine(Machine.make("m1"), first)
+    assert not await reg.register_machine(Machine.make("m1", "10.9.9.9"), second)
+    (only,) = await reg.list_machines()
+    assert only.public_ip == ""  # the first machine's record is untouched
+
+
+async def test_dynamic_metadata_overrides_config_metadata(backend: Backend) -> None:
+    reg = Registry(backend.kv)
+    lease = await backend.kv.grant(30)
+    await reg.register_machine(
+        Machine.make("m1", metadata={"region": "east", "disk": "hdd"}), lease
+    )
+    await reg.set_machine_metadata("m1", "disk", "ssd")
+    (m,) = await reg.list_machines()
+    assert m.metadata_dict == {"region": "east", "disk": "ssd"}
+    await reg.set_machine_metadata("m1", "disk", None)
+    (m,) = await reg.list_machines()
+    assert m.metadata_dict == {"region": "east", "disk": "hdd"}
+
+
+async def test_one_leader_and_handover_when_its_lease_ends(backend: Backend) -> None:
+    reg = Registry(backend.kv)
+    lease_a = await backend.kv.grant(1)
+    lease_b = await backend.kv.grant(60)
+    token_a = await reg.campaign("a", lease_a)
+    assert token_a is not None
+    assert await reg.campaign("b", lease_b) is None
+    assert await reg.campaign("a", lease_a) == token_a  # re-campaigning keeps the lead
+    assert await reg.leader() == "a"
+
+    async def a_gone() -> bool:
+        return await reg.leader() is None
+
+    await backend.expire(1, a_gone)
+    token_b = await reg.campaign("b", lease_b)
+    assert token_b is not None
+    assert await reg.leader() == "b"
+
+    # The deposed leader's fenced write is refused and lands nothing.
+    with pytest.raises(NotLeader):
+        await reg.fenced(token_a, reg.op_schedule(Unit("x.service", HELLO.hash), "a"))
+    assert await reg.placement("x.service") is None
+    await reg.fenced(token_b, reg.op_schedule(Unit("x.service", HELLO.hash), "b"))
+    placement = await reg.placement("x.service")
+    assert placement is not None
+    assert placement.machine_id == "b"
+
+
+async def test_resigned_leader_is_fenced_even_if_it_wins_again(backend: Backend) -> None:
+    """Leadership is a term, not a name: a leader that resigned and re-campaigned has a new
+    token, and writes under the old one are refused."""
+    reg = Registry(backend.kv)
+    lease = await backend.kv.grant(60)
+    old = await reg.campaign("a", lease)
+    assert old is not None
+    await reg.resign(old)
+    new = await reg.campaign("a", lease)
+    assert new is not None
+    assert new.create_revision != old.create_revision
+    with pytest.raises(NotLeader):
+        await reg.fenced(old, reg.op_unplaced("y.service", "why"))
+    await reg.fenced(new, reg.op_unplaced("y.service", "why"))
+
+
+async def test_fenced_writes_larger_than_one_transaction(backend: Backend) -> None:
+    reg = Registry(backend.kv)
+    token = await reg.campaign("a", await backend.kv.grant(60))
+    assert token is not None
+    ops = []
+    for i in range(300):
+        ops += reg.op_schedule(Unit(f"u{i}.service", HELLO.hash, TargetState.LAUNCHED), "a")
+    await reg.fenced(token, ops)
+    assert len(await reg.placements()) == 300
+    scheduled, _ = await reg.machine_schedule("a")
+    assert len(scheduled) == 300
