@@ -45,6 +45,7 @@ class Presence:
         self.last_renewed = 0.0  # clock time of the last successful keepalive
         self._lease_changed: list[Callable[[int], None]] = []
         self.refused_duplicate = False
+        self._registered_as: Machine | None = None
 
     def on_lease_changed(self, callback: Callable[[int], None]) -> None:
         self._lease_changed.append(callback)
@@ -93,6 +94,7 @@ class Presence:
             self.refused_duplicate = True
             raise RegistryUnavailable(f"machine id {machine.id} is in use by another machine")
         self.refused_duplicate = False
+        self._registered_as = machine
         self._set_lease(lease)
         self.last_renewed = self.clock()
         self.registered.set()
@@ -110,8 +112,12 @@ class Presence:
         remaining = await self.registry.kv.keepalive(self.lease)
         if remaining > 0:
             self.last_renewed = self.clock()
-            # Re-put the machine key if its content changed (e.g. metadata reloaded).
-            await self.registry.register_machine(self._machine(), self.lease)
+            machine = self._machine()
+            if machine != self._registered_as:
+                # Its content changed (SIGHUP reloaded metadata or public_ip): re-put it.
+                # Otherwise an idle machine costs etcd exactly one keepalive per interval.
+                await self.registry.register_machine(machine, self.lease)
+                self._registered_as = machine
             return
         log.warning("lease_expired", lease=self.lease)
         self.lease = 0

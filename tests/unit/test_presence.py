@@ -1,0 +1,85 @@
+"""Presence: registration, adoption of the lease after a restart, and idle traffic."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fleetd.model import Machine
+from fleetd.presence import Presence
+from fleetd.registry.fake import FakeKV
+from fleetd.registry.registry import Registry
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_idle_renewals_cost_one_keepalive_each() -> None:
+    kv = FakeKV()
+    presence = Presence(Registry(kv), lambda: Machine.make("m1"), ttl=30)
+    await presence._register()
+    before = dict(kv.stats)
+    for _ in range(10):
+        await presence._renew()
+    spent = {k: v - before.get(k, 0) for k, v in kv.stats.items() if v != before.get(k, 0)}
+    assert spent == {"keepalive": 10}
+
+
+async def test_changed_machine_is_re_put_on_renew() -> None:
+    kv = FakeKV()
+    meta = {"region": "east"}
+    presence = Presence(Registry(kv), lambda: Machine.make("m1", metadata=meta), ttl=30)
+    await presence._register()
+    meta["region"] = "west"
+    await presence._renew()
+    (m,) = await Registry(kv).list_machines()
+    assert m.metadata_dict == {"region": "west"}
+
+
+async def test_restarted_fleetd_adopts_its_live_lease(tmp_path: Path) -> None:
+    kv = FakeKV()
+    machine = Machine.make("m1")
+    first = Presence(Registry(kv), lambda: machine, ttl=30, lease_file=tmp_path / "lease")
+    await first._register()
+    second = Presence(Registry(kv), lambda: machine, ttl=30, lease_file=tmp_path / "lease")
+    await second._register()
+    assert second.lease == first.lease
+    assert kv.lease_count == 1
+
+
+async def test_second_machine_with_same_id_is_refused(tmp_path: Path) -> None:
+    kv = FakeKV()
+    first = Presence(Registry(kv), lambda: Machine.make("m1"), ttl=30, lease_file=tmp_path / "a")
+    await first._register()
+    dup = Presence(
+        Registry(kv), lambda: Machine.make("m1", "10.0.0.9"), ttl=30, lease_file=tmp_path / "b"
+    )
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(dup.run(stop))
+    await asyncio.sleep(0.05)
+    assert dup.refused_duplicate
+    assert not dup.registered.is_set()
+    assert kv.lease_count == 1  # the refused machine's lease was revoked, not leaked
+    stop.set()
+    await task
+
+
+async def test_expired_lease_is_replaced_and_listeners_told() -> None:
+    clock = Clock()
+    kv = FakeKV(clock)
+    presence = Presence(Registry(kv), lambda: Machine.make("m1"), ttl=5, clock=clock)
+    seen: list[int] = []
+    presence.on_lease_changed(seen.append)
+    await presence._register()
+    old = presence.lease
+    clock.now += 10  # a partition longer than the TTL
+    kv.expire_leases()
+    await presence._renew()
+    assert presence.lease != old
+    assert seen == [old, presence.lease]
+    assert [m.id for m in await Registry(kv).list_machines()] == ["m1"]
