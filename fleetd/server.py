@@ -23,6 +23,7 @@ import structlog
 
 from fleetd import __version__
 from fleetd.agent import Agent
+from fleetd.api import ApiContext, ApiServer, Metrics
 from fleetd.config import Config, detect_public_ip, load_config, read_machine_id
 from fleetd.engine import Engine
 from fleetd.errors import FleetError
@@ -31,6 +32,7 @@ from fleetd.model import Machine
 from fleetd.notify import Notifier
 from fleetd.presence import Presence
 from fleetd.registry.etcd import EtcdConfig, EtcdKV
+from fleetd.registry.instrumented import InstrumentedKV
 from fleetd.registry.registry import Registry
 from fleetd.systemd.dbus import DBusUnitManager
 from fleetd.systemd.manager import UnitManager
@@ -72,7 +74,11 @@ class Server:
         self.config_path = config_path
         self.machine_id = read_machine_id(config)
         self._public_ip = config.public_ip or detect_public_ip()
-        self.kv = EtcdKV(etcd_config(config))
+        # ---- API and metrics (fleetd/api): every etcd request is counted for /metrics ----
+        self.metrics = Metrics()
+        self.kv = InstrumentedKV(EtcdKV(etcd_config(config)), self.metrics.etcd)
+        self._api: ApiServer | None = None
+        # ---- end API and metrics ----
         self.registry = Registry(self.kv, config.etcd_key_prefix)
         self._manager = manager
         self.stop = asyncio.Event()
@@ -118,6 +124,23 @@ class Server:
             )
         self._install_signals()
         log.info("fleetd_starting", version=__version__, machine=self.machine_id)
+        # ---- API (fleetd/api): answers 503 until registered; a listener that cannot be set
+        # up (socket in use, bad TLS files) stops fleetd here, before anything runs ----
+        self.metrics.attach(engine=engine, agent=agent, registered=self.presence.registered.is_set)
+        self._api = ApiServer(
+            ApiContext(
+                self.registry,
+                machine_id=self.machine_id,
+                token_limit=self.config.token_limit,
+                max_unit_bytes=self.config.max_unit_bytes,
+                registered=self.presence.registered.is_set,
+                is_leader=lambda: engine is not None and engine.is_leader,
+                metrics=self.metrics,
+            ),
+            self.config,
+        )
+        await self._api.start()
+        # ---- end API ----
         with contextlib.suppress(FleetError):
             await self.registry.ensure_schema()
         tasks: list[asyncio.Future[None]] = [
@@ -150,6 +173,8 @@ class Server:
             )
         else:
             log.info("fleetd_graceful_stop", detail="handing units over")
+        if self._api is not None:  # ---- API (fleetd/api): no new requests from here on ----
+            await self._api.stop()
         _, pending = await asyncio.wait(tasks, timeout=10)
         for t in pending:
             t.cancel()

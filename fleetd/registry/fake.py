@@ -266,6 +266,12 @@ class FakeKV:
         await self._begin("get")
         return self._data.get(key)
 
+    async def get_many(self, keys: Sequence[str]) -> dict[str, KeyValue]:
+        for key in keys:
+            _check_key(key)
+        await self._begin("get_many")
+        return {k: self._data[k] for k in keys if k in self._data}
+
     async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
         await self._begin("range")
         return self._scan(prefix), self._revision

@@ -87,6 +87,10 @@ class KV(Protocol):
 
     async def get(self, key: str) -> KeyValue | None: ...
 
+    async def get_many(self, keys: Sequence[str]) -> dict[str, KeyValue]:
+        """The keys that exist among `keys`, by key, in one round trip (a read-only txn)."""
+        ...
+
     async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
         """Every key starting with `prefix`, sorted by key, and the store revision read at."""
         ...

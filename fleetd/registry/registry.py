@@ -11,12 +11,21 @@ from dataclasses import dataclass
 
 import structlog
 
-from fleetd.errors import Conflict, InvalidInput, NotFound, NotLeader
+from fleetd.errors import Conflict, InvalidInput, NotFound, NotLeader, UnitFileError
 from fleetd.model import Machine, Placement, ScheduledUnit, Snapshot, TargetState, Unit, UnitState
 from fleetd.registry import codec
 from fleetd.registry.codec import CorruptValue
 from fleetd.registry.keys import SCHEMA_VERSION, Keys, normalize_prefix
-from fleetd.registry.kv import KV, MAX_TXN_OPS, Compare, Delete, KeyValue, Op, Put, WatchEvent
+from fleetd.registry.kv import (
+    KV,
+    MAX_TXN_OPS,
+    Compare,
+    Delete,
+    KeyValue,
+    Op,
+    Put,
+    WatchEvent,
+)
 from fleetd.unitfile import UnitFile, parse_unit
 
 log = structlog.get_logger("fleetd.registry")
@@ -69,6 +78,26 @@ class Registry:
         self._bodies[hash_] = unit
         return unit
 
+    async def prefetch_bodies(self, hashes: Iterable[str]) -> None:
+        """Bring the bodies of `hashes` into the cache, as few round trips as the KV allows
+        (one per 128 with `get_many`), so the `get_body` calls that follow cost nothing.
+
+        Only an optimisation: a body that is missing or does not parse is left out, and
+        `get_body` then reports it exactly as it would have without the prefetch.
+        """
+        wanted = sorted({h for h in hashes if h not in self._bodies})
+        if len(wanted) < 2:
+            return
+        found = await self.kv.get_many([self.keys.body(h) for h in wanted])
+        for hash_ in wanted:
+            kv = found.get(self.keys.body(hash_))
+            if kv is None:
+                continue
+            try:
+                self._bodies[hash_] = parse_unit(kv.value)
+            except UnitFileError:
+                continue
+
     # ---- units (desired state, written by clients) ----------------------------------------
 
     async def get_unit(self, name: str) -> Unit | None:
@@ -104,14 +133,29 @@ class Registry:
         unit_key = self.keys.unit(name)
         body_key = self.keys.body(unit.hash)
         record = Put(unit_key, codec.encode_desired(unit.hash, target_state))
-        guards = [] if replace else [Compare(unit_key, "version", "==", 0)]
-        # Writing an existing body again rewrites identical bytes; skip it when it exists.
-        body_exists = await self.kv.get(body_key) is not None
-        ops: list[Op] = [record] if body_exists else [Put(body_key, unit.serialize()), record]
-        result = await self.kv.txn(guards, ops)
-        if result.succeeded:
-            self._bodies[unit.hash] = unit
-        return result.succeeded
+        guards: list[Compare] = [] if replace else [Compare(unit_key, "version", "==", 0)]
+        body_there = Compare(body_key, "version", ">", 0)
+        body_absent = Compare(body_key, "version", "==", 0)
+        # One transaction in the usual cases: the body guarded on being absent (a new body)
+        # or, when this client has seen it, on being present (a template instance, a
+        # re-submit). Writing an existing body again would rewrite identical bytes.
+        attempts: list[tuple[Compare, list[Op]]] = [
+            (body_absent, [Put(body_key, unit.serialize()), record]),
+            (body_there, [record]),
+        ]
+        if unit.hash in self._bodies:
+            attempts.reverse()
+        for _ in range(5):
+            for body_guard, ops in attempts:
+                result = await self.kv.txn([*guards, body_guard], ops)
+                if result.succeeded:
+                    self._bodies[unit.hash] = unit
+                    return True
+            # Neither held: the unit exists already (or the body came or went in between).
+            if not guards or await self.kv.get(unit_key) is None:
+                continue
+            return False
+        raise Conflict(f"unit {name} kept changing while it was being created")
 
     async def set_target_state(self, name: str, state: TargetState) -> None:
         """Change a unit's desired state; compare-and-swap so a concurrent replace is kept."""

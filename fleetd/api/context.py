@@ -1,0 +1,48 @@
+"""What the API handlers share: the registry, limits, liveness callbacks and caches."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fleetd import __version__
+from fleetd.registry.registry import Registry
+from fleetd.unitfile import MAX_UNIT_BYTES, UnitFile
+
+if TYPE_CHECKING:
+    from fleetd.api.metrics import Metrics
+
+T = TypeVar("T")
+
+
+def _always() -> bool:
+    return True
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass
+class ApiContext:
+    registry: Registry
+    machine_id: str = ""
+    token_limit: int = 100
+    max_unit_bytes: int = MAX_UNIT_BYTES
+    version: str = __version__
+    # fleet answers 503 until the machine is registered in etcd (presence.registered).
+    registered: Callable[[], bool] = _always
+    is_leader: Callable[[], bool] = _never
+    metrics: Metrics | None = None
+    # Unit bodies by hash for the views: content-addressed, so entries never go stale.
+    bodies: dict[str, UnitFile] = field(default_factory=dict)
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-bound work (JSON of a large body, unit parsing and validation, serializing
+        a page of units) off the event loop, so one big request does not stall the others
+        (the agent and engine share this loop)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(fn, *args))
