@@ -120,12 +120,12 @@ def run_scenarios(
     print()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--units", type=int, default=10_000)
     parser.add_argument("--machines", type=int, default=1_000)
     parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     machines = make_machines(args.machines)
     print(f"{args.units} units on {args.machines} machines, best of {args.runs}\n")
     run_scenarios("plain", *plain_units(args.units), machines, args.runs)

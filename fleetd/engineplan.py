@@ -92,7 +92,8 @@ def plan(view: EngineView) -> tuple[list[Write], dict[str, str]]:
     scheduled on two machines by the same engine.
     """
     writes: list[Write] = []
-    is_global = {n: view.requirements.get(n, Requirements()).is_global for n in view.units}
+    requirements = view.requirements
+    is_global = {n: (r := requirements.get(n)) is not None and r.is_global for n in view.units}
     _plan_globals(view, is_global, writes)
 
     local = {n: u for n, u in view.units.items() if not is_global[n]}
@@ -117,7 +118,10 @@ def plan(view: EngineView) -> tuple[list[Write], dict[str, str]]:
             or now.target_state != unit.target_state
         ):
             writes.append(SetSchedule(unit, machine_id))
-        if view.placements.get(name) != Placement(name, machine_id, ""):
+        placed = view.placements.get(name)
+        # Field by field: the same as comparing with Placement(name, machine_id, ""), without
+        # building 10,000 objects per plan.
+        if placed is None or placed.machine_id != machine_id or placed.reason:
             writes.append(SetPlacement(name, machine_id))
 
     for name, reason in sorted(decided.unplaced.items()):
@@ -132,9 +136,9 @@ def plan(view: EngineView) -> tuple[list[Write], dict[str, str]]:
 
 
 def _plan_globals(view: EngineView, is_global: Mapping[str, bool], writes: list[Write]) -> None:
-    for name, unit in sorted(view.units.items()):
-        if not is_global[name]:
-            continue
+    # Only the global units, in name order (sorting every unit per plan cost 10% of a plan).
+    for name in sorted(n for n, g in is_global.items() if g):
+        unit = view.units[name]
         if unit.target_state == TargetState.INACTIVE:
             if name in view.globals:
                 writes.append(DeleteGlobal(name))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,8 +52,12 @@ class SimCluster:
         engines: int | None = None,
         safety_interval: float = 30.0,
         state_dir: Path | None = None,
+        machine_kv: Callable[[str], KV] | None = None,
     ) -> None:
         self.kv = kv
+        # The KV each machine talks through (by machine id); default: all share `kv`, as one
+        # gRPC channel. The benchmarks compare that with a channel per machine.
+        self.machine_kv = machine_kv or (lambda _machine_id: kv)
         self.state_dir = state_dir  # where each machine keeps its lease and agent record
         self.prefix = prefix
         self.agent_ttl = agent_ttl
@@ -72,7 +76,7 @@ class SimCluster:
         return sim
 
     def _build(self, machine: Machine, manager: FakeUnitManager, with_engine: bool) -> SimMachine:
-        registry = Registry(self.kv, self.prefix)
+        registry = Registry(self.machine_kv(machine.id), self.prefix)
         own_dir = self.state_dir / machine.id if self.state_dir else None
         presence = Presence(
             registry,

@@ -153,6 +153,12 @@ class DBusUnitManager:
         self._known: set[str] | None = None  # recognized units in units_dir, once watched
         self._snapshot_serials: set[int] = set()
         self._refresh_names: set[str] = set()
+        # Names in the ListUnitsByNames call in flight: asking about a unit systemd has
+        # garbage-collected (loaded, inactive, unreferenced) loads it again, which emits
+        # UnitNew before the reply. That UnitNew is our own doing and the reply that follows
+        # has the state; refreshing on it again looped forever (load, UnitNew, refresh, GC,
+        # load...), kept systemd at 100% CPU and starved its job queue at ~100 inactive units.
+        self._snapshotting: set[str] = set()
         self._refresh_task: asyncio.Task[None] | None = None
         self._loss_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -458,6 +464,7 @@ class DBusUnitManager:
         # One call at a time; names asked for meanwhile go into the next call.
         while self._refresh_names and self._feeds:
             names, self._refresh_names = sorted(self._refresh_names), set()
+            self._snapshotting = set(names)
             try:
                 # The reply is applied by the message handler (see _on_message), in order.
                 await self._call(
@@ -468,6 +475,8 @@ class DBusUnitManager:
                 for feed in self._feeds:
                     feed.close(e)
                 return
+            finally:
+                self._snapshotting = set()
 
     def _on_message(self, msg: Message) -> None:
         """Sees every incoming message first, synchronously and in order (dbus-fast)."""
@@ -487,7 +496,12 @@ class DBusUnitManager:
             self._on_job_removed(body)
         elif member == "Reloading" and not body[0]:
             self._request_refresh(None)  # LoadState of every unit may have changed
-        elif member == "UnitNew" and self._known is not None and body[0] in self._known:
+        elif (
+            member == "UnitNew"
+            and self._known is not None
+            and body[0] in self._known
+            and body[0] not in self._snapshotting  # loaded by our own snapshot: see __init__
+        ):
             self._request_refresh({body[0]})
 
     def _on_properties_changed(self, msg: Message) -> None:

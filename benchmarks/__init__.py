@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks <scenario|all>` (see __main__.py, docs/scaling.md)."""
