@@ -40,6 +40,7 @@ from fleetd.registry.registry import Registry
 from fleetd.systemd.manager import SystemdState, UnitManager
 from fleetd.unitfile import UnitFile
 from fleetd.unitfile import requirements as parse_requirements
+from fleetd.watching import follow, sleep_or_stop
 
 log = structlog.get_logger("fleetd.agent")
 
@@ -129,7 +130,7 @@ class Agent:
                     log.info("agent_resync_after_compaction", error=str(e))
                 except RegistryUnavailable as e:
                     log.warning("agent_registry_unavailable", error=str(e), retry_in=backoff)
-                    await _sleep_or_stop(stop, backoff)
+                    await sleep_or_stop(stop, backoff)
                     backoff = min(backoff * 2, 10.0)
         finally:
             publisher.cancel()
@@ -141,56 +142,25 @@ class Agent:
         revision = await self._load_desired()
         await self.reconcile()
         self.synced = True
-        queue: asyncio.Queue[list[WatchEvent] | BaseException] = asyncio.Queue()
         prefixes = [
             self.keys.machine_schedule(self.machine_id),
             self.keys.globals,
             self.keys.machine_meta + self.machine_id + "/",
         ]
-        pumps = [asyncio.ensure_future(self._pump(p, revision + 1, queue)) for p in prefixes]
-        stop_task = asyncio.ensure_future(stop.wait())
-        getter: asyncio.Future[list[WatchEvent] | BaseException] | None = None
-        try:
-            while not stop.is_set():
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait(
-                    {getter, stop_task},
-                    timeout=self.safety_interval,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if getter in done:
-                    self._absorb(getter.result())
-                    await asyncio.sleep(BATCH_WINDOW)
-                    while not queue.empty():
-                        self._absorb(queue.get_nowait())
-                else:
-                    getter.cancel()
-                if not stop.is_set():
-                    await self.reconcile()
-        finally:
-            stop_task.cancel()
-            if getter is not None:
-                getter.cancel()  # cancelled (a crash) while waiting: no task left pending
-            for p in pumps:
-                p.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
 
-    async def _pump(
-        self, prefix: str, revision: int, queue: asyncio.Queue[list[WatchEvent] | BaseException]
-    ) -> None:
-        try:
-            async for batch in self.registry.watch(prefix, revision):
-                queue.put_nowait(batch)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
-            queue.put_nowait(e)
+        async def reconcile() -> None:
+            await self.reconcile()
 
-    def _absorb(self, item: list[WatchEvent] | BaseException) -> None:
-        if isinstance(item, BaseException):
-            raise item
-        for event in item:
-            self._on_event(event)
+        await follow(
+            self.registry.watch,
+            prefixes,
+            revision + 1,
+            stop,
+            on_event=self._on_event,
+            act=reconcile,
+            idle_interval=self.safety_interval,
+            batch_window=lambda: BATCH_WINDOW,
+        )
 
     def _on_event(self, event: WatchEvent) -> None:
         keys = self.keys
@@ -384,7 +354,7 @@ class Agent:
             except FleetError as e:
                 # The bus connection broke; the next watch reconnects.
                 log.warning("systemd_watch_broken", error=str(e))
-            await _sleep_or_stop(stop, 1.0)
+            await sleep_or_stop(stop, 1.0)
 
     async def _publish_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -398,7 +368,7 @@ class Agent:
                 # Unreachable etcd, or our lease just expired (a new one brings a republish).
                 log.warning("state_publish_failed", error=str(e))
                 self._dirty_states |= dirty
-                await _sleep_or_stop(stop, 1.0)
+                await sleep_or_stop(stop, 1.0)
                 self._states_changed.set()
 
     async def _publish(self, names: Iterable[str]) -> None:
@@ -463,8 +433,3 @@ def _by_kind(tasks: list[Task]) -> list[list[Task]]:
         else:
             groups.append([task])
     return groups
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

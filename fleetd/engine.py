@@ -29,6 +29,7 @@ from fleetd.registry.codec import CorruptValue
 from fleetd.registry.kv import EventType, Op, WatchEvent
 from fleetd.registry.registry import LeaderToken, Registry
 from fleetd.unitfile import requirements as parse_requirements
+from fleetd.watching import follow, sleep_or_stop
 
 log = structlog.get_logger("fleetd.engine")
 
@@ -91,7 +92,7 @@ class Engine:
                 log.warning("engine_leadership_lost", reason=str(e))
             except (RegistryUnavailable, Compacted) as e:
                 log.warning("engine_registry_error", error=str(e), retry_in=backoff)
-                await _sleep_or_stop(stop, backoff)
+                await sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 10.0)
             finally:
                 if self.token is not None and stop.is_set():
@@ -119,59 +120,24 @@ class Engine:
     async def _lead(self, token: LeaderToken, stop: asyncio.Event) -> None:
         revision = await self._load()
         await self._plan_and_apply(token)
-        queue: asyncio.Queue[list[WatchEvent] | BaseException] = asyncio.Queue()
         prefixes = [self.keys.units, self.keys.machines, self.keys.machine_meta, self.keys.leader]
-        pumps = [asyncio.ensure_future(self._pump(p, revision + 1, queue)) for p in prefixes]
-        stop_task = asyncio.ensure_future(stop.wait())
-        getter: asyncio.Future[list[WatchEvent] | BaseException] | None = None
-        try:
-            while not stop.is_set():
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait(
-                    {getter, stop_task},
-                    timeout=self.safety_interval,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if getter not in done:
-                    getter.cancel()
-                    if not stop.is_set():
-                        await self._plan_and_apply(token)  # safety pass, no etcd reads
-                    continue
-                self._absorb(getter.result())
-                await asyncio.sleep(self._batch_window())
-                while not queue.empty():
-                    self._absorb(queue.get_nowait())
-                await self._plan_and_apply(token)
-        finally:
-            stop_task.cancel()
-            if getter is not None:
-                getter.cancel()  # cancelled (a crash) while waiting: no task left pending
-            for p in pumps:
-                p.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+
+        async def plan() -> None:
+            await self._plan_and_apply(token)
+
+        await follow(
+            self.registry.watch,
+            prefixes,
+            revision + 1,
+            stop,
+            on_event=self._on_event,
+            act=plan,
+            idle_interval=self.safety_interval,  # the safety pass reads nothing from etcd
+            batch_window=self._batch_window,
+        )
 
     def _batch_window(self) -> float:
         return min(max(BATCH_WINDOW, self.stats.last_plan_seconds), MAX_BATCH_WINDOW)
-
-    async def _pump(
-        self,
-        prefix: str,
-        revision: int,
-        queue: asyncio.Queue[list[WatchEvent] | BaseException],
-    ) -> None:
-        try:
-            async for batch in self.registry.watch(prefix, revision):
-                queue.put_nowait(batch)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:  # handed to the loop, which re-raises it
-            queue.put_nowait(e)
-
-    def _absorb(self, item: list[WatchEvent] | BaseException) -> None:
-        if isinstance(item, BaseException):
-            raise item
-        for event in item:
-            self._on_event(event)
 
     def _on_event(self, event: WatchEvent) -> None:
         keys = self.keys
@@ -198,16 +164,8 @@ class Engine:
     async def _load(self) -> int:
         """Read everything the engine needs, once; returns the revision to watch from."""
         registry = self.registry
-        unit_kvs, revision = await registry.kv.range(self.keys.units)
-        units = {}
-        for kv in unit_kvs:
-            name = self.keys.tail(kv.key, self.keys.units)
-            try:
-                hash_, state = codec.decode_desired(kv.value)
-            except CorruptValue as e:
-                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
-                continue
-            units[name] = Unit(name, hash_, state)
+        listed, revision = await registry.units_at()
+        units = {u.name: u for u in listed}
         view = EngineView(units=units)
         view.machines = {m.id: m for m in await registry.list_machines()}
         view.schedule = {s.name: s for s in await registry.full_schedule()}
@@ -327,11 +285,6 @@ def _log_write(w: Write, reasons: dict[str, str]) -> None:
             log.warning("unit_unplaceable", unit=name, reason=reason)
         case _:
             pass
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
 
 
 async def _until(

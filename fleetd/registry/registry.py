@@ -105,8 +105,12 @@ class Registry:
         return self._decode_unit(kv) if kv else None
 
     async def list_units(self) -> list[Unit]:
-        kvs, _ = await self.kv.range(self.keys.units)
-        return [u for u in (self._decode_unit(kv) for kv in kvs) if u is not None]
+        return (await self.units_at())[0]
+
+    async def units_at(self) -> tuple[list[Unit], int]:
+        """Every unit, and the revision they were read at (to watch from)."""
+        kvs, revision = await self.kv.range(self.keys.units)
+        return [u for u in (self._decode_unit(kv) for kv in kvs) if u is not None], revision
 
     def _decode_unit(self, kv: KeyValue) -> Unit | None:
         name = self.keys.tail(kv.key, self.keys.units)

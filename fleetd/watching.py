@@ -1,0 +1,80 @@
+"""The event loop shape the engine and the agent share: follow several watched prefixes from
+one revision, absorb each burst of events, then act once; act on a timer too when idle.
+
+A watch that breaks (etcd unreachable, compaction) ends `follow` with its error, and the
+caller resyncs from a fresh snapshot: events are never half-applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+
+from fleetd.registry.kv import WatchEvent
+
+Item = list[WatchEvent] | BaseException
+
+
+async def follow(
+    watch: Callable[[str, int], AsyncGenerator[list[WatchEvent], None]],
+    prefixes: Sequence[str],
+    start_revision: int,
+    stop: asyncio.Event,
+    *,
+    on_event: Callable[[WatchEvent], None],
+    act: Callable[[], Awaitable[None]],
+    idle_interval: float,
+    batch_window: Callable[[], float],
+) -> None:
+    """Until `stop`: absorb events (waiting `batch_window()` for a burst to finish), then
+    `act()`; with no event for `idle_interval` seconds, `act()` anyway (the safety pass)."""
+    queue: asyncio.Queue[Item] = asyncio.Queue()
+    pumps = [asyncio.ensure_future(_pump(watch(p, start_revision), queue)) for p in prefixes]
+    stop_task = asyncio.ensure_future(stop.wait())
+    getter: asyncio.Future[Item] | None = None
+
+    def absorb(item: Item) -> None:
+        if isinstance(item, BaseException):
+            raise item
+        for event in item:
+            on_event(event)
+
+    try:
+        while not stop.is_set():
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait(
+                {getter, stop_task}, timeout=idle_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+            if getter in done:
+                absorb(getter.result())
+                await asyncio.sleep(batch_window())
+                while not queue.empty():
+                    absorb(queue.get_nowait())
+            else:
+                getter.cancel()
+            if not stop.is_set():
+                await act()
+    finally:
+        stop_task.cancel()
+        if getter is not None:
+            getter.cancel()  # cancelled (a crash) while waiting: no task left pending
+        for p in pumps:
+            p.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def _pump(events: AsyncGenerator[list[WatchEvent], None], queue: asyncio.Queue[Item]) -> None:
+    try:
+        async with contextlib.aclosing(events):
+            async for batch in events:
+                queue.put_nowait(batch)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as e:  # handed to the loop, which re-raises it
+        queue.put_nowait(e)
+
+
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
