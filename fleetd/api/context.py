@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fleetd import __version__
+from fleetd.api.snapshots import SnapshotCache
 from fleetd.registry.registry import Registry
 from fleetd.unitfile import MAX_UNIT_BYTES, UnitFile
 
@@ -39,6 +40,9 @@ class ApiContext:
     metrics: Metrics | None = None
     # Unit bodies by hash for the views: content-addressed, so entries never go stale.
     bodies: dict[str, UnitFile] = field(default_factory=dict)
+    # The latest listing of each collection, reused by the next pages while the store's
+    # revision is unchanged (fleetd/api/snapshots.py).
+    listings: SnapshotCache = field(default_factory=SnapshotCache)
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU-bound work (JSON of a large body, unit parsing and validation, serializing
@@ -46,3 +50,6 @@ class ApiContext:
         (the agent and engine share this loop)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, functools.partial(fn, *args))
+
+    async def revision(self) -> int:
+        return await self.registry.kv.current_revision()

@@ -27,13 +27,18 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
 
+# One encoder for every call: json.dumps with non-default options builds a new encoder per
+# call, which dominated encoding a listing of many small objects.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
 def json_bytes(obj: Any) -> bytes:
     """Compact JSON, as Go's json.Marshal writes it.
 
     ASCII-escaped: a message may quote user input holding lone surrogates (valid in JSON
     text, not encodable as UTF-8), and escaping is the one encoding that cannot fail.
     """
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return _ENCODE(obj).encode("ascii")
 
 
 def json_response(body: bytes, status: int = 200) -> web.Response:

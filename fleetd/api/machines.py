@@ -21,6 +21,7 @@ from fleetd.api.body import decode_json, field, json_type, read_body
 from fleetd.api.context import ApiContext
 from fleetd.api.errors import ApiError, json_bytes, json_response
 from fleetd.api.pagination import find_page_token, page_of
+from fleetd.api.snapshots import encode_page
 from fleetd.views import load_machine_views, machine_to_api
 
 # fleet's metadataPathRegex. `\Z`, not `$`: Python's `$` also matches before a final newline,
@@ -81,21 +82,19 @@ def parse_patch(data: bytes) -> list[MetadataOp]:
     return ops
 
 
-def _encode_page(machines: list[dict[str, Any]], token: str | None) -> bytes:
-    page: dict[str, Any] = {}
-    if machines:
-        page["machines"] = machines
-    if token:
-        page["nextPageToken"] = token
-    return json_bytes(page)
+async def _machine_listing(ctx: ApiContext) -> list[bytes]:
+    return [json_bytes(machine_to_api(v)) for v in await load_machine_views(ctx.registry)]
 
 
 async def list_machines(ctx: ApiContext, request: web.Request, item: str) -> web.StreamResponse:
     token = find_page_token(request.query, ctx.token_limit)
-    views = await load_machine_views(ctx.registry)
-    items, next_token = page_of(views, token)
-    body = _encode_page(
-        [machine_to_api(v) for v in items], next_token.encode() if next_token else None
+    listing = await ctx.listings.items(
+        "machines", None, ctx.revision, lambda: _machine_listing(ctx)
+    )
+    items, next_token = page_of(listing, token)
+    # fleet's MachinePage lists the machines before the token.
+    body = encode_page(
+        items, "machines", next_token.encode() if next_token else None, token_first=False
     )
     return json_response(body)
 

@@ -8,38 +8,31 @@ first machine (by id) that publishes one; fleet crashed the connection when ther
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from fleetd.api.context import ApiContext
 from fleetd.api.errors import ApiError, json_bytes, json_response
 from fleetd.api.pagination import find_page_token, page_of
+from fleetd.api.snapshots import encode_page
 from fleetd.views import load_state_views, state_to_api
 
 
-def _encode_page(states: list[dict[str, str]], token: str | None) -> bytes:
-    page: dict[str, Any] = {}
-    if token:
-        page["nextPageToken"] = token
-    if states:
-        page["states"] = states
-    return json_bytes(page)
+async def _state_listing(ctx: ApiContext, unit: str | None, machine: str | None) -> list[bytes]:
+    views = await load_state_views(ctx.registry, unit, machine)
+    # The registry reads the unit's key prefix; a name holding "/" must not reach into
+    # another unit's keys, so match the name exactly as well.
+    return [json_bytes(state_to_api(v)) for v in views if unit is None or v.name == unit]
 
 
 async def list_states(ctx: ApiContext, request: web.Request, item: str) -> web.StreamResponse:
     token = find_page_token(request.query, ctx.token_limit)
     unit = request.query.get("unitName") or None
     machine = request.query.get("machineID") or None
-    views = await load_state_views(ctx.registry, unit, machine)
-    if unit is not None:
-        # The registry reads the unit's key prefix; a name holding "/" must not reach into
-        # another unit's keys, so match the name exactly as well.
-        views = [v for v in views if v.name == unit]
-    items, next_token = page_of(views, token)
-    body = _encode_page(
-        [state_to_api(v) for v in items], next_token.encode() if next_token else None
+    listing = await ctx.listings.items(
+        "states", (unit, machine), ctx.revision, lambda: _state_listing(ctx, unit, machine)
     )
+    items, next_token = page_of(listing, token)
+    body = encode_page(items, "states", next_token.encode() if next_token else None)
     return json_response(body)
 
 

@@ -32,6 +32,7 @@ from fleetd.api.body import (
 from fleetd.api.context import ApiContext
 from fleetd.api.errors import ApiError, json_bytes, json_response
 from fleetd.api.pagination import find_page_token, page_of
+from fleetd.api.snapshots import encode_page
 from fleetd.errors import Conflict, InvalidInput, NotFound
 from fleetd.model import TargetState
 from fleetd.unitfile import UnitFile, UnitNameInfo, validate_name, validate_options
@@ -179,14 +180,18 @@ def _encode_unit(view: UnitView) -> bytes:
     return json_bytes(unit_to_api(view))
 
 
-def _encode_page(views: list[UnitView], token: str | None) -> bytes:
-    # An empty page is `{}`, as fleet's omitempty writes it.
-    page: dict[str, Any] = {}
-    if token:
-        page["nextPageToken"] = token
-    if views:
-        page["units"] = [unit_to_api(v) for v in views]
-    return json_bytes(page)
+def _encode_units(views: list[UnitView]) -> list[bytes]:
+    return [json_bytes(unit_to_api(v)) for v in views]
+
+
+async def _unit_listing(ctx: ApiContext) -> list[bytes]:
+    views = await load_unit_views(ctx.registry, ctx.bodies)
+    # Keep only the bodies of units that exist: the cache cannot grow without end.
+    if len(ctx.bodies) > len(views):
+        used = {v.hash for v in views}
+        for stale in ctx.bodies.keys() - used:
+            del ctx.bodies[stale]
+    return await ctx.offload(_encode_units, views)
 
 
 # ---- handlers --------------------------------------------------------------------------------
@@ -194,9 +199,10 @@ def _encode_page(views: list[UnitView], token: str | None) -> bytes:
 
 async def list_units(ctx: ApiContext, request: web.Request, item: str) -> web.StreamResponse:
     token = find_page_token(request.query, ctx.token_limit)
-    views = await load_unit_views(ctx.registry, ctx.bodies)
-    items, next_token = page_of(views, token)
-    body = await ctx.offload(_encode_page, list(items), next_token.encode() if next_token else None)
+    listing = await ctx.listings.items("units", None, ctx.revision, lambda: _unit_listing(ctx))
+    items, next_token = page_of(listing, token)
+    # An empty page is `{}`, as fleet's omitempty writes it.
+    body = encode_page(items, "units", next_token.encode() if next_token else None)
     return json_response(body)
 
 

@@ -595,6 +595,15 @@ class EtcdKV:
         )
         return [_kv(kv) for kv in response.kvs], int(response.header.revision)
 
+    async def current_revision(self) -> int:
+        # A count-only range of one key: etcd answers with just the header and a count.
+        request = rpc.RangeRequest(key=b"\0", count_only=True)
+        response = await self._call(
+            "revision",
+            lambda c: c.kvstub.Range(request, timeout=self._timeout, metadata=c.metadata),
+        )
+        return int(response.header.revision)
+
     async def txn(
         self,
         compares: Sequence[Compare],

@@ -276,6 +276,10 @@ class FakeKV:
         await self._begin("range")
         return self._scan(prefix), self._revision
 
+    async def current_revision(self) -> int:
+        await self._begin("revision")
+        return self._revision
+
     def _bounds(self, prefix: str) -> tuple[int, int]:
         lo = bisect_left(self._keys, prefix)
         end = _prefix_end(prefix)

@@ -60,6 +60,9 @@ class InstrumentedKV:
     async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
         return await self._timed("range", self.inner.range(prefix))
 
+    async def current_revision(self) -> int:
+        return await self._timed("revision", self.inner.current_revision())
+
     async def txn(
         self,
         compares: Sequence[Compare],

@@ -95,6 +95,11 @@ class KV(Protocol):
         """Every key starting with `prefix`, sorted by key, and the store revision read at."""
         ...
 
+    async def current_revision(self) -> int:
+        """The store's current revision, in one cheap request (no keys are returned). Any
+        write anywhere bumps it, so an unchanged revision means nothing changed."""
+        ...
+
     async def txn(
         self,
         compares: Sequence[Compare],
