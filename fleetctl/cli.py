@@ -193,6 +193,14 @@ def _debug_logging(ctx: click.Context) -> None:
     help="Username to use when connecting to CoreOS instance.",
 )
 @click.option(
+    "--ssh-identity-file",
+    envvar="FLEETCTL_SSH_IDENTITY_FILE",
+    default="",
+    metavar="PATH",
+    help="Private key to authenticate with, offered after the ssh-agent's keys; with it no"
+    " agent is needed.",
+)
+@click.option(
     "--known-hosts-file",
     envvar="FLEETCTL_KNOWN_HOSTS_FILE",
     default=DEFAULT_KNOWN_HOSTS,

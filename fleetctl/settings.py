@@ -55,6 +55,7 @@ class Settings:
     etcd_password: str = ""
     tunnel: str = ""
     ssh_username: str = "core"
+    ssh_identity_file: str = ""  # beyond fleet: a key file offered after the agent's keys
     known_hosts_file: str = DEFAULT_KNOWN_HOSTS
     strict_host_key_checking: bool = True
     ssh_timeout: float = 10.0

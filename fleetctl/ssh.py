@@ -26,7 +26,8 @@ every machine. `HostName`, `Port`, `User` and `IdentityFile` are honoured:
   `--tunnel host` means `host:22`, `--ssh-port` defaults to 22, so 22 counts as "not chosen");
 - `User` applies when `--ssh-username`/FLEETCTL_SSH_USERNAME is the default `core`; so
   `--ssh-username core` cannot override a config `User` (the flag's value is all we get);
-- identity files are offered after the agent's keys: those named by `IdentityFile`, else
+- identity files are offered after the agent's keys: `--ssh-identity-file` (also beyond
+  fleet; with it no agent is needed), then those named by `IdentityFile`, else
   OpenSSH's defaults (~/.ssh/id_ed25519, id_ecdsa, id_rsa). Encrypted ones are skipped (there
   is no passphrase prompt: put them in the agent). Without an agent *and* without any identity
   file, the error is fleet's `SSH_AUTH_SOCK environment variable is not set...`.
@@ -273,7 +274,7 @@ class SshConfig:
                     _stderr(f"WARNING: ignoring {path}: {e}\n")
         return self._config
 
-    def resolve(self, host: str, port: int, user: str) -> Destination:
+    def resolve(self, host: str, port: int, user: str, identity_file: str = "") -> Destination:
         config = self._load()
         options: dict[str, Any] = {}
         if config is not None:
@@ -292,6 +293,8 @@ class SshConfig:
         if user == DEFAULT_USER and options.get("user"):
             user = str(options["user"])
         identities = tuple(options.get("identityfile") or DEFAULT_IDENTITIES)
+        if identity_file:  # --ssh-identity-file: first after the agent's keys
+            identities = (identity_file, *(i for i in identities if i != identity_file))
         return Destination(hostname, port, user, identities)
 
 
@@ -612,7 +615,7 @@ class ParamikoTransport:
 
     def _dial(self, host: str, port: int) -> paramiko.Transport:
         """A direct connection (to the tunnel host, or to a machine without a tunnel)."""
-        dest = self._config.resolve(host, port, self._options.username)
+        dest = self._config.resolve(host, port, self._options.username, self._options.identity_file)
         self._creds.check_usable(dest)
         deadline = self._deadline()
         try:
@@ -634,7 +637,7 @@ class ParamikoTransport:
 
     def _through_tunnel(self, host: str, port: int) -> paramiko.Transport:
         """fleet's NewTunnelledSSHClient: direct-tcpip to the machine, SSH over that."""
-        dest = self._config.resolve(host, port, self._options.username)
+        dest = self._config.resolve(host, port, self._options.username, self._options.identity_file)
         self._creds.check_usable(dest)
         tunnel = self._tunnel_transport()
         deadline = self._deadline()

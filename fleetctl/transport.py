@@ -41,6 +41,7 @@ class SshOptions:
     known_hosts_file: str = "~/.fleetctl/known_hosts"
     strict_host_key_checking: bool = True
     timeout: float = 10.0  # dial + handshake, seconds
+    identity_file: str = ""  # offered first after the agent's keys; "" for none
 
 
 def ssh_options(settings: Settings) -> SshOptions:
@@ -50,6 +51,7 @@ def ssh_options(settings: Settings) -> SshOptions:
         known_hosts_file=settings.known_hosts_file,
         strict_host_key_checking=settings.strict_host_key_checking,
         timeout=settings.ssh_timeout,
+        identity_file=settings.ssh_identity_file,
     )
 
 

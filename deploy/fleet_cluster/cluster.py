@@ -37,6 +37,7 @@ from .fleet_service import (
     FleetdStatus,
     fleet_conf,
     fleetd_state,
+    install_units,
     parse_metadata,
     start_fleetd,
     stop_fleetd,
@@ -91,7 +92,7 @@ class Cluster:
         progress: Progress | None = None,
         boot_timeout: float = 60.0,
         stop_grace: float = 5.0,
-        fleetd_settle: float = 2.0,
+        fleetd_settle: float = 0.5,
         keep_on_failure: bool = False,
     ) -> None:
         if not NAME_PATTERN.match(name):
@@ -315,6 +316,7 @@ class Cluster:
         )
         # fleet's SSH tunnel runs `fleetctl fd-forward` on the far end: it must be on PATH.
         rootfs.symlink(root, "usr/local/bin/fleetctl", f"{state.venv}/bin/fleetctl")
+        install_units(root, state.venv)
         for relative in ssh.HOST_KEYS_TO_HIDE:
             rootfs.remove(root, relative)
         ssh.keygen(root / ssh.HOST_KEY, f"root@{m.name}")
@@ -559,7 +561,9 @@ class Cluster:
 
     def start_fleetd(self, m: MachineRef) -> FleetdStatus:
         target = self.machine(m)
-        status = start_fleetd(target, venv=self._require_state().venv, settle=self.fleetd_settle)
+        # (Re)installed each time: a cluster booted by an older tool, or edited unit files.
+        install_units(self.layout.machine_root(target.name), self._require_state().venv)
+        status = start_fleetd(target, settle=self.fleetd_settle)
         target.fleetd = status.summary
         self._save()
         return status

@@ -1,8 +1,9 @@
 """fleetd in a machine: its fleet.conf, and fleetd run as a real systemd service there.
 
-fleetd runs from the host's virtualenv (same OS, same paths: it runs unchanged inside) as the
-transient unit `fleet.service`, started with systemd-run, so it is supervised, restarted and
-journaled by the machine's own systemd exactly like a deployed fleetd.
+fleetd runs exactly as deployed: deploy/systemd/fleet.service (Type=notify, watchdog) and
+fleet.socket (the API on /var/run/fleet.sock, socket-activated) are installed in the machine's
+/etc/systemd/system, with /usr/local/bin/fleetd linking to the host's virtualenv (same OS, same
+paths: it runs unchanged inside). The machine's own systemd supervises, restarts and journals it.
 """
 
 from __future__ import annotations
@@ -10,13 +11,20 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+from . import rootfs
 from .errors import ClusterError
 from .machine import exec_in, require_running
 from .state import MachineState
 
 FLEET_UNIT = "fleet.service"
+FLEET_SOCKET = "fleet.socket"
 FLEET_CONF = "etc/fleet/fleet.conf"
+UNIT_DIR = "etc/systemd/system"
+UNIT_FILES = (FLEET_UNIT, FLEET_SOCKET)
+# The deploy units of this checkout (deploy/systemd, beside this package).
+SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 
 
 def _quote(value: str) -> str:
@@ -110,34 +118,42 @@ def journal_tail(machine: MachineState, lines: int = 15) -> str:
     return done.stdout.strip()
 
 
-def start_fleetd(machine: MachineState, *, venv: str, settle: float = 2.0) -> FleetdStatus:
-    """Start fleetd in `machine` as fleet.service; report whether it stayed up for `settle` s.
+def install_units(root: Path, venv: str) -> None:
+    """Install fleet.service and fleet.socket exactly as deployed, into the machine's overlay.
 
-    A fleetd that fails is reported, not raised: the cluster is still useful. systemd retries
-    it (Restart=on-failure) until its start limit, then leaves it failed; starting it again
-    picks up the checkout as it is then (it is bound into the machine, not copied).
+    `/usr/local/bin/fleetd` (the units' ExecStart) links to the host venv's fleetd, which runs
+    unchanged inside. Re-installing picks up edits of the unit files (after a daemon-reload).
+    """
+    for name in UNIT_FILES:
+        source = SYSTEMD_DIR / name
+        try:
+            text = source.read_text()
+        except OSError as e:
+            raise ClusterError(f"cannot read the deploy unit {source}: {e}") from None
+        rootfs.write(root, f"{UNIT_DIR}/{name}", text)
+    rootfs.symlink(root, "usr/local/bin/fleetd", f"{venv}/bin/fleetd")
+
+
+def start_fleetd(machine: MachineState, *, settle: float = 0.5) -> FleetdStatus:
+    """Start fleet.socket and fleet.service in `machine`, as `systemctl start` would on a host.
+
+    fleet.service is Type=notify: `systemctl start` returns once fleetd said READY=1, so only a
+    short `settle` check follows (that it did not crash right after). A fleetd that fails is
+    reported, not raised: the cluster is still useful. systemd restarts it (Restart=always);
+    starting it again picks up the checkout as it is then (it is bound in, not copied).
     """
     init_pid = require_running(machine)
     props = unit_properties(machine)
     if props.get("ActiveState") in ("active", "activating", "reloading"):
         return FleetdStatus(True, f"already {fleetd_state(machine)}")
-    # A failed transient unit keeps its name until reset; a stopped one is already gone.
-    exec_in(init_pid, ["systemctl", "reset-failed", FLEET_UNIT], timeout=10)
-    done = exec_in(
-        init_pid,
-        [
-            "systemd-run",
-            f"--unit={FLEET_UNIT}",
-            "--description=fleet daemon",
-            "--property=Restart=on-failure",
-            "--property=RestartSec=1s",
-            "--setenv=PYTHONUNBUFFERED=1",
-            f"{venv}/bin/fleetd",
-        ],
-        timeout=20,
-    )
+    exec_in(init_pid, ["systemctl", "reset-failed", FLEET_UNIT, FLEET_SOCKET], timeout=10)
+    reload = exec_in(init_pid, ["systemctl", "daemon-reload"], timeout=60)
+    if reload.returncode != 0:
+        return FleetdStatus(False, "not started", reload.stderr.strip())
+    done = exec_in(init_pid, ["systemctl", "start", FLEET_SOCKET, FLEET_UNIT], timeout=150)
     if done.returncode != 0:
-        return FleetdStatus(False, "not started", done.stderr.strip())
+        detail = f"{done.stderr.strip()}\n{journal_tail(machine)}".strip()
+        return FleetdStatus(False, f"failing ({fleetd_state(machine)})", detail)
     return _watch(machine, settle)
 
 
@@ -159,5 +175,6 @@ def _watch(machine: MachineState, settle: float) -> FleetdStatus:
 
 def stop_fleetd(machine: MachineState) -> str:
     init_pid = require_running(machine)
-    exec_in(init_pid, ["systemctl", "stop", FLEET_UNIT], timeout=120)
+    # fleet.socket is PartOf=fleet.service: it stops too, so no API client revives fleetd.
+    exec_in(init_pid, ["systemctl", "stop", FLEET_UNIT, FLEET_SOCKET], timeout=200)
     return fleetd_state(machine)

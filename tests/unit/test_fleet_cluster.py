@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from pathlib import Path
 
 import pytest
 from fleet_cluster import Cluster, ClusterError, NoSuchMachine, PrerequisiteError, prereqs
 from fleet_cluster.cluster import parse_machine_metadata
-from fleet_cluster.fleet_service import fleet_conf, parse_metadata
+from fleet_cluster.fleet_service import SYSTEMD_DIR, fleet_conf, install_units, parse_metadata
 from fleet_cluster.network import bridge_address, bridge_mac, machine_address, parse_subnet
 from fleet_cluster.ssh import known_hosts_line
 from fleet_cluster.state import ClusterState, EtcdState, MachineState
@@ -64,6 +65,19 @@ def test_fleet_conf_leaves_out_unset_options() -> None:
     assert "metadata" not in text
     assert "agent_ttl" not in text
     assert "etcd_key_prefix" not in text
+
+
+def test_install_units_copies_the_deploy_units_and_links_fleetd(tmp_path: Path) -> None:
+    (tmp_path / "usr/local/bin").mkdir(parents=True)
+    (tmp_path / "usr/local/bin/fleetd").write_text("an older copy")
+    install_units(tmp_path, "/some/venv")
+    for name in ("fleet.service", "fleet.socket"):
+        installed = tmp_path / "etc/systemd/system" / name
+        assert installed.read_text() == (SYSTEMD_DIR / name).read_text()
+    service = (tmp_path / "etc/systemd/system/fleet.service").read_text()
+    assert "ExecStart=/usr/local/bin/fleetd" in service
+    assert "Type=notify" in service
+    assert os.readlink(tmp_path / "usr/local/bin/fleetd") == "/some/venv/bin/fleetd"
 
 
 def test_addresses() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_fleetctl_harness import HELLO_TEMPLATE, Cluster
@@ -19,6 +20,8 @@ from fleetctl.settings import (
     Settings,
     select_target,
 )
+from fleetctl.ssh import DEFAULT_IDENTITIES, SshConfig
+from fleetctl.transport import ssh_options
 from fleetd import __version__
 from fleetd.errors import ConfigError
 
@@ -196,6 +199,36 @@ def test_env_then_flag_precedence(cluster: Cluster) -> None:
         True,
     )
     assert (seen.request_timeout, seen.driver) == (1.0, "etcd")  # env where no flag
+
+
+def test_ssh_identity_file_flag_and_env(cluster: Cluster, tmp_path: Path) -> None:
+    # Beyond fleet: a key file for SSH (`fleet-cluster env` exports the variable).
+    key = tmp_path / "id_ed25519"
+    env = {"FLEETCTL_SSH_IDENTITY_FILE": str(key)}
+    assert cluster.invoke("list-machines", env=env).exit_code == 0
+    assert cluster.settings[-1].ssh_identity_file == str(key)
+    assert ssh_options(cluster.settings[-1]).identity_file == str(key)
+    result = cluster.invoke("list-machines", "--ssh-identity-file", "/flag/key", env=env)
+    assert result.exit_code == 0, result.output
+    assert cluster.settings[-1].ssh_identity_file == "/flag/key"  # flag over env
+    result = cluster.invoke("--ssh-identity-file=/before", "list-machines")
+    assert result.exit_code == 0, result.output
+    assert ssh_options(cluster.settings[-1]).identity_file == "/before"
+    assert ssh_options(Settings()).identity_file == ""
+
+
+def test_ssh_identity_file_is_offered_first_after_the_agent(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text("Host configured\n    IdentityFile /from/config\n")
+    resolver = SshConfig(str(config))
+    dest = resolver.resolve("somewhere", 22, "root", "/cluster/key")
+    assert dest.identity_files == ("/cluster/key", *DEFAULT_IDENTITIES)
+    dest = resolver.resolve("configured", 22, "root", "/cluster/key")
+    assert dest.identity_files == ("/cluster/key", "/from/config")
+    assert resolver.resolve("somewhere", 22, "root").identity_files == DEFAULT_IDENTITIES
+    # Named again by the config: offered once, first.
+    dest = resolver.resolve("configured", 22, "root", "/from/config")
+    assert dest.identity_files == ("/from/config",)
 
 
 def test_global_flags_after_the_command(cluster: Cluster) -> None:
