@@ -7,8 +7,29 @@ placement elsewhere costs it nothing. Each change: plan tasks with the pure plan
 What the agent did is recorded in a file under /run (unit -> hash and loaded/launched), so a
 restarted fleetd plans against the truth and leaves healthy units alone: no restart, same PID.
 
-Never does it stop a unit because etcd is slow or unreachable: registry errors only delay
-reconciliation. Units stop only when the schedule, read from etcd, says so.
+Never does it stop a unit with the default PartitionPolicy=keep because etcd is slow or
+unreachable: registry errors only delay reconciliation, and such units stop only when the
+schedule, read from etcd, says so.
+
+The one exception is `PartitionPolicy=stop` (beyond fleet), the only place a timer acts without
+etcd. When the machine's lease has not been renewed for FENCE_FRACTION (2/3) of agent_ttl, the
+engine may soon move the unit (it can only after the lease expires, at 1 x TTL), so the fence
+loop stops this machine's copies of STOP-policy units first: at most one copy runs, ever. The
+decision is the pure `agentplan.units_to_fence`; the loop re-checks every `fence_tick`, so a
+unit started concurrently is stopped again.
+
+A fenced unit is recorded as what it now is, LOADED (file in place, not started), and is also
+*held* in memory: while held (or while the lease is at risk) the planner's START for it is
+dropped, because the agent's copy of the schedule is stale. The hold is lifted only by a fresh
+read of the schedule begun while the lease is healthy again (the fence loop asks the watch loop
+to resync when renewals resume). Then the ordinary plan applies: if the lease survived, the
+schedule still says launched and the unit is started again (LOADED -> LAUNCHED); if it expired,
+the engine has unscheduled it here and it is unloaded. The hold needs no persisting: a fleetd
+restarted while fenced has LOADED on record and starts nothing before its first read of etcd,
+which is exactly the lifted hold. The record does persist each unit's policy, so a fleetd
+restarted during an outage still fences what it inherited. The reference for "last renewed" is
+never earlier than the agent's start (a lease adopted across a restart during an outage may
+have less left than that assumes; documented limitation).
 """
 
 from __future__ import annotations
@@ -17,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +51,20 @@ from fleetd.agentplan import (
     Task,
     TaskKind,
     desired_for_machine,
+    lease_at_risk,
     plan_tasks,
+    units_to_fence,
 )
 from fleetd.errors import Compacted, FleetError, RegistryUnavailable, UnitFileError
-from fleetd.model import Machine, Requirements, ScheduledUnit, TargetState, Unit, UnitState
+from fleetd.model import (
+    Machine,
+    PartitionPolicy,
+    Requirements,
+    ScheduledUnit,
+    TargetState,
+    Unit,
+    UnitState,
+)
 from fleetd.registry import codec
 from fleetd.registry.codec import CorruptValue
 from fleetd.registry.kv import EventType, WatchEvent
@@ -52,10 +84,18 @@ TASK_CONCURRENCY = 16
 
 @dataclass
 class AgentRecord:
-    """What this agent has done: unit -> (hash, loaded|launched). Persisted across restarts."""
+    """What this agent has done: unit -> (hash, loaded|launched). Persisted across restarts.
+
+    `stop_policy` names the recorded units whose file says PartitionPolicy=stop, so a fleetd
+    restarted while etcd is unreachable still knows which units to fence.
+    """
 
     units: dict[str, CurrentUnit] = field(default_factory=dict)
     path: Path | None = None
+    stop_policy: set[str] = field(default_factory=set)
+
+    def policies(self) -> dict[str, PartitionPolicy]:
+        return {n: PartitionPolicy.STOP for n in self.stop_policy if n in self.units}
 
     @classmethod
     def load(cls, path: Path | None) -> AgentRecord:
@@ -68,6 +108,8 @@ class AgentRecord:
                 record.units[name] = CurrentUnit(
                     name, str(entry["hash"]), TargetState(entry["state"])
                 )
+                if entry.get("partition") == PartitionPolicy.STOP.value:
+                    record.stop_policy.add(name)
         except (OSError, ValueError, KeyError, TypeError) as e:
             # A damaged record only costs a re-load of the units; say so and go on.
             log.warning("agent_record_unreadable", path=str(path), error=str(e))
@@ -76,7 +118,11 @@ class AgentRecord:
     def save(self) -> None:
         if self.path is None:
             return
-        data = {n: {"hash": u.hash, "state": u.state.value} for n, u in sorted(self.units.items())}
+        data: dict[str, dict[str, str]] = {}
+        for n, u in sorted(self.units.items()):
+            data[n] = {"hash": u.hash, "state": u.state.value}
+            if n in self.stop_policy:
+                data[n]["partition"] = PartitionPolicy.STOP.value
         tmp = self.path.with_suffix(".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(data, separators=(",", ":")))
@@ -93,7 +139,12 @@ class Agent:
         *,
         record_path: Path | None = None,
         safety_interval: float = 30.0,
+        lease_renewed: Callable[[], float] | None = None,
+        ttl: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`lease_renewed` (clock time of the lease's last renewal, 0 if never) and `ttl`
+        enable PartitionPolicy=stop fencing; without them no unit is ever fenced."""
         self.registry = registry
         self.keys = registry.keys
         self.manager = manager
@@ -114,12 +165,20 @@ class Agent:
         self._states_changed = asyncio.Event()
         self.tasks_run = 0
         self.synced = False  # True once the first reconcile against etcd has run
+        self._lease_renewed = lease_renewed
+        self.ttl = ttl
+        self.clock = clock
+        self._started = clock()
+        self.fence_tick = min(1.0, ttl / 30) if ttl > 0 else 1.0
+        self.fenced: set[str] = set()  # held: stopped by the fence, not restarted yet
+        self._resync = asyncio.Event()
 
     # ---- main loop ---------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         publisher = asyncio.ensure_future(self._publish_loop(stop))
         observer = asyncio.ensure_future(self._observe_loop(stop))
+        fencer = asyncio.ensure_future(self._fence_loop(stop))
         backoff = 0.5
         try:
             while not stop.is_set():
@@ -130,16 +189,24 @@ class Agent:
                     log.info("agent_resync_after_compaction", error=str(e))
                 except RegistryUnavailable as e:
                     log.warning("agent_registry_unavailable", error=str(e), retry_in=backoff)
-                    await sleep_or_stop(stop, backoff)
+                    # A resync asked by the fence loop (renewals resumed) cuts the wait short.
+                    await sleep_or_stop(stop, backoff, wake=self._resync)
                     backoff = min(backoff * 2, 10.0)
         finally:
             publisher.cancel()
             observer.cancel()
-            await asyncio.gather(publisher, observer, return_exceptions=True)
+            fencer.cancel()
+            await asyncio.gather(publisher, observer, fencer, return_exceptions=True)
 
     async def _sync(self, stop: asyncio.Event) -> None:
-        """Load the schedule, reconcile, then follow watches until an error or stop."""
+        """Load the schedule, reconcile, then follow watches until an error, stop or resync."""
+        self._resync.clear()
+        healthy = not self.lease_at_risk()
         revision = await self._load_desired()
+        if healthy and self.fenced:
+            # A schedule read begun with the lease renewed again: the plan from it is the truth.
+            log.info("partition_fence_lifted", units=sorted(self.fenced))
+            self.fenced.clear()
         await self.reconcile()
         self.synced = True
         prefixes = [
@@ -160,6 +227,7 @@ class Agent:
             act=reconcile,
             idle_interval=self.safety_interval,
             batch_window=lambda: BATCH_WINDOW,
+            interrupt=self._resync,
         )
 
     def _on_event(self, event: WatchEvent) -> None:
@@ -253,7 +321,11 @@ class Agent:
         """
         async with self._reconcile_lock:
             desired = await self.desired()
-            tasks = plan_tasks(desired, self.record.units)
+            tasks = [
+                t
+                for t in plan_tasks(desired, self.record.units)
+                if not (t.kind == TaskKind.START and self._start_blocked(t.unit))
+            ]
             ran = 0
             for group in _by_kind(tasks):
                 done, failed = await self._run_group(group, desired)
@@ -307,7 +379,16 @@ class Agent:
                     name, body.serialize(), has_install=body.has_install_section
                 )
                 record.units[name] = CurrentUnit(name, want.hash, TargetState.LOADED)
+                reqs = self._requirements.get((name, want.hash))
+                if reqs is not None and reqs.partition_policy == PartitionPolicy.STOP:
+                    record.stop_policy.add(name)
+                else:
+                    record.stop_policy.discard(name)
             case TaskKind.START:
+                if self._start_blocked(name):
+                    # The lease became at risk since the plan: the fence loop owns this unit.
+                    log.info("unit_start_fenced", unit=name)
+                    return
                 result = await self.manager.start(name)
                 if result != "done":
                     # The unit's own failure, not ours: systemd's Restart= governs it, and the
@@ -322,6 +403,8 @@ class Agent:
             case TaskKind.UNLOAD:
                 await self.manager.unload(name)
                 record.units.pop(name, None)
+                record.stop_policy.discard(name)
+                self.fenced.discard(name)
         record.save()
         self._mark_state_dirty(name)
 
@@ -330,6 +413,73 @@ class Agent:
         if body is None:
             raise FleetError(f"unit body {hash_} missing from the registry")
         return body
+
+    # ---- partition policy --------------------------------------------------------------
+
+    def lease_at_risk(self) -> bool:
+        """Whether the lease has gone unrenewed for the fence fraction of the TTL (False when
+        fencing is disabled)."""
+        if self._lease_renewed is None or self.ttl <= 0:
+            return False
+        return lease_at_risk(self.clock(), self._renewed_at(), self.ttl)
+
+    def _renewed_at(self) -> float:
+        assert self._lease_renewed is not None
+        return max(self._lease_renewed(), self._started)
+
+    def _start_blocked(self, name: str) -> bool:
+        if name in self.fenced:
+            return True
+        return name in self.record.stop_policy and self.lease_at_risk()
+
+    async def fence(self) -> list[str]:
+        """Stop the STOP-policy units if the lease is at risk; returns the units stopped.
+
+        Deliberately outside the reconcile lock: a reconcile may be stuck on an unreachable
+        etcd, and the fence must not wait for it. A START racing with this is undone at the
+        next tick (the decision is level-triggered on the record).
+        """
+        if self._lease_renewed is None or self.ttl <= 0:
+            return []
+        record = self.record
+        now = self.clock()
+        names = units_to_fence(now, self._renewed_at(), self.ttl, record.units, record.policies())
+
+        async def one(name: str) -> str | None:
+            try:
+                await self.manager.stop(name)
+            except (FleetError, OSError) as e:
+                log.error("unit_fence_failed", unit=name, error=str(e))
+                return None
+            current = record.units.get(name)
+            if current is not None:
+                record.units[name] = CurrentUnit(name, current.hash, TargetState.LOADED)
+            self.fenced.add(name)
+            self._mark_state_dirty(name)
+            log.warning(
+                "unit_fenced",
+                unit=name,
+                unrenewed_for=round(now - self._renewed_at(), 3),
+                ttl=self.ttl,
+                reason="lease at risk; PartitionPolicy=stop",
+            )
+            return name
+
+        stopped = [n for n in await asyncio.gather(*(one(n) for n in names)) if n is not None]
+        if stopped:
+            record.save()
+        return stopped
+
+    async def _fence_loop(self, stop: asyncio.Event) -> None:
+        if self._lease_renewed is None or self.ttl <= 0:
+            return
+        while not stop.is_set():
+            await self.fence()
+            if self.fenced and not self.lease_at_risk():
+                # Renewals resumed: have the watch loop read the schedule afresh (lifting the
+                # hold) rather than restart units from a copy that may be stale.
+                self._resync.set()
+            await sleep_or_stop(stop, self.fence_tick)
 
     # ---- state publishing --------------------------------------------------------------
 

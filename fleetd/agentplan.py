@@ -14,20 +14,36 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
-from fleetd.model import Machine, Requirements, ScheduledUnit, TargetState, Unit
+from fleetd.model import (
+    Machine,
+    PartitionPolicy,
+    Requirements,
+    ScheduledUnit,
+    TargetState,
+    Unit,
+)
 from fleetd.scheduler import conflict_between
 
 __all__ = [
+    "FENCE_FRACTION",
     "CurrentUnit",
     "DesiredUnit",
     "Task",
     "TaskKind",
     "apply_tasks",
     "desired_for_machine",
+    "lease_at_risk",
     "plan_tasks",
+    "units_to_fence",
 ]
 
 _NO_REQUIREMENTS = Requirements()
+
+# PartitionPolicy=stop: the share of agent_ttl without a successful lease renewal after which
+# the agent stops its STOP-policy units. The engine can move them only once the lease has
+# expired (1 x TTL after the last renewal), so this leaves a third of the TTL for the stops.
+# Presence renews every TTL/3, so being past 2/3 means at least one renewal has failed.
+FENCE_FRACTION = 2 / 3
 
 
 class TaskKind(IntEnum):
@@ -180,3 +196,34 @@ def desired_for_machine(
         chosen[name] = wanted
         taken.append((name, conflicts))
     return chosen
+
+
+def lease_at_risk(
+    now: float, last_renewed: float, ttl: float, fraction: float = FENCE_FRACTION
+) -> bool:
+    """Whether the machine's lease may expire soon: not renewed for more than `fraction` x
+    `ttl` seconds (all times on one clock). Past this point the engine may soon move units."""
+    return now - last_renewed > fraction * ttl
+
+
+def units_to_fence(
+    now: float,
+    last_renewed: float,
+    ttl: float,
+    current: Mapping[str, CurrentUnit],
+    policies: Mapping[str, PartitionPolicy],
+    fraction: float = FENCE_FRACTION,
+) -> list[str]:
+    """The units the agent must stop now, before its lease can expire, sorted by name.
+
+    Only launched units whose policy is STOP, and only while the lease is at risk; units with
+    the default KEEP (or no known policy) run through any registry outage, as in fleet.
+    """
+    if not lease_at_risk(now, last_renewed, ttl, fraction):
+        return []
+    return sorted(
+        name
+        for name, unit in current.items()
+        if unit.state == TargetState.LAUNCHED
+        and policies.get(name, PartitionPolicy.KEEP) == PartitionPolicy.STOP
+    )

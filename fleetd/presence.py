@@ -73,7 +73,9 @@ class Presence:
             except RegistryUnavailable as e:
                 # Keep trying; never touch units because etcd is unreachable.
                 log.warning("presence_registry_unavailable", error=str(e))
-                wait = min(backoff, self.renew_interval)
+                # Retry at least ten times a TTL: with PartitionPolicy=stop the agent fences at
+                # 2/3 TTL, and a renewal landing before 1 TTL still saves the lease.
+                wait = min(backoff, self.renew_interval, self.ttl / 10)
                 backoff = min(backoff * 2, 60.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)

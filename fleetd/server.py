@@ -110,6 +110,9 @@ class Server:
             self.machine,
             lambda: self.presence.lease,
             record_path=self.state_dir / "agent.json",
+            lease_renewed=lambda: self.presence.last_renewed,
+            ttl=self.presence.ttl,
+            clock=self.presence.clock,
         )
         self.presence.on_lease_changed(lambda _lease: agent.republish_all())
         engine = None

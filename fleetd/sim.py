@@ -91,6 +91,9 @@ class SimCluster:
             lambda: presence.lease,
             record_path=own_dir / "agent.json" if own_dir else None,
             safety_interval=self.safety_interval,
+            lease_renewed=lambda: presence.last_renewed,
+            ttl=presence.ttl,
+            clock=presence.clock,
         )
         presence.on_lease_changed(lambda _lease: agent.republish_all())
         engine = (

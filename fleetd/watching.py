@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any
 
 from fleetd.registry.kv import WatchEvent
 
@@ -26,12 +27,19 @@ async def follow(
     act: Callable[[], Awaitable[None]],
     idle_interval: float,
     batch_window: Callable[[], float],
+    interrupt: asyncio.Event | None = None,
 ) -> None:
     """Until `stop`: absorb events (waiting `batch_window()` for a burst to finish), then
-    `act()`; with no event for `idle_interval` seconds, `act()` anyway (the safety pass)."""
+    `act()`; with no event for `idle_interval` seconds, `act()` anyway (the safety pass).
+
+    When `interrupt` is set, clear it and return: the caller resyncs from a fresh snapshot."""
     queue: asyncio.Queue[Item] = asyncio.Queue()
     pumps = [asyncio.ensure_future(_pump(watch(p, start_revision), queue)) for p in prefixes]
     stop_task = asyncio.ensure_future(stop.wait())
+    interrupt_task = asyncio.ensure_future(interrupt.wait()) if interrupt is not None else None
+    waited: set[asyncio.Future[Any]] = {stop_task}
+    if interrupt_task is not None:
+        waited.add(interrupt_task)
     getter: asyncio.Future[Item] | None = None
 
     def absorb(item: Item) -> None:
@@ -42,10 +50,16 @@ async def follow(
 
     try:
         while not stop.is_set():
+            if interrupt is not None and interrupt.is_set():
+                interrupt.clear()
+                return
             getter = asyncio.ensure_future(queue.get())
             done, _ = await asyncio.wait(
-                {getter, stop_task}, timeout=idle_interval, return_when=asyncio.FIRST_COMPLETED
+                {getter, *waited}, timeout=idle_interval, return_when=asyncio.FIRST_COMPLETED
             )
+            if interrupt is not None and interrupt.is_set():
+                getter.cancel()
+                continue  # returns at the top of the loop
             if getter in done:
                 absorb(getter.result())
                 await asyncio.sleep(batch_window())
@@ -57,6 +71,8 @@ async def follow(
                 await act()
     finally:
         stop_task.cancel()
+        if interrupt_task is not None:
+            interrupt_task.cancel()
         if getter is not None:
             getter.cancel()  # cancelled (a crash) while waiting: no task left pending
         for p in pumps:
@@ -75,6 +91,17 @@ async def _pump(events: AsyncGenerator[list[WatchEvent], None], queue: asyncio.Q
         queue.put_nowait(e)
 
 
-async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+async def sleep_or_stop(
+    stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None
+) -> None:
+    """Sleep `seconds`, or less if `stop` (or `wake`, when given) is set meanwhile."""
+    if wake is None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+        return
+    waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
