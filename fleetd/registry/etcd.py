@@ -52,6 +52,7 @@ from fleetd.registry.kv import (
     Put,
     TxnResult,
     WatchEvent,
+    check_txn_size,
 )
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
@@ -446,18 +447,6 @@ def _request_op(op: Op) -> Any:
         key, end = _prefix_range(op.key)
         return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key, range_end=end))
     return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=_enc(op.key)))
-
-
-def check_txn_size(
-    compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]
-) -> None:
-    """Refuse a transaction etcd would refuse (--max-txn-ops, per list): the caller chunks."""
-    for what, items in (("compares", compares), ("success ops", success), ("failure ops", failure)):
-        if len(items) > MAX_TXN_OPS:
-            raise ValueError(
-                f"transaction has {len(items)} {what}; etcd allows at most {MAX_TXN_OPS}"
-                " per transaction: split the batch"
-            )
 
 
 class _KeepAliveStream:

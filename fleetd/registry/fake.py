@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 
 from fleetd.errors import Compacted, NotFound, RegistryUnavailable
 from fleetd.registry.kv import (
-    MAX_TXN_OPS,
     Compare,
     Delete,
     EventType,
@@ -41,6 +40,7 @@ from fleetd.registry.kv import (
     Put,
     TxnResult,
     WatchEvent,
+    check_txn_size,
 )
 
 # etcd's largest lease TTL (lease.MaxLeaseTTL).
@@ -59,18 +59,6 @@ def _prefix_end(prefix: str) -> str | None:
     if not stem:
         return None
     return stem[:-1] + chr(ord(stem[-1]) + 1)
-
-
-def _check_txn_size(
-    compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]
-) -> None:
-    # Same check and wording as the etcd adapter's: etcd applies --max-txn-ops to each list.
-    for what, items in (("compares", compares), ("success ops", success), ("failure ops", failure)):
-        if len(items) > MAX_TXN_OPS:
-            raise ValueError(
-                f"transaction has {len(items)} {what}; etcd allows at most {MAX_TXN_OPS}"
-                " per transaction: split the batch"
-            )
 
 
 def _check_compare(c: Compare) -> None:
@@ -312,7 +300,7 @@ class FakeKV:
         success: Sequence[Op],
         failure: Sequence[Op] = (),
     ) -> TxnResult:
-        _check_txn_size(compares, success, failure)
+        check_txn_size(compares, success, failure)
         for c in compares:
             _check_compare(c)
         _check_intervals(success)

@@ -136,3 +136,16 @@ class KV(Protocol):
     async def compact(self, revision: int) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def check_txn_size(
+    compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]
+) -> None:
+    """Refuse a transaction etcd would refuse (--max-txn-ops applies to each list): the caller
+    chunks. Both KV implementations call this, so they refuse the same requests alike."""
+    for what, items in (("compares", compares), ("success ops", success), ("failure ops", failure)):
+        if len(items) > MAX_TXN_OPS:
+            raise ValueError(
+                f"transaction has {len(items)} {what}; etcd allows at most {MAX_TXN_OPS}"
+                " per transaction: split the batch"
+            )
