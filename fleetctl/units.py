@@ -133,21 +133,7 @@ def load(
 
     Submits the units first if needed. On a running unit, this stops it (as in fleet).
     """
-    _require(units)
-    check_names(units, activate=True)
-    attempts = block_attempts(no_block, block_attempts_)
-
-    async def work(client: ClusterClient) -> int:
-        return await _activate(
-            client,
-            units,
-            command="load",
-            target=TargetState.LOADED,
-            attempts=attempts,
-            replace=replace,
-        )
-
-    run(work)
+    _activate_command(units, "load", TargetState.LOADED, no_block, block_attempts_, replace)
 
 
 @click.command(cls=FleetCommand, short_help="Instruct systemd to start one or more units.")
@@ -163,18 +149,25 @@ def start(
     `Unit <name> launched on <machine>/<ip>`. A unit that cannot be placed is reported with
     the scheduler's reason, and the command fails after --block-attempts.
     """
+    _activate_command(units, "start", TargetState.LAUNCHED, no_block, block_attempts_, replace)
+
+
+def _activate_command(
+    units: tuple[str, ...],
+    command: str,
+    target: TargetState,
+    no_block: bool,
+    block_attempts_: int,
+    replace: bool,
+) -> None:
+    """load and start: submit what is missing, set the target state, wait as asked."""
     _require(units)
     check_names(units, activate=True)
     attempts = block_attempts(no_block, block_attempts_)
 
     async def work(client: ClusterClient) -> int:
         return await _activate(
-            client,
-            units,
-            command="start",
-            target=TargetState.LAUNCHED,
-            attempts=attempts,
-            replace=replace,
+            client, units, command=command, target=target, attempts=attempts, replace=replace
         )
 
     run(work)
