@@ -55,7 +55,7 @@ from fleetd.agentplan import (
     plan_tasks,
     units_to_fence,
 )
-from fleetd.errors import Compacted, FleetError, RegistryUnavailable, UnitFileError
+from fleetd.errors import Compacted, FleetError, RegistryUnavailable
 from fleetd.model import (
     Machine,
     PartitionPolicy,
@@ -71,7 +71,6 @@ from fleetd.registry.kv import EventType, WatchEvent
 from fleetd.registry.registry import Registry
 from fleetd.systemd.manager import SystemdState, UnitManager
 from fleetd.unitfile import UnitFile
-from fleetd.unitfile import requirements as parse_requirements
 from fleetd.watching import follow, sleep_or_stop
 
 log = structlog.get_logger("fleetd.agent")
@@ -156,7 +155,6 @@ class Agent:
         self.scheduled: dict[str, ScheduledUnit] = {}
         self.globals: dict[str, ScheduledUnit] = {}
         self.dynamic_meta: dict[str, str] = {}
-        self._requirements: dict[tuple[str, str], Requirements] = {}
         self._wake = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
         self._published: dict[str, UnitState] = {}
@@ -282,10 +280,10 @@ class Agent:
         wanted = [*self.scheduled.values(), *self.globals.values()]
         # New units' bodies in one batched read rather than a round trip each.
         await self.registry.prefetch_bodies(
-            s.hash for s in wanted if (s.name, s.hash) not in self._requirements
+            s.hash for s in wanted if self.registry.cached_requirements(s.name, s.hash) is None
         )
         for s in wanted:
-            reqs = await self._requirements_of(s.name, s.hash)
+            reqs = await self.registry.requirements(s.name, s.hash)
             if reqs is None:
                 continue
             requirements[s.name] = reqs
@@ -293,23 +291,6 @@ class Agent:
                 global_units[s.name] = (Unit(s.name, s.hash, s.target_state), reqs)
         scheduled = [s for s in self.scheduled.values() if s.name in requirements]
         return desired_for_machine(self.machine(), scheduled, global_units, requirements)
-
-    async def _requirements_of(self, name: str, hash_: str) -> Requirements | None:
-        key = (name, hash_)
-        cached = self._requirements.get(key)
-        if cached is not None:
-            return cached
-        body = await self.registry.get_body(hash_)
-        if body is None:
-            log.error("unit_body_missing", unit=name, hash=hash_)
-            return None
-        try:
-            reqs = parse_requirements(body, name)
-        except UnitFileError as e:
-            log.error("unit_requirements_invalid", unit=name, error=str(e))
-            return None
-        self._requirements[key] = reqs
-        return reqs
 
     async def reconcile(self) -> int:
         """Plan and run tasks until the machine matches its schedule; returns tasks run.
@@ -379,7 +360,7 @@ class Agent:
                     name, body.serialize(), has_install=body.has_install_section
                 )
                 record.units[name] = CurrentUnit(name, want.hash, TargetState.LOADED)
-                reqs = self._requirements.get((name, want.hash))
+                reqs = self.registry.cached_requirements(name, want.hash)
                 if reqs is not None and reqs.partition_policy == PartitionPolicy.STOP:
                     record.stop_policy.add(name)
                 else:

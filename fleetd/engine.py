@@ -22,13 +22,12 @@ import structlog
 
 from fleetd import engineplan
 from fleetd.engineplan import EngineView, Write
-from fleetd.errors import Compacted, FleetError, NotLeader, RegistryUnavailable, UnitFileError
-from fleetd.model import Requirements, Unit
+from fleetd.errors import Compacted, FleetError, NotLeader, RegistryUnavailable
+from fleetd.model import Unit
 from fleetd.registry import codec
 from fleetd.registry.codec import CorruptValue
 from fleetd.registry.kv import EventType, Op, WatchEvent
 from fleetd.registry.registry import LeaderToken, Registry
-from fleetd.unitfile import requirements as parse_requirements
 from fleetd.watching import follow, sleep_or_stop
 
 log = structlog.get_logger("fleetd.engine")
@@ -66,7 +65,6 @@ class Engine:
         self.stats = EngineStats()
         self.token: LeaderToken | None = None
         # Requirements depend on the body (by hash) and the name (specifiers).
-        self._requirements: dict[tuple[str, str], Requirements] = {}
         # Set by watch events, resolved (with etcd reads) just before the next plan.
         self._needs_body: set[str] = set()
         self._machines_dirty = False
@@ -196,36 +194,19 @@ class Engine:
             unit.hash
             for name in self._needs_body
             if (unit := self.view.units.get(name)) is not None
-            and (name, unit.hash) not in self._requirements
+            and self.registry.cached_requirements(name, unit.hash) is None
         )
         for name in sorted(self._needs_body):
             unit = self.view.units.get(name)
             if unit is None:
                 continue
-            reqs = await self._requirements_of(unit)
+            reqs = await self.registry.requirements(unit.name, unit.hash)
             if reqs is not None:
                 self.view.requirements[name] = reqs
         self._needs_body.clear()
         for name in list(self.view.requirements):
             if name not in self.view.units:
                 del self.view.requirements[name]
-
-    async def _requirements_of(self, unit: Unit) -> Requirements | None:
-        key = (unit.name, unit.hash)
-        cached = self._requirements.get(key)
-        if cached is not None:
-            return cached
-        body = await self.registry.get_body(unit.hash)
-        if body is None:
-            log.error("unit_body_missing", unit=unit.name, hash=unit.hash)
-            return None
-        try:
-            reqs = parse_requirements(body, unit.name)
-        except UnitFileError as e:
-            log.error("unit_requirements_invalid", unit=unit.name, error=str(e))
-            return None
-        self._requirements[key] = reqs
-        return reqs
 
     async def _plan_and_apply(self, token: LeaderToken) -> None:
         await self._refresh()

@@ -12,7 +12,16 @@ from dataclasses import dataclass
 import structlog
 
 from fleetd.errors import Conflict, InvalidInput, NotFound, NotLeader, UnitFileError
-from fleetd.model import Machine, Placement, ScheduledUnit, Snapshot, TargetState, Unit, UnitState
+from fleetd.model import (
+    Machine,
+    Placement,
+    Requirements,
+    ScheduledUnit,
+    Snapshot,
+    TargetState,
+    Unit,
+    UnitState,
+)
 from fleetd.registry import codec
 from fleetd.registry.codec import CorruptValue
 from fleetd.registry.keys import SCHEMA_VERSION, Keys, normalize_prefix
@@ -27,6 +36,7 @@ from fleetd.registry.kv import (
     WatchEvent,
 )
 from fleetd.unitfile import UnitFile, parse_unit
+from fleetd.unitfile import requirements as parse_requirements
 
 log = structlog.get_logger("fleetd.registry")
 
@@ -46,6 +56,8 @@ class Registry:
         self.keys = Keys(normalize_prefix(prefix))
         # Bodies are immutable (content-addressed), so caching them forever is safe.
         self._bodies: dict[str, UnitFile] = {}
+        # Parsed [X-Fleet] per (name, hash): specifiers make them depend on the name too.
+        self._requirements: dict[tuple[str, str], Requirements] = {}
 
     # ---- schema -------------------------------------------------------------------------
 
@@ -97,6 +109,30 @@ class Registry:
                 self._bodies[hash_] = parse_unit(kv.value)
             except UnitFileError:
                 continue
+
+    def cached_requirements(self, name: str, hash_: str) -> Requirements | None:
+        return self._requirements.get((name, hash_))
+
+    async def requirements(self, name: str, hash_: str) -> Requirements | None:
+        """The [X-Fleet] requirements of unit `name` with body `hash_`, parsed once.
+
+        None (and an error log) when the body is missing or its requirements do not parse:
+        the engine leaves such a unit unplanned, the agent leaves it alone.
+        """
+        cached = self._requirements.get((name, hash_))
+        if cached is not None:
+            return cached
+        body = await self.get_body(hash_)
+        if body is None:
+            log.error("unit_body_missing", unit=name, hash=hash_)
+            return None
+        try:
+            reqs = parse_requirements(body, name)
+        except UnitFileError as e:
+            log.error("unit_requirements_invalid", unit=name, error=str(e))
+            return None
+        self._requirements[(name, hash_)] = reqs
+        return reqs
 
     # ---- units (desired state, written by clients) ----------------------------------------
 
