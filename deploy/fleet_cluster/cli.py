@@ -93,6 +93,13 @@ def main() -> None:
 @click.option("--agent-ttl", default=None, help="fleetd agent_ttl, e.g. 10s.")
 @click.option("--etcd-key-prefix", default="/fleet/", show_default=True)
 @click.option("--etcd-port", default=0, help="etcd client port (default: a free one).")
+@click.option(
+    "--etcd-members",
+    default=1,
+    show_default=True,
+    type=click.Choice(["1", "3", "5"]),
+    help="etcd cluster size (members on the host; `fleet-cluster etcd` stops and starts them).",
+)
 @click.option("--no-fleetd", is_flag=True, help="Boot the machines without starting fleetd.")
 @click.option(
     "--bind-ro",
@@ -112,6 +119,7 @@ def up(
     agent_ttl: str | None,
     etcd_key_prefix: str,
     etcd_port: int,
+    etcd_members: str,
     no_fleetd: bool,
     binds: tuple[str, ...],
     boot_timeout: float,
@@ -128,6 +136,7 @@ def up(
         etcd_key_prefix=etcd_key_prefix,
         fleetd=not no_fleetd,
         etcd_port=etcd_port,
+        etcd_members=int(etcd_members),
         binds=default_binds() + list(binds),
         state_root=state_root,
         progress=_progress,
@@ -181,6 +190,9 @@ def _print_status(info: dict[str, Any]) -> None:
         f"etcd    {etcd_info['endpoint']}  pid {etcd_info['pid']}  {health}  "
         f"prefix {info['etcd_key_prefix']}  agent_ttl {info['agent_ttl'] or 'default'}"
     )
+    for member in etcd_info.get("members", [])[1:]:
+        health = "healthy" if member["healthy"] else "UNHEALTHY"
+        click.echo(f"        {member['endpoint']}  pid {member['pid']}  {health}")
     header = ("MACHINE", "STATE", "NSPAWN", "INIT", "IP", "MACHINE-ID", "SYSTEMD", "FLEET")
     rows = [header]
     for m in info["machines"]:
@@ -266,6 +278,28 @@ _machine_command("start-fleetd", "Start fleetd (fleet.service) in MACHINE.", _st
 _machine_command("stop-fleetd", "Stop fleetd (fleet.service) in MACHINE.", _stop_fleetd)
 
 
+@main.command("etcd")
+@cluster_options
+@click.argument("action", type=click.Choice(["stop", "kill", "start", "leader"]))
+@click.argument("members", nargs=-1, type=int)
+@_errors
+def etcd_(name: str, state_root: Path, action: str, members: tuple[int, ...]) -> None:
+    """Fail etcd on purpose: stop (SIGTERM), kill (SIGKILL) or start MEMBERS (default all),
+    keeping their data; `leader` prints the raft leader's member number."""
+    cluster = _attach(name, state_root)
+    chosen = list(members) or None
+    with locked(cluster.layout):
+        if action == "leader":
+            leader = cluster.etcd_leader()
+            click.echo("none" if leader is None else str(leader))
+            if leader is None:
+                sys.exit(1)
+        elif action == "start":
+            cluster.start_etcd(chosen)
+        else:
+            cluster.stop_etcd(chosen, kill=action == "kill")
+
+
 @main.command()
 @cluster_options
 @click.option("--metadata", default="", help="The new machine's metadata: 'k=v,k2=v2'.")
@@ -288,7 +322,7 @@ def env(name: str, state_root: Path) -> None:
     assert state is not None
     # fleetctl infers the etcd driver only from ports 2379/4001; say it outright.
     click.echo("export FLEETCTL_DRIVER=etcd")
-    click.echo(f"export FLEETCTL_ENDPOINT={cluster.etcd_endpoint}")
+    click.echo(f"export FLEETCTL_ENDPOINT={','.join(cluster.etcd_endpoints)}")
     click.echo(f"export FLEETCTL_ETCD_KEY_PREFIX={state.etcd_key_prefix}")
     click.echo(f"export FLEETCTL_KNOWN_HOSTS_FILE={cluster.known_hosts}")
     # The machines have only root; their sshd accepts the cluster key.

@@ -87,6 +87,7 @@ class Cluster:
         etcd_key_prefix: str = "/fleet/",
         fleetd: bool = True,
         etcd_port: int = 0,
+        etcd_members: int = 1,
         binds: Sequence[str] | None = None,
         state_root: Path = STATE_ROOT,
         progress: Progress | None = None,
@@ -102,6 +103,8 @@ class Cluster:
             )
         if not 1 <= n <= 200:
             raise ClusterError(f"machine count {n} out of range 1..200")
+        if etcd_members not in (1, 3, 5):
+            raise ClusterError(f"etcd member count {etcd_members}: use 1, 3 or 5")
         self.name = name
         self.n = n
         self.subnet = network.parse_subnet(subnet)
@@ -114,6 +117,7 @@ class Cluster:
         self.etcd_key_prefix = etcd_key_prefix
         self.fleetd = fleetd
         self.etcd_port = etcd_port
+        self.etcd_members = etcd_members
         self.binds = list(default_binds() if binds is None else binds)
         self.layout = Layout(state_root / name)
         self.progress: Progress = progress or _quiet
@@ -144,6 +148,7 @@ class Cluster:
             agent_ttl=state.agent_ttl,
             etcd_key_prefix=state.etcd_key_prefix,
             fleetd=state.fleetd,
+            etcd_members=max(1, len(state.etcd_members)),
             binds=state.binds,
             state_root=state_root,
             progress=progress,
@@ -167,11 +172,19 @@ class Cluster:
 
     @property
     def etcd_endpoint(self) -> str:
-        """etcd's client URL as the machines (and the host) reach it: on the bridge."""
+        """etcd's client URL as the machines (and the host) reach it: on the bridge.
+
+        With several members, the first one's; `etcd_endpoints` names them all.
+        """
+        return self.etcd_endpoints[0]
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        """Every etcd member's client URL on the bridge (what fleetd's etcd_servers lists)."""
         state = self._require_state()
-        if state.etcd is None:
+        if not state.etcd_members:
             raise ClusterError(f"cluster {self.name!r} has no etcd")
-        return f"http://{state.bridge_ip}:{state.etcd.client_port}"
+        return [f"http://{state.bridge_ip}:{m.client_port}" for m in state.etcd_members]
 
     @property
     def ssh_key(self) -> Path:
@@ -271,13 +284,94 @@ class Cluster:
 
     def _start_etcd(self, bridge_ip: str) -> None:
         state = self._require_state()
-        client_port = self.etcd_port or network.free_port()
-        peer_port = network.free_port()
-        pid = etcd.start(self.layout, self.name, bridge_ip, client_port, peer_port)
-        state.etcd = EtcdState(pid=pid, client_port=client_port, peer_port=peer_port)
+        ports: set[int] = set()
+
+        def port(fixed: int = 0) -> int:
+            while True:
+                chosen = fixed or network.free_port()
+                if chosen not in ports:
+                    ports.add(chosen)
+                    return chosen
+
+        state.etcd_members = [
+            EtcdState(
+                pid=0,
+                client_port=port(self.etcd_port if i == 1 else 0),
+                peer_port=port(),
+                index=i,
+            )
+            for i in range(1, self.etcd_members + 1)
+        ]
         self._save()
-        etcd.wait_healthy(self.layout, pid, f"http://127.0.0.1:{client_port}")
-        self.progress("etcd", f"healthy at {self.etcd_endpoint} (pid {pid})")
+        self.start_etcd()
+
+    def _etcd_members(self, indexes: Sequence[int] | None) -> list[EtcdState]:
+        members = self._require_state().etcd_members
+        if indexes is None:
+            return list(members)
+        known = {m.index: m for m in members}
+        unknown = [i for i in indexes if i not in known]
+        if unknown:
+            raise ClusterError(
+                f"no etcd member {unknown[0]} in cluster {self.name!r} (members 1..{len(members)})"
+            )
+        return [known[i] for i in indexes]
+
+    def start_etcd(self, members: Sequence[int] | None = None, timeout: float = 30.0) -> None:
+        """Start stopped etcd members (all by default) on their data and ports; wait healthy.
+
+        Members that run already are left alone. All of them start before any is waited
+        on: a member that restarts with its peers down is healthy only once it has a quorum.
+        """
+        state = self._require_state()
+        chosen = [m for m in self._etcd_members(members) if not etcd.running(m, self.layout)]
+        for member in chosen:
+            member.pid = etcd.start(
+                self.layout, self.name, state.bridge_ip, member, state.etcd_members
+            )
+            self._save()
+        for member in chosen:
+            etcd.wait_healthy(self.layout, member, timeout)
+            self.progress(
+                "etcd",
+                f"member {member.index} healthy at http://{state.bridge_ip}:"
+                f"{member.client_port} (pid {member.pid})",
+            )
+
+    def stop_etcd(self, members: Sequence[int] | None = None, *, kill: bool = False) -> None:
+        """Stop etcd members (all by default): SIGTERM, or SIGKILL as a crash with `kill`.
+
+        Their data stays; `start_etcd` brings them back.
+        """
+        for member in self._etcd_members(members):
+            if kill:
+                etcd.kill(member, self.layout)
+            else:
+                left = etcd.stop_member(member, self.layout, self.stop_grace)
+                if left:
+                    raise ClusterError(f"etcd member {member.index} (pid {left}) would not die")
+            member.pid = 0
+            self._save()
+            self.progress("etcd", f"member {member.index} {'killed' if kill else 'stopped'}")
+
+    def etcd_leader(self) -> int | None:
+        """The index of etcd's raft leader as the running members see it, or None.
+
+        None also while the members disagree (an election in progress).
+        """
+        seen: dict[str, int] = {}
+        leaders: set[str] = set()
+        for member in self._require_state().etcd_members:
+            if not etcd.running(member, self.layout):
+                continue
+            status = etcd.status(etcd.local_url(member))
+            if status is None:
+                return None
+            seen[status["member"]] = member.index
+            leaders.add(status["leader"])
+        if len(leaders) != 1:
+            return None
+        return seen.get(leaders.pop())
 
     def _parallel(self, work: Callable[[MachineState], None], items: list[MachineState]) -> None:
         """Run `work` for every machine at once; Ctrl-C cancels the others' waits."""
@@ -307,7 +401,7 @@ class Cluster:
             FLEET_CONF,
             fleet_conf(
                 machine=m.name,
-                etcd_servers=[self.etcd_endpoint],
+                etcd_servers=self.etcd_endpoints,
                 public_ip=m.ip,
                 metadata=m.metadata,
                 agent_ttl=state.agent_ttl,
@@ -393,15 +487,18 @@ class Cluster:
             step(f"fleetd {status.summary}" + ("" if status.ok else f"\n{detail}"))
 
     def _wait_etcd_reachable(self, m: MachineState) -> None:
+        """Wait until the machine reaches a running etcd member (any, if all are down)."""
         state = self._require_state()
         assert m.init_pid is not None
-        assert state.etcd is not None
         init_pid = m.init_pid
-        probe_argv = ["bash", "-c", f"exec 3<>/dev/tcp/{state.bridge_ip}/{state.etcd.client_port}"]
+        members = [x for x in state.etcd_members if etcd.running(x, self.layout)]
+        member = (members or state.etcd_members)[0]
+        target = f"{state.bridge_ip}/{member.client_port}"
+        probe_argv = ["bash", "-c", f"exec 3<>/dev/tcp/{target}"]
         procs.wait_for(
             lambda: True if machine.exec_in(init_pid, probe_argv).returncode == 0 else None,
             10.0,
-            f"{m.name} to reach etcd at {self.etcd_endpoint}",
+            f"{m.name} to reach etcd at {target}",
             cancel=self._cancel,
         )
 
@@ -605,12 +702,17 @@ class Cluster:
                     entry["fleet"] = f"unknown ({exc})"
             machines.append(entry)
         etcd_info: dict[str, Any] = {"endpoint": None, "pid": None, "healthy": False}
-        if state.etcd is not None:
-            etcd_info = {
-                "endpoint": self.etcd_endpoint,
-                "pid": state.etcd.pid,
-                "healthy": etcd.healthy(f"http://127.0.0.1:{state.etcd.client_port}"),
+        members = [
+            {
+                "index": m.index,
+                "endpoint": f"http://{state.bridge_ip}:{m.client_port}",
+                "pid": m.pid,
+                "healthy": etcd.running(m, self.layout) and etcd.healthy(etcd.local_url(m)),
             }
+            for m in state.etcd_members
+        ]
+        if members:
+            etcd_info = {**members[0], "members": members}
         return {
             "name": state.name,
             "state_dir": state.state_dir,

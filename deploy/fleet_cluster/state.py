@@ -50,9 +50,12 @@ class MachineState:
 
 @dataclass
 class EtcdState:
+    """One etcd member; `pid` is 0 while the member is stopped."""
+
     pid: int
     client_port: int
     peer_port: int
+    index: int = 1
 
 
 @dataclass
@@ -68,9 +71,14 @@ class ClusterState:
     fleetd: bool
     venv: str
     binds: list[str]
-    etcd: EtcdState | None = None
+    etcd_members: list[EtcdState] = field(default_factory=list)
     machines: list[MachineState] = field(default_factory=list)
     version: int = FORMAT_VERSION
+
+    @property
+    def etcd(self) -> EtcdState | None:
+        """The first etcd member (the only one, unless the cluster was made with more)."""
+        return self.etcd_members[0] if self.etcd_members else None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -78,11 +86,14 @@ class ClusterState:
     @classmethod
     def from_json(cls, text: str) -> ClusterState:
         raw: dict[str, Any] = json.loads(text)
-        etcd = raw.pop("etcd", None)
+        members = raw.pop("etcd_members", None)
+        single = raw.pop("etcd", None)  # state written before etcd had members
+        if members is None:
+            members = [single] if single else []
         machines = raw.pop("machines", [])
         return cls(
             **raw,
-            etcd=EtcdState(**etcd) if etcd else None,
+            etcd_members=[EtcdState(**m) for m in members],
             machines=[MachineState(**m) for m in machines],
         )
 
@@ -133,6 +144,16 @@ class Layout:
     @property
     def etcd_pid(self) -> Path:
         return self.etcd_dir / "etcd.pid"
+
+    # Member 1 keeps the single-member names above; further members get numbered ones.
+    def etcd_member_data(self, index: int) -> Path:
+        return self.etcd_data if index == 1 else self.etcd_dir / f"data-{index}"
+
+    def etcd_member_log(self, index: int) -> Path:
+        return self.etcd_log if index == 1 else self.etcd_dir / f"etcd-{index}.log"
+
+    def etcd_member_pid(self, index: int) -> Path:
+        return self.etcd_pid if index == 1 else self.etcd_dir / f"etcd-{index}.pid"
 
     def machine_dir(self, name: str) -> Path:
         return self.root / "machines" / name

@@ -83,8 +83,9 @@ def teardown(
     if attempt(f"delete bridge {bridge}", lambda: network.delete_bridge(bridge)):
         report("network", f"bridge {bridge} deleted")
 
-    etcd_pids = etcd.leftovers(layout) + ([state.etcd.pid] if state and state.etcd else [])
-    left = attempt("stop etcd", lambda: etcd.stop(layout, state.etcd if state else None, grace))
+    members = state.etcd_members if state else []
+    etcd_pids = etcd.leftovers(layout) + [m.pid for m in members if m.pid > 0]
+    left = attempt("stop etcd", lambda: etcd.stop(layout, members, grace))
     if left:
         problems.append(f"etcd pids {left} would not die")
     elif etcd_pids:

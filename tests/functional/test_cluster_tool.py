@@ -247,9 +247,11 @@ def assert_nothing_left(name: str, state: dict[str, object]) -> None:
     )
     assert str(state_dir) not in nspawns.stdout, f"nspawn processes left: {nspawns.stdout}"
 
-    etcd = state["etcd"]
-    assert isinstance(etcd, dict)
-    assert not is_alive(etcd["pid"]), "etcd still running"
+    members = state["etcd_members"]
+    assert isinstance(members, list)
+    assert members, "no etcd member recorded"
+    for member in members:
+        assert not is_alive(member["pid"]), f"etcd member {member['index']} still running"
     pgrep = ["pgrep", "-a", "-x", "etcd"]
     etcds = subprocess.run(pgrep, capture_output=True, text=True, check=False)
     assert str(state_dir) not in etcds.stdout, f"etcd left: {etcds.stdout}"

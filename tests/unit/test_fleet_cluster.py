@@ -121,7 +121,7 @@ def test_state_round_trips_and_resolves_machine_references() -> None:
         fleetd=True,
         venv="/work/venv",
         binds=["/work/main"],
-        etcd=EtcdState(pid=10, client_port=2379, peer_port=2380),
+        etcd_members=[EtcdState(pid=10, client_port=2379, peer_port=2380)],
         machines=[
             MachineState("fleet1", 1, "10.77.0.11", "a" * 32, {"region": "east"}),
             MachineState("fleet2", 2, "10.77.0.12", "b" * 32),
