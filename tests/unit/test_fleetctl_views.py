@@ -11,7 +11,7 @@ from fleetd.registry import codec
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.kv import Put
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import UnitFile, parse_unit
+from fleetd.unitfile import UnitFile, parse_unit, requirements
 from fleetd.views import (
     MachineView,
     StateView,
@@ -132,6 +132,42 @@ def test_unit_from_api_derives_globality_and_reads_reason() -> None:
     assert view.is_global
     assert view.reason == "whatever"
     assert unit_to_api(view)["reason"] == "whatever"
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("plain.service", [("Unit", "Description", "d"), ("Service", "ExecStart", "/bin/true")]),
+        ("x.service", [("X-Fleet", "MachineMetadata", "a=b"), ("X-Fleet", "Conflicts", "y*")]),
+        ("g.service", [("X-Fleet", "Global", "yes")]),
+        ("g.service", [("X-Fleet", "Global", "true"), ("X-Fleet", "Global", "false")]),
+        # the specifier expands to the instance: global only through the full parse
+        ("g@on.service", [("X-Fleet", "Global", "%i")]),
+        ("g.service", [("x-fleet", "Global", "true")]),  # section names are case-sensitive
+        ("u.service", [("Unit", "Description", "caf\u00e9 \u2603"), ("Service", "Empty", "")]),
+    ],
+)
+def test_unit_from_api_matches_the_full_parse(
+    name: str, options: list[tuple[str, str, str]]
+) -> None:
+    """The listing fast path (direct options, no requirements parse without Global=) gives
+    exactly what UnitFile.from_options and requirements() give."""
+    entries = [{"section": s, "name": n, "value": v} for s, n, v in options]
+    api = [{k: v for k, v in e.items() if v} for e in entries]  # as fleet omits empty values
+    view = unit_from_api({"name": name, "desiredState": "inactive", "options": api})
+    body = UnitFile.from_options(entries)
+    assert view.options == body.options
+    assert view.hash == body.hash
+    assert view.is_global == requirements(body, name).is_global
+
+
+@pytest.mark.parametrize(
+    "options",
+    [[{"section": "Unit", "name": "A", "value": None}], [{"section": "U", "name": "\udc80"}]],
+)
+def test_unit_from_api_refuses_bad_options(options: list[object]) -> None:
+    with pytest.raises(InvalidInput):
+        unit_from_api({"name": "x.service", "options": options})
 
 
 @pytest.mark.parametrize(
