@@ -141,9 +141,15 @@ class Agent:
         lease_renewed: Callable[[], float] | None = None,
         ttl: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        registered: asyncio.Event | None = None,
     ) -> None:
         """`lease_renewed` (clock time of the lease's last renewal, 0 if never) and `ttl`
-        enable PartitionPolicy=stop fencing; without them no unit is ever fenced."""
+        enable PartitionPolicy=stop fencing; without them no unit is ever fenced.
+
+        `registered`, when given, is set once presence has registered this machine: the agent
+        follows the schedule only from then on. A clone claiming a machine id that a live
+        fleetd holds is refused registration, and so never runs that machine's units.
+        """
         self.registry = registry
         self.keys = registry.keys
         self.manager = manager
@@ -170,6 +176,7 @@ class Agent:
         self.fence_tick = min(1.0, ttl / 30) if ttl > 0 else 1.0
         self.fenced: set[str] = set()  # held: stopped by the fence, not restarted yet
         self._resync = asyncio.Event()
+        self._registered = registered
 
     # ---- main loop ---------------------------------------------------------------------
 
@@ -179,6 +186,12 @@ class Agent:
         fencer = asyncio.ensure_future(self._fence_loop(stop))
         backoff = 0.5
         try:
+            # The fence loop runs from the start (a fleetd restarted in an outage still
+            # fences what it inherited); following the schedule waits for registration.
+            if self._registered is not None and not self._registered.is_set():
+                log.info("agent_waiting_for_registration", machine=self.machine_id)
+                while not (stop.is_set() or self._registered.is_set()):
+                    await sleep_or_stop(stop, 3600.0, wake=self._registered)
             while not stop.is_set():
                 try:
                     await self._sync(stop)

@@ -113,6 +113,7 @@ class Server:
             lease_renewed=lambda: self.presence.last_renewed,
             ttl=self.presence.ttl,
             clock=self.presence.clock,
+            registered=self.presence.registered,
         )
         self.presence.on_lease_changed(lambda _lease: agent.republish_all())
         engine = None

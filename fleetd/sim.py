@@ -94,6 +94,7 @@ class SimCluster:
             lease_renewed=lambda: presence.last_renewed,
             ttl=presence.ttl,
             clock=presence.clock,
+            registered=presence.registered,
         )
         presence.on_lease_changed(lambda _lease: agent.republish_all())
         engine = (

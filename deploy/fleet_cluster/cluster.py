@@ -588,12 +588,15 @@ class Cluster:
             self._boot(target)
         self.progress(target.name, f"restarted in {target.boot_seconds:.2f} s")
 
-    def add_machine(self, metadata: Mapping[str, str] | None = None) -> MachineState:
+    def add_machine(
+        self, metadata: Mapping[str, str] | None = None, *, machine_id: str | None = None
+    ) -> MachineState:
         """Boot one more machine (the next index and address) into the running cluster.
 
-        It gets a new machine-id, the cluster's default metadata (`*`) updated with
-        `metadata`, and fleetd if the cluster runs fleetd; the others learn its name and host
-        key. A machine that fails to boot stays in the state, so `down` removes it too.
+        It gets a new machine-id (or `machine_id`: a clone of another machine's, as a copied
+        VM image would have), the cluster's default metadata (`*`) updated with `metadata`,
+        and fleetd if the cluster runs fleetd; the others learn its name and host key. A
+        machine that fails to boot stays in the state, so `down` removes it too.
         """
         state = self._require_state()
         prereqs.check_host()
@@ -602,6 +605,8 @@ class Cluster:
             index = max((m.index for m in state.machines), default=0) + 1
             new = self._new_machine(index)
             new.metadata.update(metadata or {})
+            if machine_id is not None:
+                new.machine_id = machine_id
             state.machines.append(new)
             self.n = len(state.machines)
             self._save()  # first: `down` finds the machine whatever happens next

@@ -101,8 +101,9 @@ class RegistryDriver:
     """`Driver` through fleetd's Registry on the cluster's etcd (a private event loop)."""
 
     def __init__(self, endpoint: str, prefix: str = "/fleet/") -> None:
+        """`endpoint`: one etcd URL, or several joined by commas (one per member)."""
         self._loop = asyncio.new_event_loop()
-        self.kv = EtcdKV(EtcdConfig(endpoints=[endpoint]))
+        self.kv = EtcdKV(EtcdConfig(endpoints=endpoint.split(",")))
         self.registry = Registry(self.kv, prefix)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -198,6 +199,7 @@ class Fleet:
     home: list[MachineState] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    suite: str = "tests/functional/test_scheduling.py"  # names the figures' source
 
     # machines
 
@@ -236,6 +238,35 @@ class Fleet:
             props.get("SubState", "?"),
             int(props.get("MainPID") or 0),
         )
+
+    def systemd_many(self, m: MachineState, units: Iterable[str]) -> dict[str, SystemdUnit]:
+        """`systemd` for several units in one call into the machine (blocks in unit order)."""
+        names = list(units)
+        if not names:
+            return {}
+        props = "Id,LoadState,ActiveState,SubState,MainPID"
+        done = self.cluster.exec(m, ["systemctl", "show", "-p", props, *names])
+        found: dict[str, SystemdUnit] = {}
+        for block in done.stdout.strip().split("\n\n"):
+            values = dict(line.partition("=")[::2] for line in block.splitlines())
+            if values.get("Id") in names:
+                found[values["Id"]] = SystemdUnit(
+                    values.get("LoadState", "?"),
+                    values.get("ActiveState", "?"),
+                    values.get("SubState", "?"),
+                    int(values.get("MainPID") or 0),
+                )
+        return found
+
+    def main_pids(self, units: Iterable[str]) -> dict[str, dict[str, int]]:
+        """unit -> {machine name: main pid} for every live machine where systemd runs it."""
+        names = list(units)
+        seen: dict[str, dict[str, int]] = {name: {} for name in names}
+        for m in self.live():
+            for name, sd in self.systemd_many(m, names).items():
+                if sd.running:
+                    seen[name][m.name] = sd.main_pid
+        return seen
 
     def unit_files(self, m: MachineState) -> set[str]:
         """The unit files fleetd wrote in the machine."""
@@ -390,7 +421,7 @@ class Fleet:
         if not self.metrics:
             return
         entry = {
-            "suite": "tests/functional/test_scheduling.py",
+            "suite": self.suite,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "cluster": self.cluster.name,
             "machines": len(self.cluster.machines),
