@@ -215,6 +215,24 @@ async def test_lists_follow_page_tokens(server: Server) -> None:
     ) in server.api.requests
 
 
+async def test_a_bad_page_stops_the_listing_and_its_prefetch(server: Server) -> None:
+    """The next page is requested before a page is decoded; a page that does not decode
+    fails the listing, and the request already sent for the next page is not left behind."""
+    server.api.units = {
+        "a.service": api_unit("a.service", HELLO, "launched"),
+        "b.service": {"name": 3},
+        "c.service": api_unit("c.service", HELLO, "launched"),
+    }
+    client = ApiClient(server.http_endpoint)
+    try:
+        with pytest.raises(InvalidInput):
+            await client.units()
+        assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert [m.id for m in await client.machines()] == []  # the session still works
+    finally:
+        await client.close()
+
+
 async def test_unit_writes_have_fleets_shapes(server: Server) -> None:
     client = ApiClient(server.http_endpoint)
     body = parse_unit(HELLO_TEMPLATE)
