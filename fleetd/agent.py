@@ -71,7 +71,7 @@ from fleetd.registry.kv import EventType, WatchEvent
 from fleetd.registry.registry import Registry
 from fleetd.systemd.manager import SystemdState, UnitManager
 from fleetd.unitfile import UnitFile
-from fleetd.watching import follow, sleep_or_stop
+from fleetd.watching import Backoff, follow, sleep_or_stop
 
 log = structlog.get_logger("fleetd.agent")
 
@@ -177,6 +177,7 @@ class Agent:
         self.fenced: set[str] = set()  # held: stopped by the fence, not restarted yet
         self._resync = asyncio.Event()
         self._registered = registered
+        self._backoff = Backoff()
 
     # ---- main loop ---------------------------------------------------------------------
 
@@ -184,7 +185,6 @@ class Agent:
         publisher = asyncio.ensure_future(self._publish_loop(stop))
         observer = asyncio.ensure_future(self._observe_loop(stop))
         fencer = asyncio.ensure_future(self._fence_loop(stop))
-        backoff = 0.5
         try:
             # The fence loop runs from the start (a fleetd restarted in an outage still
             # fences what it inherited); following the schedule waits for registration.
@@ -195,14 +195,13 @@ class Agent:
             while not stop.is_set():
                 try:
                     await self._sync(stop)
-                    backoff = 0.5
                 except Compacted as e:
                     log.info("agent_resync_after_compaction", error=str(e))
                 except RegistryUnavailable as e:
-                    log.warning("agent_registry_unavailable", error=str(e), retry_in=backoff)
+                    wait = self._backoff.next()
+                    log.warning("agent_registry_unavailable", error=str(e), retry_in=wait)
                     # A resync asked by the fence loop (renewals resumed) cuts the wait short.
-                    await sleep_or_stop(stop, backoff, wake=self._resync)
-                    backoff = min(backoff * 2, 10.0)
+                    await sleep_or_stop(stop, wait, wake=self._resync)
         finally:
             publisher.cancel()
             observer.cancel()
@@ -214,6 +213,7 @@ class Agent:
         self._resync.clear()
         healthy = not self.lease_at_risk()
         revision = await self._load_desired()
+        self._backoff.reset()  # etcd answered
         if healthy and self.fenced:
             # A schedule read begun with the lease renewed again: the plan from it is the truth.
             log.info("partition_fence_lifted", units=sorted(self.fenced))

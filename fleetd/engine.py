@@ -28,7 +28,7 @@ from fleetd.registry import codec
 from fleetd.registry.codec import CorruptValue
 from fleetd.registry.kv import EventType, Op, WatchEvent
 from fleetd.registry.registry import LeaderToken, Registry
-from fleetd.watching import follow, sleep_or_stop
+from fleetd.watching import Backoff, follow, sleep_or_stop
 
 log = structlog.get_logger("fleetd.engine")
 
@@ -74,24 +74,24 @@ class Engine:
         return self.token is not None
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.5
+        backoff = Backoff()
         while not stop.is_set():
             try:
                 lease = await self._lease()
                 token = await self.registry.campaign(self.machine_id, lease)
+                backoff.reset()  # etcd answered
                 if token is None:
                     await self._follow(stop)
                 else:
                     self.token = token
                     log.info("engine_leadership_acquired", machine=self.machine_id)
                     await self._lead(token, stop)
-                backoff = 0.5
             except NotLeader as e:
                 log.warning("engine_leadership_lost", reason=str(e))
             except (RegistryUnavailable, Compacted) as e:
-                log.warning("engine_registry_error", error=str(e), retry_in=backoff)
-                await sleep_or_stop(stop, backoff)
-                backoff = min(backoff * 2, 10.0)
+                wait = backoff.next()
+                log.warning("engine_registry_error", error=str(e), retry_in=wait)
+                await sleep_or_stop(stop, wait)
             finally:
                 if self.token is not None and stop.is_set():
                     with contextlib.suppress(FleetError):

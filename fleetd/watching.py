@@ -16,6 +16,33 @@ from fleetd.registry.kv import WatchEvent
 
 Item = list[WatchEvent] | BaseException
 
+# The etcd channel retries its connection at least every 2 s (fleetd/registry/etcd.py), so
+# waiting longer between attempts only delays the resume after an outage.
+RETRY_CEILING = 2.0
+
+
+class Backoff:
+    """Waits between retries of a loop whose attempts can each run for hours (a watch).
+
+    The wait doubles from `initial` to `ceiling` while etcd fails, and goes back to `initial`
+    as soon as an attempt got through (`reset`): resetting only when a whole attempt ended
+    well would never happen for a watch, and a fleetd that waited out one long outage would
+    then wait the longest after every later blip.
+    """
+
+    def __init__(self, initial: float = 0.5, ceiling: float = RETRY_CEILING) -> None:
+        self.initial = initial
+        self.ceiling = ceiling
+        self.current = initial
+
+    def next(self) -> float:
+        wait = self.current
+        self.current = min(self.current * 2, self.ceiling)
+        return wait
+
+    def reset(self) -> None:
+        self.current = self.initial
+
 
 async def follow(
     watch: Callable[[str, int], AsyncGenerator[list[WatchEvent], None]],

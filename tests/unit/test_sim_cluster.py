@@ -162,3 +162,29 @@ async def test_unplaceable_unit_gets_reason(cluster: SimCluster) -> None:
 async def test_global_unit_runs_everywhere(cluster: SimCluster) -> None:
     await start_unit(cluster, "g.service", HELLO + "\n[X-Fleet]\nGlobal=true\n")
     await wait_for(lambda: len(running_on(cluster, "g.service")) == 3, what="global everywhere")
+
+
+async def test_clone_with_a_machine_id_in_use_runs_nothing(
+    cluster: SimCluster, tmp_path: Path
+) -> None:
+    """A second fleetd claiming a live machine's id (a cloned image) is refused registration,
+    and its agent never follows that machine's schedule: no unit runs twice."""
+    for i in range(3):
+        await start_unit(cluster, f"u{i}.service")
+    for i in range(3):
+        await wait_for(lambda i=i: len(running_on(cluster, f"u{i}.service")) == 1, what=f"u{i}")
+    original = next(iter(cluster.machines.values()))
+    clones = SimCluster(cluster.kv, agent_ttl=TTL, engines=0, state_dir=tmp_path / "clone")
+    clone = clones.add(original.id)
+    clones.start(clone)
+    try:
+        await wait_for(lambda: clone.presence.refused_duplicate, what="the clone to be refused")
+        # An invariant over more than a TTL: the clone's systemd never gets a unit.
+        deadline = time.monotonic() + 2 * TTL
+        while time.monotonic() < deadline:
+            assert clone.manager._states == {}, sorted(clone.manager._states)
+            assert not clone.presence.registered.is_set()
+            await asyncio.sleep(0.02)
+        assert original.presence.registered.is_set()
+    finally:
+        await clones.close()
