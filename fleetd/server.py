@@ -18,6 +18,7 @@ import os
 import signal
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -156,10 +157,41 @@ class Server:
         if engine is not None:
             tasks.append(asyncio.ensure_future(engine.run(self.stop)))
         self.notifier.ready(f"machine {self.machine_id}: registering in etcd")
-        await self.stop.wait()
+        failure = await self._until_stop_or_failure(tasks)
+        if failure is not None:
+            # A component died (e.g. etcd refused our credentials: ConfigError). Before this,
+            # fleetd went on running without it, unregistered, silently. Exit non-zero with
+            # the reason instead, as on a restart: units keep running, the lease is kept, and
+            # systemd (Restart=) or the operator brings fleetd back once the cause is fixed.
+            # Units must not stop merely because etcd refused us.
+            if isinstance(failure, FleetError):
+                log.error("fleetd_failed", error=str(failure))
+            else:
+                log.error("fleetd_failed", error=repr(failure), exc_info=failure)
+            self.keep_units = True
+            self.stop.set()
         self.notifier.stopping()
         await self._shutdown(agent, tasks)
-        return 0
+        return 0 if failure is None else 1
+
+    async def _until_stop_or_failure(
+        self, tasks: list[asyncio.Future[None]]
+    ) -> BaseException | None:
+        """Wait for the stop event; return early with the error of a task that raised.
+
+        Tasks that return (the registration report, a watchdog without systemd) are fine."""
+        stop_task = asyncio.ensure_future(self.stop.wait())
+        pending: set[asyncio.Future[Any]] = {stop_task, *tasks}
+        try:
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if stop_task in done:
+                    return None
+                for task in done:
+                    if not task.cancelled() and task.exception() is not None:
+                        return task.exception()
+        finally:
+            stop_task.cancel()
 
     async def _report_registration(self) -> None:
         stop_task = asyncio.ensure_future(self.stop.wait())
