@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import socket
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -36,6 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+# gRPC's C core logs a failed TLS handshake at INFO straight to stderr, ahead of (and in
+# cruder words than) the error this module raises: fleetctl printed it before its own one-line
+# message. Errors still show; GRPC_VERBOSITY set by the user wins. Must precede the import.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import aetcd
 import grpc
