@@ -68,7 +68,7 @@ from fleetd.model import (
 from fleetd.registry import codec
 from fleetd.registry.codec import CorruptValue
 from fleetd.registry.kv import EventType, WatchEvent
-from fleetd.registry.registry import Registry
+from fleetd.registry.registry import Registry, acceptable_name
 from fleetd.systemd.manager import SystemdState, UnitManager
 from fleetd.unitfile import UnitFile
 from fleetd.watching import Backoff, follow, sleep_or_stop
@@ -261,6 +261,8 @@ class Agent:
         if event.type == EventType.DELETE:
             target.pop(name, None)
             return
+        if not acceptable_name(name, event.key):
+            return
         try:
             hash_, state = codec.decode_desired(event.value)
         except CorruptValue as e:
@@ -272,8 +274,15 @@ class Agent:
         scheduled, revision = await self.registry.machine_schedule(self.machine_id)
         globals_, _ = await self.registry.global_units()
         meta_kvs, _ = await self.registry.kv.range(self.keys.machine_meta + self.machine_id + "/")
-        self.scheduled = {s.name: s for s in scheduled}
-        self.globals = {s.name: s for s in globals_}
+        keys = self.keys
+        self.scheduled = {
+            s.name: s
+            for s in scheduled
+            if acceptable_name(s.name, keys.scheduled(self.machine_id, s.name))
+        }
+        self.globals = {
+            s.name: s for s in globals_ if acceptable_name(s.name, keys.global_unit(s.name))
+        }
         prefix = self.keys.machine_meta + self.machine_id + "/"
         self.dynamic_meta = {self.keys.tail(kv.key, prefix): kv.value for kv in meta_kvs}
         return revision

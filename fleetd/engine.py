@@ -27,7 +27,7 @@ from fleetd.model import Unit
 from fleetd.registry import codec
 from fleetd.registry.codec import CorruptValue
 from fleetd.registry.kv import EventType, Op, WatchEvent
-from fleetd.registry.registry import LeaderToken, Registry
+from fleetd.registry.registry import LeaderToken, Registry, acceptable_name
 from fleetd.watching import Backoff, follow, sleep_or_stop
 
 log = structlog.get_logger("fleetd.engine")
@@ -148,6 +148,8 @@ class Engine:
             if event.type == EventType.DELETE:
                 self.view.units.pop(name, None)
                 return
+            if not acceptable_name(name, event.key):
+                return
             try:
                 hash_, state = codec.decode_desired(event.value)
             except CorruptValue as e:
@@ -163,7 +165,7 @@ class Engine:
         """Read everything the engine needs, once; returns the revision to watch from."""
         registry = self.registry
         listed, revision = await registry.units_at()
-        units = {u.name: u for u in listed}
+        units = {u.name: u for u in listed if acceptable_name(u.name, registry.keys.unit(u.name))}
         view = EngineView(units=units)
         view.machines = {m.id: m for m in await registry.list_machines()}
         view.schedule = {s.name: s for s in await registry.full_schedule()}

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 import structlog
 
-from fleetd.errors import Conflict, InvalidInput, NotFound, NotLeader, UnitFileError
+from fleetd.errors import (
+    Conflict,
+    InvalidInput,
+    InvalidUnitName,
+    NotFound,
+    NotLeader,
+    UnitFileError,
+)
 from fleetd.model import (
     Machine,
     Placement,
@@ -35,7 +42,7 @@ from fleetd.registry.kv import (
     Put,
     WatchEvent,
 )
-from fleetd.unitfile import UnitFile, parse_unit
+from fleetd.unitfile import UnitFile, parse_unit, validate_name
 from fleetd.unitfile import requirements as parse_requirements
 
 log = structlog.get_logger("fleetd.registry")
@@ -48,6 +55,23 @@ class LeaderToken:
     machine_id: str
     lease: int
     create_revision: int
+
+
+def acceptable_name(name: str, key: str) -> bool:
+    """Whether a unit name read from etcd is one fleet accepts; if not, log it (naming the key).
+
+    Clients, the API and `Registry.create_unit` refuse such names, so only a direct etcd write
+    (or a bug) makes one. The engine does not schedule it and the agent skips it: the unit
+    manager would refuse it anyway (the name becomes a file name in the units directory), but
+    a unit kept in the agent's plan failed its task at every pass, and the first failure ends
+    the pass, so one bad key kept every other unit on the machine from being started.
+    """
+    try:
+        validate_name(name)
+    except InvalidUnitName as e:
+        log.error("unit_name_refused", key=key, error=str(e))
+        return False
+    return True
 
 
 class Registry:
@@ -168,8 +192,10 @@ class Registry:
         """Store a unit. Without `replace` it must not exist yet (returns False if it does).
 
         The body and the unit record go in one transaction, so no reader sees a unit whose
-        body is missing.
+        body is missing. A name fleet would refuse (`validate_name`) raises InvalidUnitName
+        before anything is written: the CLI and the API check first, this is the last line.
         """
+        validate_name(name)
         unit_key = self.keys.unit(name)
         body_key = self.keys.body(unit.hash)
         record = Put(unit_key, codec.encode_desired(unit.hash, target_state))
