@@ -340,6 +340,7 @@ class Submitter(threading.Thread):
             driver.close()
 
 
+@pytest.mark.timeout(900)  # 50 kills, each waiting for systemd's RestartSec=2s
 def test_engine_leader_sigkilled_50_times_under_submits(fleet: Fleet) -> None:
     submitter = Submitter(",".join(fleet.cluster.etcd_endpoints), interval=0.5)
     submitter.start()
