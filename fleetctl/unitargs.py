@@ -14,15 +14,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import click
 
 from fleetctl.client import ClusterClient
 from fleetctl.errors import CommandFailed
-from fleetd.errors import FleetError
+from fleetd.errors import FleetError, UnitFileError
 from fleetd.model import TargetState
 from fleetd.unitfile import (
+    MAX_UNIT_BYTES,
     UnitFile,
     UnitNameInfo,
     glob_match,
@@ -50,7 +50,17 @@ def is_glob(arg: str) -> bool:
 
 
 def read_unit_file(path: str) -> UnitFile:
-    return parse_unit_bytes(Path(path).read_bytes())
+    """Parse a local unit file, refusing one over MAX_UNIT_BYTES (the API's default limit).
+
+    Reads at most one byte past the limit: a huge file (or a FIFO, /dev/zero) must be refused,
+    not read whole into memory first.
+    """
+    with open(path, "rb") as f:
+        data = f.read(MAX_UNIT_BYTES + 1)
+        if len(data) > MAX_UNIT_BYTES:
+            size = max(os.fstat(f.fileno()).st_size, len(data))
+            raise UnitFileError(f"unit file too large: {size} bytes (max {MAX_UNIT_BYTES})")
+    return parse_unit_bytes(data)
 
 
 @dataclass
