@@ -579,3 +579,48 @@ async def test_state_change_of_a_unit_destroyed_meanwhile_is_404(
         404,
         "unit does not exist",
     )
+
+
+# ---- names with path tricks, bodies that are not UTF-8 ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("quoted_name", "status", "message"),
+    [
+        # "/" never reaches the handler: the route takes one path segment, decoded first
+        ("..%2F..%2Fetc%2Fpasswd.service", 404, "not found"),
+        ("a%2F..%2F..%2Fb.service", 404, "not found"),
+        ("..%2Fx.service", 404, "not found"),
+        ("a..b.service", 400, 'unit name cannot contain ".."'),
+        (".hidden.service", 400, 'unit name cannot start in "."'),
+        ("nul%00.service", 400, "invalid character '\\x00' in unit name"),
+        # aiohttp's route pattern ".*" stops at a newline: its own 404, before fleet's checks
+        ("new%0Aline.service", 404, "Not Found"),
+        ("x" * 300 + ".service", 400, "unit name exceeds maximum length (256)"),
+        ("caf%C3%A9.service", 400, "invalid character '\u00e9' in unit name"),
+    ],
+)
+async def test_put_names_with_path_tricks_change_nothing(
+    api: Api, quoted_name: str, status: int, message: str
+) -> None:
+    before = api.stored()
+    body = {"desiredState": "launched", "options": OPTIONS}
+    assert await api.error("PUT", f"/fleet/v1/units/{quoted_name}", body) == (status, message)
+    assert api.stored() == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"options": [{"section": "Service", "name": "ExecStart", "value": "/bin/caf\xe9"}]}',
+        b'{"desiredState": "launched", "options": [], "x": "\xff\xfe"}',
+        '{"options": []}'.encode("utf-16"),
+    ],
+)
+async def test_put_body_that_is_not_utf8_is_400_and_changes_nothing(api: Api, body: bytes) -> None:
+    before = api.stored()
+    status, message = await api.error("PUT", unit_url("a.service"), data=body, headers=JSON_HEADERS)
+    assert status == 400
+    assert message.startswith("unable to decode body: ")
+    assert "UTF-8" in message
+    assert api.stored() == before
