@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from fleetd.api import discovery, machines, state, units
 from fleetd.api.context import ApiContext
@@ -63,7 +62,7 @@ async def _metrics(ctx: ApiContext, request: web.Request, item: str) -> web.Stre
     body = ctx.metrics.render()
     response = web.Response(body=body)
     # Set as a header: prometheus' type has a version parameter aiohttp's content_type refuses.
-    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    response.headers["Content-Type"] = ctx.metrics.content_type
     return response
 
 

@@ -24,10 +24,19 @@ each request) and the engine's plan durations.
 | fleet_etcd_request_seconds{kind} | histogram | their latency (watches are not timed) |
 | fleet_machine_registered | gauge | 1 once this machine is registered in etcd |
 | fleet_build_info{version} | gauge | always 1 |
+
+prometheus-client is imported at the first scrape, not with fleetd: most fleetds are never
+scraped, and the library (with the http.server, wsgiref and email modules it pulls in) costs
+a fleetd about 1.5 MB of its resident memory. Until then the pushed values are kept in the
+plain counters and histograms below, which also cost less per etcd request than
+prometheus-client's locked ones; at a scrape they are handed to prometheus-client as metric
+families (with the same `_created` series its own Counter and Histogram write), so the page is
+what it was with prometheus-client's metric objects.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
@@ -35,9 +44,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from fleetd import __version__
 from fleetd.engine import EngineStats
@@ -46,6 +52,9 @@ from fleetd.model import TargetState
 from fleetd.registry.registry import Registry
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import CollectorRegistry
+
     from fleetd.agent import Agent
     from fleetd.engine import Engine
 
@@ -55,34 +64,103 @@ log = structlog.get_logger("fleetd.api.metrics")
 CLUSTER_CACHE_SECONDS = 5.0
 
 
-class EtcdMetrics:
-    """The `RequestObserver` that `InstrumentedKV` reports to."""
+# prometheus-client's default histogram buckets (Histogram.DEFAULT_BUCKETS), upper bounds
+# in seconds; +Inf is implied.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "fleet_etcd_requests", "etcd requests sent, by kind", ["kind"], registry=registry
-        )
-        self.errors = Counter(
-            "fleet_etcd_request_errors",
-            "etcd requests that failed, by kind",
-            ["kind"],
-            registry=registry,
-        )
-        self.seconds = Histogram(
-            "fleet_etcd_request_seconds",
-            "etcd request latency, by kind (watch streams are not timed)",
-            ["kind"],
-            registry=registry,
-        )
+
+def _float_text(value: float) -> str:
+    # How prometheus-client names a bucket bound (floatToGoString).
+    return repr(float(value))
+
+
+_BUCKET_LABELS = (*(_float_text(b) for b in BUCKETS), "+Inf")
+
+
+class Histogram:
+    """A histogram with prometheus-client's default buckets; `observe` is all the hot path
+    does. Not thread-safe: everything that observes runs on fleetd's event loop."""
+
+    __slots__ = ("counts", "created", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; last is +Inf
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out = []
+        total = 0
+        for label, count in zip(_BUCKET_LABELS, self.counts, strict=True):
+            total += count
+            out.append((label, float(total)))
+        return out
+
+
+class EtcdMetrics:
+    """The `RequestObserver` that `InstrumentedKV` reports to: per-kind counts (and when
+    each kind was first seen, for the `_created` series), and per-kind latency."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.seconds: dict[str, Histogram] = {}
+        self.created: dict[tuple[str, str], float] = {}  # (series, kind) -> first seen
+
+    def _count(self, series: dict[str, int], name: str, kind: str) -> None:
+        if kind in series:
+            series[kind] += 1
+        else:
+            series[kind] = 1
+            self.created[(name, kind)] = time.time()
 
     def started(self, kind: str) -> None:
-        self.requests.labels(kind).inc()
+        self._count(self.requests, "requests", kind)
 
     def finished(self, kind: str, seconds: float | None, failed: bool) -> None:
         if failed:
-            self.errors.labels(kind).inc()
+            self._count(self.errors, "errors", kind)
         if seconds is not None:
-            self.seconds.labels(kind).observe(seconds)
+            histogram = self.seconds.get(kind)
+            if histogram is None:
+                histogram = self.seconds[kind] = Histogram()
+            histogram.observe(seconds)
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
+        for series, name, doc in (
+            ("requests", "fleet_etcd_requests", "etcd requests sent, by kind"),
+            ("errors", "fleet_etcd_request_errors", "etcd requests that failed, by kind"),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["kind"])
+            for kind, count in getattr(self, series).items():
+                family.add_metric([kind], count, created=self.created[(series, kind)])
+            yield family
+        yield _histogram_family(
+            "fleet_etcd_request_seconds",
+            "etcd request latency, by kind (watch streams are not timed)",
+            self.seconds,
+        )
+
+
+def _histogram_family(name: str, doc: str, children: dict[str, Histogram]) -> Metric:
+    """A histogram family as prometheus-client's Histogram writes it, `_created` included;
+    the key "" is an unlabelled histogram."""
+    from prometheus_client.core import HistogramMetricFamily
+    from prometheus_client.samples import Sample
+
+    labelled = "" not in children
+    family = HistogramMetricFamily(name, doc, labels=["kind"] if labelled else None)
+    for kind, histogram in children.items():
+        family.add_metric([kind] if labelled else [], histogram.cumulative(), histogram.sum)
+        labels = {"kind": kind} if labelled else {}
+        family.samples.append(Sample(f"{name}_created", labels, histogram.created))
+    return family
 
 
 class TimedEngineStats(EngineStats):
@@ -115,20 +193,15 @@ def _counts(states: Iterable[TargetState], machines: int) -> ClusterCounts:
 
 class Metrics:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.registry = CollectorRegistry()
-        self.etcd = EtcdMetrics(self.registry)
-        self.reconcile_seconds = Histogram(
-            "fleet_engine_reconcile_seconds",
-            "duration of each engine plan (read the view, plan, write)",
-            registry=self.registry,
-        )
+        self.etcd = EtcdMetrics()
+        self.reconcile_seconds = Histogram()
+        self._registry: CollectorRegistry | None = None  # made at the first scrape
         self.engine: Engine | None = None
         self.agent: Agent | None = None
         self.registered: Callable[[], bool] = lambda: False
         self._clock = clock
         self._cluster: ClusterCounts | None = None
         self._cluster_read_at = float("-inf")
-        self.registry.register(_LiveCollector(self))
 
     def attach(
         self,
@@ -174,9 +247,39 @@ class Metrics:
         self._cluster_read_at = self._clock()
 
     def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)
 
+    @property
+    def content_type(self) -> str:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return CONTENT_TYPE_LATEST
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """fleetd's own CollectorRegistry (see the module docstring), made on first use."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            registry = CollectorRegistry()
+            registry.register(_Collector(self))
+            self._registry = registry
+        return self._registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.etcd.collect()
+        yield _histogram_family(
+            "fleet_engine_reconcile_seconds",
+            "duration of each engine plan (read the view, plan, write)",
+            {"": self.reconcile_seconds},
+        )
+        yield from self.collect_live()
+
     def collect_live(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
         info = GaugeMetricFamily("fleet_build_info", "fleetd version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
@@ -190,6 +293,8 @@ class Metrics:
         yield from self._collect_agent()
 
     def _collect_cluster(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
         cluster = self._cluster
         if cluster is None:
             return
@@ -200,6 +305,8 @@ class Metrics:
         yield GaugeMetricFamily("fleet_machines", "registered machines", value=cluster.machines)
 
     def _collect_engine(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         engine = self.engine
         leader = engine is not None and engine.is_leader
         yield GaugeMetricFamily(
@@ -217,6 +324,8 @@ class Metrics:
         )
 
     def _collect_agent(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         agent = self.agent
         if agent is None:
             return
@@ -232,9 +341,12 @@ class Metrics:
         yield units
 
 
-class _LiveCollector(Collector):
+class _Collector:
+    """What fleetd's CollectorRegistry collects: everything, in the order the metric objects
+    used to be registered (etcd, engine plans, then the values read at scrape time)."""
+
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
     def collect(self) -> Iterable[Metric]:
-        return list(self._metrics.collect_live())
+        return list(self._metrics.collect())

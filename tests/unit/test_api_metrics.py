@@ -4,6 +4,8 @@ simulated one-machine cluster (real presence, engine and agent code over FakeKV)
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -121,6 +123,39 @@ def test_timed_engine_stats_observe_each_plan() -> None:
     got = samples(metrics.render().decode())
     assert got[("fleet_engine_reconcile_seconds_count", ())] == 2
     assert got[("fleet_engine_reconcile_seconds_sum", ())] == 0.75
+
+
+def test_histograms_match_prometheus_clients() -> None:
+    """Our plain histogram puts values (bounds included) where prometheus-client's would."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    theirs = Histogram("fleet_engine_reconcile_seconds", "x", registry=registry)
+    metrics = Metrics()
+    for value in (0.0, 0.005, 0.0051, 0.1, 1.0, 9.99, 10.0, 10.01, 1e6):
+        theirs.observe(value)
+        metrics.reconcile_seconds.observe(value)
+
+    def buckets(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            k: v
+            for k, v in samples(text).items()
+            if k[0].startswith("fleet_engine_reconcile_seconds_") and not k[0].endswith("_created")
+        }
+
+    assert buckets(metrics.render().decode()) == buckets(generate_latest(registry).decode())
+
+
+def test_prometheus_client_is_imported_at_the_first_scrape_only() -> None:
+    code = (
+        "import sys, fleetd.server\n"
+        "from fleetd.api.metrics import Metrics\n"
+        "m = Metrics(); m.etcd.started('get'); m.etcd.finished('get', 0.1, False)\n"
+        "assert 'prometheus_client' not in sys.modules\n"
+        "m.render()\n"
+        "assert 'prometheus_client' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 async def test_metrics_route_with_no_components(api: Api) -> None:
