@@ -218,7 +218,8 @@ def _debug_logging(ctx: click.Context) -> None:
 @click.option(
     "--ssh-timeout",
     envvar="FLEETCTL_SSH_TIMEOUT",
-    type=float,
+    # A timeout of 0 or less failed every request at once, with no word about the flag.
+    type=click.FloatRange(min=0, min_open=True),
     default=10.0,
     show_default=True,
     help="Amount of time in seconds to allow for SSH connection initialization before failing.",
@@ -226,7 +227,8 @@ def _debug_logging(ctx: click.Context) -> None:
 @click.option(
     "--request-timeout",
     envvar="FLEETCTL_REQUEST_TIMEOUT",
-    type=float,
+    # A timeout of 0 or less failed every request at once, with no word about the flag.
+    type=click.FloatRange(min=0, min_open=True),
     default=3.0,
     show_default=True,
     help="Amount of time in seconds to allow a single request before considering it failed.",

@@ -489,3 +489,26 @@ def test_tls_settings_errors(args: list[str], message: str) -> None:
     result = CliRunner().invoke(cli, [*args, "list-units"])
     assert result.exit_code == 1
     assert result.stderr.startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--request-timeout=0"], {}, "Invalid value for '--request-timeout': 0.0 is not in the"),
+        (["--request-timeout=-1"], {}, "Invalid value for '--request-timeout': -1.0 is not in"),
+        (["--request-timeout=abc"], {}, "Invalid value for '--request-timeout': 'abc' is not a"),
+        ([], {"FLEETCTL_REQUEST_TIMEOUT": "-2"}, "Invalid value for '--request-timeout': -2.0"),
+        (["--ssh-timeout=0"], {}, "Invalid value for '--ssh-timeout': 0.0 is not in the range"),
+        ([], {"FLEETCTL_SSH_TIMEOUT": "x"}, "Invalid value for '--ssh-timeout': 'x' is not a"),
+        (["--strict-host-key-checking=maybe"], {}, "invalid argument 'maybe' for --strict-host"),
+    ],
+)
+def test_bad_flag_values_are_usage_errors_naming_the_flag(
+    cluster: Cluster, args: list[str], env: dict[str, str], message: str
+) -> None:
+    before = cluster.kv.dump("")
+    result = cluster.invoke(*args, "destroy", "hello.service", env=env)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert cluster.settings == []  # refused before any client was made
+    assert cluster.kv.dump("") == before
