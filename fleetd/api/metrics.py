@@ -27,7 +27,7 @@ each request) and the engine's plan durations.
 
 prometheus-client is imported at the first scrape, not with fleetd: most fleetds are never
 scraped, and the library (with the http.server, wsgiref and email modules it pulls in) costs
-a fleetd about 1.5 MB of its resident memory. Until then the pushed values are kept in the
+a fleetd about 1 MB of its resident memory. Until then the pushed values are kept in the
 plain counters and histograms below, which also cost less per etcd request than
 prometheus-client's locked ones; at a scrape they are handed to prometheus-client as metric
 families (with the same `_created` series its own Counter and Histogram write), so the page is
