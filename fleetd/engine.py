@@ -5,8 +5,10 @@ machine's lease, so a dead leader is replaced as soon as its lease expires, and 
 fenced on that key's create revision, so a deposed leader cannot place anything.
 
 Loop shape: read a snapshot once, then keep it current from watches on units/, machines/ and
-machine-meta/; after each burst of events, plan and apply. A timer re-plans on the in-memory
-view as a safety net; it reads nothing from etcd, so an idle cluster costs only keepalives.
+machine-meta/; after each burst of events, plan and apply. The idle timer plans only if the
+view changed since the last plan (a pure planner on an unchanged, applied view writes
+nothing), and reads nothing from etcd, so an idle cluster costs only keepalives, in etcd and
+in CPU.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ class Engine:
         # Set by watch events, resolved (with etcd reads) just before the next plan.
         self._needs_body: set[str] = set()
         self._machines_dirty = False
+        # Whether the view changed since the last plan. Planning is pure and idempotent on the
+        # applied result, so re-planning an unchanged view can write nothing: the idle safety
+        # pass skips it (a full plan of 10,000 units on 1,000 machines costs ~1 s of CPU).
+        self._changed = True
 
     @property
     def is_leader(self) -> bool:
@@ -121,7 +127,8 @@ class Engine:
         prefixes = [self.keys.units, self.keys.machines, self.keys.machine_meta, self.keys.leader]
 
         async def plan() -> None:
-            await self._plan_and_apply(token)
+            if self._changed:
+                await self._plan_and_apply(token)
 
         await follow(
             self.registry.watch,
@@ -143,6 +150,7 @@ class Engine:
             if event.type == EventType.DELETE or event.value != self.machine_id:
                 raise NotLeader("leader key changed")
             return
+        self._changed = True
         if event.key.startswith(keys.units):
             name = keys.tail(event.key, keys.units)
             if event.type == EventType.DELETE:
@@ -211,6 +219,7 @@ class Engine:
                 del self.view.requirements[name]
 
     async def _plan_and_apply(self, token: LeaderToken) -> None:
+        self._changed = False
         await self._refresh()
         started = time.perf_counter()
         # Units whose body could not be read are left out of planning rather than guessed at.

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from fleetd.agent import Agent
 from fleetd.agentplan import FENCE_FRACTION, CurrentUnit, lease_at_risk, units_to_fence
-from fleetd.model import PartitionPolicy, TargetState
+from fleetd.model import Machine, PartitionPolicy, TargetState
 from fleetd.registry.fake import FakeKV
+from fleetd.registry.registry import Registry
 from fleetd.sim import SimCluster, SimMachine
+from fleetd.systemd.fake import FakeUnitManager
 from tests.unit.test_sim_cluster import HELLO, TTL, running_on, start_unit, wait_for
 
 KEEP, STOP = PartitionPolicy.KEEP, PartitionPolicy.STOP
@@ -211,3 +214,39 @@ async def test_outage_of_two_ttls_stops_nothing_with_policy_keep(
         assert active_pid(hosts[0], name) == pids[name]
     assert {m.id: m.agent.tasks_run for m in sim.machines.values()} == tasks_before
     assert all(not m.agent.fenced for m in sim.machines.values())
+
+
+# ---- when the fence loop wakes -------------------------------------------------------------
+
+
+def fence_timing_agent(now: list[float], renewed: list[float], ttl: float) -> Agent:
+    return Agent(
+        Registry(FakeKV()),
+        FakeUnitManager(),
+        lambda: Machine.make("a" * 32),
+        lambda: 1,
+        lease_renewed=lambda: renewed[0],
+        ttl=ttl,
+        clock=lambda: now[0],
+    )
+
+
+def test_idle_fence_loop_sleeps_until_the_lease_could_be_at_risk() -> None:
+    """Not a tick per second per agent: one wake when fencing could first be needed."""
+    now, renewed = [100.0], [100.0]
+    agent = fence_timing_agent(now, renewed, ttl=9.0)
+    assert agent._fence_wait(at_risk=False) == pytest.approx(9.0 * FENCE_FRACTION)
+    now[0] = 104.0  # renewed 4 s ago: the fence point is 2 s away
+    assert agent._fence_wait(at_risk=False) == pytest.approx(2.0)
+    renewed[0] = 103.5  # a renewal moves the fence point
+    assert agent._fence_wait(at_risk=False) == pytest.approx(5.5)
+    now[0] = 110.0  # the fence point (109.5) passed: never sleep less than a tick
+    assert agent._fence_wait(at_risk=False) == agent.fence_tick
+
+
+def test_fence_loop_ticks_while_at_risk_or_holding_units() -> None:
+    now, renewed = [100.0], [100.0]
+    agent = fence_timing_agent(now, renewed, ttl=9.0)
+    assert agent._fence_wait(at_risk=True) == agent.fence_tick
+    agent.fenced.add("x.service")
+    assert agent._fence_wait(at_risk=False) == agent.fence_tick

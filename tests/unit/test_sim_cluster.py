@@ -188,3 +188,28 @@ async def test_clone_with_a_machine_id_in_use_runs_nothing(
         assert original.presence.registered.is_set()
     finally:
         await clones.close()
+
+
+async def test_idle_engine_does_not_replan_an_unchanged_view(tmp_path: Path) -> None:
+    """The idle safety pass would re-plan every unit for nothing: it plans only on change."""
+    sim = SimCluster(FakeKV(), agent_ttl=TTL, safety_interval=0.02, state_dir=tmp_path)
+    sim.add("1" * 32)
+    await sim.start_all()
+    try:
+        await wait_for(lambda: sim.leader() is not None, what="an engine leader")
+        leader = sim.leader()
+        assert leader is not None
+        assert leader.engine is not None
+        engine = leader.engine
+        await start_unit(sim, "hello.service")
+        await wait_for(lambda: len(running_on(sim, "hello.service")) == 1, what="hello running")
+        plans = engine.stats.plans
+        # Many idle intervals (invariant over time, not a wait for something to happen).
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            assert engine.stats.plans == plans
+            await asyncio.sleep(0.02)
+        await start_unit(sim, "again.service")
+        await wait_for(lambda: engine.stats.plans > plans, what="a plan for the new unit")
+    finally:
+        await sim.close()
