@@ -15,12 +15,13 @@ Every wait polls a condition until a deadline; none sleeps blindly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -437,6 +438,21 @@ class Fleet:
         runs.append(entry)
         METRICS_FILE.write_text(json.dumps(runs, indent=2) + "\n")
         print(f"\n[metrics] {json.dumps(entry)}\n[metrics] appended to {METRICS_FILE}")
+
+
+@contextlib.contextmanager
+def fleet_on(cluster: Cluster, agent_ttl: float, suite: str) -> Iterator[Fleet]:
+    """A `Fleet` on a booted cluster (its machines registered); figures written at the end."""
+    driver = RegistryDriver(",".join(cluster.etcd_endpoints))
+    fleet = Fleet(cluster, driver, agent_ttl, home=list(cluster.machines), suite=suite)
+    fleet.wait_registered(fleet.home)
+    try:
+        yield fleet
+    finally:
+        try:
+            fleet.write_metrics()
+        finally:
+            driver.close()
 
 
 def summary(samples: list[float]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 from fleet_cluster import Cluster, MachineState
-from fleet_helpers import Fleet, RegistryDriver, eventually, holds_for, report, summary
+from fleet_helpers import Fleet, RegistryDriver, eventually, fleet_on, holds_for, report, summary
 
 AGENT_TTL = 10.0
 ETCD_DOWN_SECONDS = 30.0
@@ -52,22 +52,8 @@ def unit(xfleet: str = "") -> str:
 
 @pytest.fixture(scope="module")
 def fleet_module(cluster: Cluster) -> Iterator[Fleet]:
-    driver = RegistryDriver(",".join(cluster.etcd_endpoints))
-    fleet = Fleet(
-        cluster,
-        driver,
-        AGENT_TTL,
-        home=list(cluster.machines),
-        suite="tests/functional/test_faults.py",
-    )
-    fleet.wait_registered(fleet.home)
-    try:
+    with fleet_on(cluster, AGENT_TTL, "tests/functional/test_faults.py") as fleet:
         yield fleet
-    finally:
-        try:
-            fleet.write_metrics()
-        finally:
-            driver.close()
 
 
 def restore(fleet: Fleet) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 from fleet_cluster import Cluster, MachineState
-from fleet_helpers import Fleet, RegistryDriver, eventually, holds_for, report, summary
+from fleet_helpers import Fleet, eventually, fleet_on, holds_for, report, summary
 
 from fleetd.model import TargetState
 from fleetd.unitfile import parse_unit
@@ -51,16 +51,8 @@ def unit(xfleet: str = "", exec_start: str = "/bin/sleep infinity") -> str:
 
 @pytest.fixture(scope="module")
 def fleet_module(cluster: Cluster) -> Iterator[Fleet]:
-    driver = RegistryDriver(cluster.etcd_endpoint)
-    fleet = Fleet(cluster, driver, AGENT_TTL, home=list(cluster.machines))
-    fleet.wait_registered(fleet.home)
-    try:
+    with fleet_on(cluster, AGENT_TTL, "tests/functional/test_scheduling.py") as fleet:
         yield fleet
-    finally:
-        try:
-            fleet.write_metrics()
-        finally:
-            driver.close()
 
 
 def restore(fleet: Fleet) -> None:

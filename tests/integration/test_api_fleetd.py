@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import stat
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,19 +20,12 @@ from fleetd.server import Server
 from fleetd.systemd.fake import FakeUnitManager
 from fleetd.unitfile import parse_unit
 from tests.integration.etcd_fixture import EtcdServer
+from tests.integration.waits import wait_for
 
 pytestmark = pytest.mark.integration
 
 M1 = "113f16a7f2c54d35b3cde2e2ad5c2f10"
 HELLO = "[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n"
-
-
-async def wait_for(cond: Callable[[], Awaitable[bool]], what: str, within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not await cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_fleetd_serves_the_api(

@@ -17,8 +17,7 @@ import asyncio
 import contextlib
 import os
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from fleetd.server import Server
 from fleetd.systemd.fake import FakeUnitManager
 from tests.conftest import _require_etcd
 from tests.integration.etcd_fixture import EtcdServer, TLSFiles, running
+from tests.integration.waits import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,14 +39,6 @@ M1 = "113f16a7f2c54d35b3cde2e2ad5c2f10"
 HELLO = "[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n"
 PREFIX = "/fleet/"
 FLEETCTL_DEADLINE = 60.0
-
-
-async def wait_for(cond: Callable[[], Awaitable[bool]], what: str, within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not await cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass
