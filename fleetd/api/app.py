@@ -177,4 +177,9 @@ def make_app(ctx: ApiContext) -> web.Application:
         response.headers["Server"] = server
 
     app.on_response_prepare.append(server_header)
+
+    async def close_context(app: web.Application) -> None:
+        await ctx.close()
+
+    app.on_cleanup.append(close_context)
     return app

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fleetd import __version__
+from fleetd.api.live import LiveListings
 from fleetd.api.snapshots import SnapshotCache
 from fleetd.registry.registry import Registry
 from fleetd.unitfile import MAX_UNIT_BYTES, UnitFile
@@ -43,6 +44,22 @@ class ApiContext:
     # The latest listing of each collection, reused by the next pages while the store's
     # revision is unchanged (fleetd/api/snapshots.py).
     listings: SnapshotCache = field(default_factory=SnapshotCache)
+    # Unfiltered listings, kept current by a watch (fleetd/api/live.py); made at the first
+    # listing, so a fleetd whose API is never asked for one follows nothing.
+    live: LiveListings | None = field(default=None, repr=False)
+
+    async def live_items(self, collection: str) -> Sequence[bytes]:
+        """The unfiltered listing of `collection` ("units", "states" or "machines"), with
+        every write completed before this call in it."""
+        if self.live is None:
+            self.live = LiveListings(self.registry, self.bodies, self.offload)
+        return await self.live.items(collection, self.revision)
+
+    async def close(self) -> None:
+        """Stop the listings' watch (the app's cleanup)."""
+        if self.live is not None:
+            await self.live.close()
+            self.live = None
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU-bound work (JSON of a large body, unit parsing and validation, serializing

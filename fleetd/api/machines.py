@@ -19,10 +19,9 @@ from aiohttp import web
 
 from fleetd.api.body import decode_json, field, json_type, read_body
 from fleetd.api.context import ApiContext
-from fleetd.api.errors import ApiError, json_bytes, json_response
+from fleetd.api.errors import ApiError, json_response
 from fleetd.api.pagination import find_page_token, page_of
 from fleetd.api.snapshots import encode_page
-from fleetd.views import load_machine_views, machine_to_api
 
 # fleet's metadataPathRegex. `\Z`, not `$`: Python's `$` also matches before a final newline,
 # which would let "/m/metadata/key\n" through (Go's `$` does not).
@@ -82,15 +81,9 @@ def parse_patch(data: bytes) -> list[MetadataOp]:
     return ops
 
 
-async def _machine_listing(ctx: ApiContext) -> list[bytes]:
-    return [json_bytes(machine_to_api(v)) for v in await load_machine_views(ctx.registry)]
-
-
 async def list_machines(ctx: ApiContext, request: web.Request, item: str) -> web.StreamResponse:
     token = find_page_token(request.query, ctx.token_limit)
-    listing = await ctx.listings.items(
-        "machines", None, ctx.revision, lambda: _machine_listing(ctx)
-    )
+    listing = await ctx.live_items("machines")
     items, next_token = page_of(listing, token)
     # fleet's MachinePage lists the machines before the token.
     body = encode_page(

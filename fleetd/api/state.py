@@ -28,9 +28,12 @@ async def list_states(ctx: ApiContext, request: web.Request, item: str) -> web.S
     token = find_page_token(request.query, ctx.token_limit)
     unit = request.query.get("unitName") or None
     machine = request.query.get("machineID") or None
-    listing = await ctx.listings.items(
-        "states", (unit, machine), ctx.revision, lambda: _state_listing(ctx, unit, machine)
-    )
+    if unit is None and machine is None:
+        listing = await ctx.live_items("states")
+    else:
+        listing = await ctx.listings.items(
+            "states", (unit, machine), ctx.revision, lambda: _state_listing(ctx, unit, machine)
+        )
     items, next_token = page_of(listing, token)
     body = encode_page(items, "states", next_token.encode() if next_token else None)
     return json_response(body)

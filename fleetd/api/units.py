@@ -36,7 +36,7 @@ from fleetd.api.snapshots import encode_page
 from fleetd.errors import Conflict, InvalidInput, NotFound
 from fleetd.model import TargetState
 from fleetd.unitfile import UnitFile, UnitNameInfo, validate_name, validate_options
-from fleetd.views import UnitView, load_unit_view, load_unit_views, unit_to_api
+from fleetd.views import UnitView, load_unit_view, unit_to_api
 
 # A PUT body is the unit's options as JSON: each option costs ~40 bytes of framing
 # ({"section":"","name":"","value":""},) against 2 in the unit text ("=" and a newline), so
@@ -180,26 +180,12 @@ def _encode_unit(view: UnitView) -> bytes:
     return json_bytes(unit_to_api(view))
 
 
-def _encode_units(views: list[UnitView]) -> list[bytes]:
-    return [json_bytes(unit_to_api(v)) for v in views]
-
-
-async def _unit_listing(ctx: ApiContext) -> list[bytes]:
-    views = await load_unit_views(ctx.registry, ctx.bodies)
-    # Keep only the bodies of units that exist: the cache cannot grow without end.
-    if len(ctx.bodies) > len(views):
-        used = {v.hash for v in views}
-        for stale in ctx.bodies.keys() - used:
-            del ctx.bodies[stale]
-    return await ctx.offload(_encode_units, views)
-
-
 # ---- handlers --------------------------------------------------------------------------------
 
 
 async def list_units(ctx: ApiContext, request: web.Request, item: str) -> web.StreamResponse:
     token = find_page_token(request.query, ctx.token_limit)
-    listing = await ctx.listings.items("units", None, ctx.revision, lambda: _unit_listing(ctx))
+    listing = await ctx.live_items("units")
     items, next_token = page_of(listing, token)
     # An empty page is `{}`, as fleet's omitempty writes it.
     body = encode_page(items, "units", next_token.encode() if next_token else None)

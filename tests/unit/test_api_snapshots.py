@@ -1,6 +1,7 @@
-"""Listings are built once per store revision and paged from that snapshot
-(fleetd/api/snapshots.py): consecutive pages of an unchanged cluster reuse one build, any
-write between two pages is seen by the next page, and the pages keep fleet's bytes."""
+"""Listings are built once and paged from it (fleetd/api/snapshots.py, and for unfiltered
+listings fleetd/api/live.py, which keeps that build current through a watch): consecutive
+pages of an unchanged cluster reuse one build, any write between two pages is seen by the
+next page without a rebuild, and the pages keep fleet's bytes."""
 
 from __future__ import annotations
 
@@ -49,11 +50,12 @@ async def test_pages_of_an_unchanged_cluster_share_one_build(api: Api) -> None:
     listing = await pages(api, "units", "units")
     assert [len(p) for p in listing] == [3, 3, 3, 1]
     assert names(listing) == [f"u{i:02}.service" for i in range(10)]
-    assert api.ctx.listings.builds == 1
+    assert api.ctx.live is not None
+    assert api.ctx.live.loads == 1
     ranges = api.fake.stats["range"]
     # Listing again reads nothing but the revision.
     assert names(await pages(api, "units", "units")) == names(listing)
-    assert api.ctx.listings.builds == 1
+    assert api.ctx.live.loads == 1
     assert api.fake.stats["range"] == ranges
     assert api.fake.stats["revision"] == 8
 
@@ -74,7 +76,9 @@ async def test_a_write_between_pages_is_seen_by_the_next_page(api: Api) -> None:
         ("u3a.service", "inactive"),
         ("u4.service", "launched"),
     ]
-    assert api.ctx.listings.builds == 2
+    # Applied from the watch: no second load.
+    assert api.ctx.live is not None
+    assert api.ctx.live.loads == 1
 
 
 async def test_states_and_machines_are_fresh_and_filtered(api: Api) -> None:
