@@ -12,6 +12,10 @@ only costs one rebuild more, never staleness.
 
 Memory stays bounded: one snapshot per collection (units, states, machines), replaced by the
 next build. Concurrent first pages share one build instead of each reading the cluster.
+
+Unfiltered listings are now served by fleetd/api/live.py, which keeps its items current from
+a watch instead of rebuilding after every write; this cache serves filtered `/state`
+listings, with the same guarantee.
 """
 
 from __future__ import annotations
