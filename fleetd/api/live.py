@@ -174,6 +174,16 @@ class LiveListings:
     async def _refresh(self, collection: str) -> Sequence[bytes]:
         listing = self.listings[collection]
         dirty = listing.take_dirty()
+        if collection == "units" and dirty:
+            # A body can be stored and yet not cached: pruned when its last unit went, then
+            # a unit created again with it writes no body, so no event brings it back.
+            missing = {
+                u.hash
+                for u in (self.units.get(n) for n in dirty)
+                if u and u.hash not in self.bodies
+            }
+            if missing:
+                await _bodies(self.registry, missing, self.bodies)
         if dirty:
             # The objects are built here, on the loop (the mirror may change while the
             # executor runs); only the JSON encoding, the costly part, is offloaded.
@@ -366,11 +376,9 @@ class LiveListings:
         self.listings["units"].dirty.add(name)
 
     def _body(self, hash_: str, value: str) -> None:
-        waiting = self._waiting_bodies.pop(hash_, None)
-        if hash_ in self.bodies:
-            return
-        # Parsed as it arrives: a new unit's body is written in the same transaction as its
-        # record, just before it, so the unit's item finds it in the cache.
-        self.bodies[hash_] = parse_unit(value)
-        for name in waiting or ():
+        for name in self._waiting_bodies.pop(hash_, ()):
             self._dirty_unit(name)
+        if hash_ not in self.bodies:
+            # Parsed as it arrives: a new unit's body is written in the same transaction as
+            # its record, just before it, so the unit's item finds it in the cache.
+            self.bodies[hash_] = parse_unit(value)

@@ -194,3 +194,16 @@ async def test_closing_the_app_stops_the_watch() -> None:
         assert not follower.done()
     assert follower.done()
     assert harness.ctx.live is None
+
+
+async def test_a_unit_whose_body_was_pruned_is_listed_again(api: Api) -> None:
+    """Destroying the last unit of a body drops it from the cache; a unit created again with
+    that body writes no body (it is still stored), so no body event comes for it."""
+    await api.add_unit("a.service")
+    await api.ctx.live_items("units")
+    assert await api.registry.destroy_unit("a.service")
+    assert list(await api.ctx.live_items("units")) == []
+    assert api.ctx.bodies == {}
+    await api.add_unit("a.service")
+    assert [_decode(i)["name"] for i in await api.ctx.live_items("units")] == ["a.service"]
+    assert list(await api.ctx.live_items("units")) == await rebuilt(api, "units")
