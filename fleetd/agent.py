@@ -72,7 +72,7 @@ from fleetd.registry.kv import EventType, WatchEvent
 from fleetd.registry.registry import Registry, acceptable_name
 from fleetd.systemd.manager import SystemdState, UnitManager
 from fleetd.unitfile import UnitFile
-from fleetd.watching import Backoff, follow, sleep_or_stop
+from fleetd.watching import Backoff, follow, grid_delay, sleep_or_stop
 
 log = structlog.get_logger("fleetd.agent")
 
@@ -500,7 +500,8 @@ class Agent:
         if at_risk or self.fenced:
             return self.fence_tick
         at = self._renewed_at() + FENCE_FRACTION * self.ttl
-        return max(self.fence_tick, at - self.clock())
+        # The last grid point before the deadline: shared wakeups, and never late.
+        return max(self.fence_tick, grid_delay(self.clock(), at, early=True))
 
     # ---- state publishing --------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import structlog
 from fleetd.errors import FleetError, RegistryUnavailable
 from fleetd.model import Machine
 from fleetd.registry.registry import Registry
+from fleetd.watching import grid_delay
 
 log = structlog.get_logger("fleetd.presence")
 
@@ -69,7 +70,12 @@ class Presence:
                     backoff = 1.0
                 else:
                     await self._renew()
-                wait = self.renew_interval if self.registered.is_set() else backoff
+                wait = backoff
+                if self.registered.is_set():
+                    # On the timer grid: the renewals of many machines in one process (the
+                    # simulator) share wakeups; at most TIMER_GRID later than TTL/3.
+                    now = self.clock()
+                    wait = grid_delay(now, now + self.renew_interval)
             except RegistryUnavailable as e:
                 # Keep trying; never touch units because etcd is unreachable.
                 log.warning("presence_registry_unavailable", error=str(e))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,22 @@ Item = list[WatchEvent] | BaseException
 # The etcd channel retries its connection at least every 2 s (fleetd/registry/etcd.py), so
 # waiting longer between attempts only delays the resume after an outage.
 RETRY_CEILING = 2.0
+
+# Periodic timers (lease renewals, the fence check) end on multiples of this many seconds of
+# the monotonic clock, so timers that fall due close together share one wakeup of the event
+# loop. Spread out, each timer costs a wakeup of its own, which on this 2-core box is about
+# 0.13 ms of CPU: 1,000 simulated machines renewing every 3.3 s then spent 4 % of a core on
+# wakeups alone. A quarter second is small beside any TTL fleet accepts (>= 1 s).
+TIMER_GRID = 0.25
+
+
+def grid_delay(now: float, at: float, *, early: bool = False, grid: float = TIMER_GRID) -> float:
+    """Seconds from `now` to `at` moved onto the timer grid: the first grid point at or after
+    `at`, or with `early` the last one at or before it (for a deadline that must not be
+    missed); never less than 0."""
+    steps = at / grid
+    point = (math.floor(steps) if early else math.ceil(steps)) * grid
+    return max(0.0, point - now)
 
 
 class Backoff:
