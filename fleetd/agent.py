@@ -72,7 +72,7 @@ from fleetd.registry.kv import EventType, WatchEvent
 from fleetd.registry.registry import Registry, acceptable_name
 from fleetd.systemd.manager import SystemdState, UnitManager
 from fleetd.unitfile import UnitFile
-from fleetd.watching import Backoff, follow, grid_delay, sleep_or_stop
+from fleetd.watching import Backoff, StopWaiter, follow, grid_delay, sleep_or_stop
 
 log = structlog.get_logger("fleetd.agent")
 
@@ -477,14 +477,18 @@ class Agent:
     async def _fence_loop(self, stop: asyncio.Event) -> None:
         if self._lease_renewed is None or self.ttl <= 0:
             return
-        while not stop.is_set():
-            await self.fence()
-            at_risk = self.lease_at_risk()
-            if self.fenced and not at_risk:
-                # Renewals resumed: have the watch loop read the schedule afresh (lifting the
-                # hold) rather than restart units from a copy that may be stale.
-                self._resync.set()
-            await sleep_or_stop(stop, self._fence_wait(at_risk))
+        waiter = StopWaiter(stop)
+        try:
+            while not stop.is_set():
+                await self.fence()
+                at_risk = self.lease_at_risk()
+                if self.fenced and not at_risk:
+                    # Renewals resumed: have the watch loop read the schedule afresh (lifting
+                    # the hold) rather than restart units from a copy that may be stale.
+                    self._resync.set()
+                await waiter.sleep(self._fence_wait(at_risk))
+        finally:
+            waiter.close()
 
     def _fence_wait(self, at_risk: bool) -> float:
         """How long the fence loop may sleep.

@@ -22,7 +22,7 @@ import structlog
 from fleetd.errors import FleetError, RegistryUnavailable
 from fleetd.model import Machine
 from fleetd.registry.registry import Registry
-from fleetd.watching import grid_delay
+from fleetd.watching import StopWaiter, grid_delay
 
 log = structlog.get_logger("fleetd.presence")
 
@@ -62,6 +62,13 @@ class Presence:
         return self.ttl / 3
 
     async def run(self, stop: asyncio.Event) -> None:
+        waiter = StopWaiter(stop)
+        try:
+            await self._run(stop, waiter)
+        finally:
+            waiter.close()
+
+    async def _run(self, stop: asyncio.Event, waiter: StopWaiter) -> None:
         backoff = 1.0
         while not stop.is_set():
             try:
@@ -83,8 +90,7 @@ class Presence:
                 # 2/3 TTL, and a renewal landing before 1 TTL still saves the lease.
                 wait = min(backoff, self.renew_interval, self.ttl / 10)
                 backoff = min(backoff * 2, 60.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
+            await waiter.sleep(wait)
 
     async def _register(self) -> None:
         lease, adopted = await self._adopt_or_grant()

@@ -135,6 +135,41 @@ async def _pump(events: AsyncGenerator[list[WatchEvent], None], queue: asyncio.Q
         queue.put_nowait(e)
 
 
+class StopWaiter:
+    """Sleeps cut short by `stop`, for a loop that sleeps often (a lease renewal, the fence
+    check: each once per TTL/3 per machine, forever).
+
+    `stop` is awaited by one task for the waiter's whole life, and each sleep is a timer and
+    a future. `asyncio.wait_for(stop.wait(), t)` instead creates a task per sleep and, when
+    the time is up, cancels it and waits a loop iteration for the cancellation: at 1,000
+    simulated machines that was a third of an idle simulator's CPU.
+    """
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self._stopped = asyncio.ensure_future(stop.wait())
+
+    async def sleep(self, seconds: float) -> None:
+        stopped = self._stopped
+        if stopped.done():
+            return
+        waiter = stopped.get_loop().create_future()
+
+        def wake(_: object = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        timer = stopped.get_loop().call_later(seconds, wake)
+        stopped.add_done_callback(wake)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            stopped.remove_done_callback(wake)
+
+    def close(self) -> None:
+        self._stopped.cancel()
+
+
 async def sleep_or_stop(
     stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None
 ) -> None:

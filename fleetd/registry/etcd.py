@@ -1,8 +1,8 @@
 """`EtcdKV`: the `KV` contract (fleetd/registry/kv.py) over etcd v3, through aetcd and gRPC.
 
-This is the only module of the project that imports aetcd or grpc. It keeps their untyped
-values at this boundary: every response is turned into the contract's dataclasses and every
-gRPC failure into a `fleetd.errors` type before it leaves.
+With keepalive.py, this is the only module of the project that imports aetcd or grpc. It
+keeps their untyped values at this boundary: every response is turned into the contract's
+dataclasses and every gRPC failure into a `fleetd.errors` type before it leaves.
 
 How it talks to etcd, and why:
 
@@ -18,9 +18,10 @@ How it talks to etcd, and why:
   private stream gives the contract's semantics directly (one async iterator, compaction seen
   as `compact_revision` on the response, any stream failure ends exactly that watch, and
   closing the iterator cancels exactly that stream).
-- Lease keepalives share one long-lived `LeaseKeepAlive` stream per EtcdKV (`_KeepAliveStream`),
-  matched to their answers by lease id: opening a stream per keepalive cost ~0.7 ms of CPU each,
-  which at 1,000 machines on one client (the simulator) was most of an idle cluster's CPU.
+- Lease keepalives share one long-lived `LeaseKeepAlive` stream per EtcdKV, matched to their
+  answers by lease id: opening a stream per keepalive cost ~0.7 ms of CPU each. That stream is
+  not gRPC's: fleetd/registry/keepalive.py speaks the one method over HTTP/2 itself (h2) at a
+  sixth of grpc.aio's CPU per keepalive, the request a machine makes forever.
 - `get_many` reads many keys in one round trip: a read-only transaction of range requests.
 """
 
@@ -31,8 +32,9 @@ import contextlib
 import ipaddress
 import os
 import socket
-from collections import Counter, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+import ssl
+from collections import Counter
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,10 @@ import grpc.aio
 from aetcd import rpc
 
 from fleetd.errors import Compacted, ConfigError, NotFound, RegistryUnavailable
+from fleetd.registry.keepalive import KeepAliveStream
+from fleetd.registry.keepalive import Member as KeepAliveMember
+from fleetd.registry.keepalive import open_stream as open_keepalive_stream
+from fleetd.registry.keepalive import tls_context as keepalive_tls
 from fleetd.registry.kv import (
     MAX_TXN_OPS,
     Compare,
@@ -322,6 +328,28 @@ class _AetcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
             if self.token == stale_token:
                 await self._authenticate()
 
+    def keepalive_members(self) -> list[KeepAliveMember]:
+        """The members as the keepalive stream reaches them (fleetd/registry/keepalive.py),
+        with the same TLS and the same name checked as the gRPC channel."""
+        tls = None
+        if self._scheme == "https":
+            try:
+                tls = keepalive_tls(self._ca, self._config.cert_file, self._config.key_file)
+            except (ssl.SSLError, OSError) as e:
+                raise ConfigError(f"etcd TLS: cannot use the CA, certificate or key: {e}") from e
+        first = self._endpoints[0]
+        return [
+            KeepAliveMember(
+                ep.host,
+                ep.port,
+                _hostport(ep.host, ep.port),
+                tls,
+                # As for the channel: with several members, every certificate names the first.
+                first.host if len(self._endpoints) > 1 else ep.host,
+            )
+            for ep in self._endpoints
+        ]
+
     async def close(self) -> None:
         if self.channel is not None:
             await self.channel.close()
@@ -455,72 +483,6 @@ def _request_op(op: Op) -> Any:
     return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=_enc(op.key)))
 
 
-class _KeepAliveStream:
-    """One `LeaseKeepAlive` stream shared by every keepalive of an EtcdKV.
-
-    Requests are queued into the stream; etcd answers each with the lease id, in order, so an
-    answer completes the oldest waiter for that id. When the stream fails or ends, every waiter
-    on it gets the error (a gRPC error is mapped by EtcdKV._call) and the next keepalive opens a
-    new stream. A stream belongs to the auth token it was opened with.
-    """
-
-    def __init__(self, client: _AetcdClient) -> None:
-        self.token = client.token
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.waiting: dict[int, deque[asyncio.Future[int]]] = {}
-        self.broken: BaseException | None = None
-        self.call: Any = client.leasestub.LeaseKeepAlive(self._requests(), metadata=client.metadata)
-        self.reader = asyncio.ensure_future(self._read())
-
-    async def _requests(self) -> AsyncIterator[Any]:
-        while True:
-            request = await self.queue.get()
-            if request is None:  # half-close: etcd answers what it has, then ends the stream
-                return
-            yield request
-
-    async def _read(self) -> None:
-        error: BaseException
-        try:
-            async for response in self.call:
-                lease = int(response.ID)
-                waiters = self.waiting.get(lease)
-                while waiters:
-                    fut = waiters.popleft()
-                    if not fut.done():
-                        # etcd answers TTL 0 (not an error) for an expired or revoked lease.
-                        fut.set_result(max(0, int(response.TTL)))
-                        break
-                if waiters is not None and not waiters:
-                    del self.waiting[lease]
-            error = RegistryUnavailable("etcd ended the lease keepalive stream")
-        except grpc.aio.AioRpcError as e:
-            error = e
-        except asyncio.CancelledError:
-            error = RegistryUnavailable("etcd lease keepalive stream closed")
-        self.broken = error
-        for waiters in self.waiting.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_exception(error)
-        self.waiting.clear()
-
-    def send(self, lease: int) -> asyncio.Future[int]:
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.waiting.setdefault(lease, deque()).append(fut)
-        self.queue.put_nowait(rpc.LeaseKeepAliveRequest(ID=lease))
-        return fut
-
-    def half_close(self) -> None:
-        self.queue.put_nowait(None)
-
-    async def cancel(self) -> None:
-        self.call.cancel()
-        self.reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.reader
-
-
 class EtcdKV:
     """The KV contract on a real etcd v3 cluster.
 
@@ -536,7 +498,10 @@ class EtcdKV:
         self._timeout = config.request_timeout
         self.stats: Counter[str] = Counter()
         self._closed = False
-        self._keepalives: _KeepAliveStream | None = None
+        self._keepalives: KeepAliveStream | None = None
+        self._keepalive_lock = asyncio.Lock()
+        self._keepalive_members: list[KeepAliveMember] | None = None
+        self._keepalive_member = 0  # index of the member to try first
 
     @property
     def client(self) -> Any:
@@ -629,25 +594,41 @@ class EtcdKV:
 
     async def keepalive(self, lease: int) -> int:
         async def once(c: _AetcdClient) -> int:
-            stream = self._keepalives
-            if stream is None or stream.broken is not None or stream.token != c.token:
-                if stream is not None and stream.broken is None:
-                    stream.half_close()  # a new token: its answers still arrive, then it ends
-                stream = self._keepalives = _KeepAliveStream(c)
+            stream = await self._keepalive_stream(c)
             try:
                 return await asyncio.wait_for(stream.send(lease), self._timeout)
             except TimeoutError:
-                # A mute stream is not trusted again: the next keepalive opens a new one.
+                # A mute stream is not trusted again: the next keepalive opens a new one,
+                # trying the next member first.
                 if self._keepalives is stream:
                     self._keepalives = None
-                    await stream.cancel()
+                    self._keepalive_member += 1
+                stream.close()
                 raise RegistryUnavailable(
-                    f"etcd lease keepalive: no answer from {', '.join(self.config.endpoints)}"
+                    f"etcd lease keepalive: no answer from {stream.member.authority}"
                     f" within {self._timeout:g}s"
                 ) from None
 
         result: int = await self._call("keepalive", once)
         return result
+
+    async def _keepalive_stream(self, c: _AetcdClient) -> KeepAliveStream:
+        stream = self._keepalives
+        if stream is not None and stream.usable and stream.token == c.token:
+            return stream
+        async with self._keepalive_lock:  # one new stream, however many keepalives wait
+            stream = self._keepalives
+            if stream is not None and stream.usable and stream.token == c.token:
+                return stream
+            if stream is not None and stream.broken is None:
+                stream.half_close()  # a new token, or draining: its answers still arrive
+            if self._keepalive_members is None:
+                self._keepalive_members = c.keepalive_members()
+            stream, self._keepalive_member = await open_keepalive_stream(
+                self._keepalive_members, self._keepalive_member, c.token, self._timeout
+            )
+            self._keepalives = stream
+            return stream
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, KeyValue]:
         """The keys that exist among `keys`, by key: one read-only transaction of range
@@ -784,7 +765,7 @@ class EtcdKV:
     async def close(self) -> None:
         self._closed = True
         if self._keepalives is not None:
-            await self._keepalives.cancel()
+            self._keepalives.close()
             self._keepalives = None
         await self._client.close()
 

@@ -632,6 +632,14 @@ async def _fails_within_timeout(kv: EtcdKV, match: str) -> None:
         await kv.get("/a")
     assert time.monotonic() - started < TIMEOUT + 1.0
     await kv.close()
+    # The keepalive stream has a connection of its own (fleetd/registry/keepalive.py): it is
+    # refused the same way.
+    kv = EtcdKV(kv.config)
+    started = time.monotonic()
+    with pytest.raises(RegistryUnavailable, match="etcd lease keepalive"):
+        await kv.keepalive(1)
+    assert time.monotonic() - started < TIMEOUT + 1.0
+    await kv.close()
 
 
 @pytest.mark.integration
@@ -691,6 +699,7 @@ async def test_tls_multi_endpoint_with_dead_first(
     )
     await kv.txn([], [put("/tls/b", "1")])
     assert await kv.get("/tls/b") is not None
+    assert await kv.keepalive(await kv.grant(5)) >= 1
     await kv.close()
 
 
@@ -719,6 +728,12 @@ async def test_user_password_auth(etcd_server: EtcdServer) -> None:
     watch = kv.watch("/auth/", r.revision)
     assert [e.key for e in await collect(watch, 1)] == ["/auth/a"]
     await watch.aclose()  # type: ignore[attr-defined]
+    # The keepalive stream (its own HTTP/2 connection) opens anew for a new token; etcd does
+    # not check tokens on keepalives, so a stale one renews as well (a refusal would be
+    # re-authenticated like any call: tests/unit/test_keepalive_stream.py).
+    client.token = "stale.3"
+    client.metadata = (("token", "stale.3"),)
+    assert await kv.keepalive(lease) >= 1
     await kv.close()
 
     wrong = etcd_kv(etcd_server.endpoints, username="root", password="wrong")
