@@ -596,18 +596,12 @@ class EtcdKV:
         async def once(c: _AetcdClient) -> int:
             stream = await self._keepalive_stream(c)
             try:
-                return await asyncio.wait_for(stream.send(lease), self._timeout)
-            except TimeoutError:
-                # A mute stream is not trusted again: the next keepalive opens a new one,
-                # trying the next member first.
-                if self._keepalives is stream:
+                return await stream.send(lease)  # the stream times its answers out itself
+            except RegistryUnavailable:
+                if stream.timed_out and self._keepalives is stream:
                     self._keepalives = None
-                    self._keepalive_member += 1
-                stream.close()
-                raise RegistryUnavailable(
-                    f"etcd lease keepalive: no answer from {stream.member.authority}"
-                    f" within {self._timeout:g}s"
-                ) from None
+                    self._keepalive_member += 1  # that member went quiet: try the next first
+                raise
 
         result: int = await self._call("keepalive", once)
         return result

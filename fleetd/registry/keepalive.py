@@ -98,9 +98,11 @@ class KeepAliveStream(asyncio.Protocol):
     answers to what was sent still arrive, new keepalives belong on a new stream.
     """
 
-    def __init__(self, member: Member, token: str | None) -> None:
+    def __init__(self, member: Member, token: str | None, timeout: float) -> None:
         self.member = member
         self.token = token
+        self.timeout = timeout
+        self.timed_out = False  # broken because an answer was overdue
         self.broken: BaseException | None = None
         self.draining = False
         self.waiting: dict[int, deque[asyncio.Future[int]]] = {}
@@ -114,6 +116,12 @@ class KeepAliveStream(asyncio.Protocol):
         self._flush_scheduled = False
         self._half_closed = False
         self._heard = False  # any bytes from the member yet
+        # (deadline, answer) of every keepalive in the order sent: etcd answers in that order,
+        # so only the oldest unanswered one can be overdue, and one timer watches it. A timer
+        # per keepalive (asyncio.wait_for) costs a heap push and leaves a cancelled timer in
+        # the loop's heap for the whole timeout: at 300 keepalives/s, most of the idle CPU.
+        self._deadlines: deque[tuple[float, asyncio.Future[int]]] = deque()
+        self._watchdog: asyncio.TimerHandle | None = None
 
     @property
     def usable(self) -> bool:
@@ -166,6 +174,10 @@ class KeepAliveStream(asyncio.Protocol):
             future.set_exception(self.broken)
             return future
         self.waiting.setdefault(lease, deque()).append(future)
+        loop = asyncio.get_running_loop()
+        self._deadlines.append((loop.time() + self.timeout, future))
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(self._deadlines[0][0], self._check_overdue)
         body = rpc.LeaseKeepAliveRequest(ID=lease).SerializeToString()
         self._outbox += _PREFIX.pack(0, len(body)) + body
         if not self._flush_scheduled:
@@ -265,6 +277,22 @@ class KeepAliveStream(asyncio.Protocol):
         if data:
             transport.write(data)
 
+    def _check_overdue(self) -> None:
+        self._watchdog = None
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].done():
+            deadlines.popleft()
+        if not deadlines or self.broken is not None:
+            deadlines.clear()
+            return
+        loop = asyncio.get_running_loop()
+        if deadlines[0][0] <= loop.time():
+            # A mute stream is not trusted again: EtcdKV opens a new one, on the next member.
+            self.timed_out = True
+            self._fail(self._error(f"no answer within {self.timeout:g}s"))
+            return
+        self._watchdog = loop.call_at(deadlines[0][0], self._check_overdue)
+
     def _error(self, what: str) -> RegistryUnavailable:
         return RegistryUnavailable(f"etcd lease keepalive on {self.member.authority}: {what}")
 
@@ -276,15 +304,20 @@ class KeepAliveStream(asyncio.Protocol):
                 if not future.done():
                     future.set_exception(self.broken)
         self.waiting.clear()
+        self._deadlines.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if close and self._transport is not None:
             self._transport.abort()
 
 
 async def open_stream(
-    members: Sequence[Member], first: int, token: str | None, connect_timeout: float
+    members: Sequence[Member], first: int, token: str | None, answer_timeout: float
 ) -> tuple[KeepAliveStream, int]:
     """A keepalive stream to the first member that accepts a connection, trying them in
-    order from `first`; returns it with that member's index."""
+    order from `first`; returns it with that member's index. Connecting and each answer
+    may take up to `answer_timeout`."""
     loop = asyncio.get_running_loop()
     errors: list[str] = []
     for step in range(len(members)):
@@ -293,16 +326,16 @@ async def open_stream(
         try:
             _, stream = await asyncio.wait_for(
                 loop.create_connection(
-                    functools.partial(KeepAliveStream, member, token),
+                    functools.partial(KeepAliveStream, member, token, answer_timeout),
                     member.host,
                     member.port,
                     ssl=member.tls,
                     server_hostname=member.server_hostname if member.tls else None,
                 ),
-                connect_timeout,
+                answer_timeout,
             )
         except TimeoutError:
-            errors.append(f"{member.authority}: no answer within {connect_timeout:g}s")
+            errors.append(f"{member.authority}: no answer within {answer_timeout:g}s")
             continue
         except ssl.SSLError as e:
             errors.append(f"{member.authority}: TLS: {e.reason or e}")
