@@ -615,7 +615,7 @@ class EtcdKV:
             if stream is not None and stream.usable and stream.token == c.token:
                 return stream
             if stream is not None and stream.broken is None:
-                stream.half_close()  # a new token, or draining: its answers still arrive
+                stream.half_close()  # a new token: its answers still arrive, then it ends
             if self._keepalive_members is None:
                 self._keepalive_members = c.keepalive_members()
             stream, self._keepalive_member = await open_keepalive_stream(

@@ -21,7 +21,6 @@ changed, or when it went quiet past the request timeout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import ssl
 import struct
@@ -93,9 +92,8 @@ class KeepAliveStream(asyncio.Protocol):
 
     `send(lease)` returns a future for etcd's answer, the lease's remaining TTL (0: expired or
     revoked). Answers are matched to waiters by lease id, oldest first (etcd answers in
-    order). When the connection or the stream fails, every waiter gets the error, and
-    `broken` says why; after a GOAWAY (a member shutting down) the stream is `draining`:
-    answers to what was sent still arrive, new keepalives belong on a new stream.
+    order). When the connection or the stream fails (a GOAWAY included), every waiter gets
+    the error, and `broken` says why.
     """
 
     def __init__(self, member: Member, token: str | None, timeout: float) -> None:
@@ -104,7 +102,6 @@ class KeepAliveStream(asyncio.Protocol):
         self.timeout = timeout
         self.timed_out = False  # broken because an answer was overdue
         self.broken: BaseException | None = None
-        self.draining = False
         self.waiting: dict[int, deque[asyncio.Future[int]]] = {}
         self._conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None)
@@ -115,6 +112,7 @@ class KeepAliveStream(asyncio.Protocol):
         self._inbox = bytearray()  # answer bytes not yet a whole message
         self._flush_scheduled = False
         self._half_closed = False
+        self._ended = False  # END_STREAM sent (after a half-close)
         self._heard = False  # any bytes from the member yet
         # (deadline, answer) of every keepalive in the order sent: etcd answers in that order,
         # so only the oldest unanswered one can be overdue, and one timer watches it. A timer
@@ -125,7 +123,7 @@ class KeepAliveStream(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        return self.broken is None and not self.draining and not self._half_closed
+        return self.broken is None and not self._half_closed
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -220,10 +218,9 @@ class KeepAliveStream(asyncio.Protocol):
         elif isinstance(event, h2.events.StreamReset):
             self._fail(self._error(f"etcd reset the stream ({event.error_code!r})"))
         elif isinstance(event, h2.events.ConnectionTerminated):
-            # A member going away: what was sent is still answered, if it can be.
-            self.draining = True
-            if event.last_stream_id is not None and event.last_stream_id < self._stream_id:
-                self._fail(self._error("etcd refused the stream (going away)"))
+            # GOAWAY: a member shutting down. h2 takes no frames after it, so this stream is
+            # over; its waiters fail now and are retried on a new stream (another member).
+            self._fail(self._error("etcd is going away (GOAWAY)"))
         elif isinstance(event, h2.events.WindowUpdated):
             pass  # _flush runs after every batch of events and sends what the window allows
 
@@ -267,9 +264,9 @@ class KeepAliveStream(asyncio.Protocol):
                 chunk = bytes(self._outbox[:room])
                 del self._outbox[:room]
                 self._conn.send_data(self._stream_id, chunk)
-            if self._half_closed and not self._outbox:
-                with contextlib.suppress(h2.exceptions.StreamClosedError):
-                    self._conn.end_stream(self._stream_id)
+            if self._half_closed and not self._outbox and not self._ended:
+                self._ended = True
+                self._conn.end_stream(self._stream_id)
         except h2.exceptions.ProtocolError as e:
             self._fail(self._error(f"HTTP/2 protocol error: {e}"))
             return
