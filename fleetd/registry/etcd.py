@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 # gRPC's C core logs a failed TLS handshake at INFO straight to stderr, ahead of (and in
@@ -51,10 +51,6 @@ import grpc.aio
 from aetcd import rpc
 
 from fleetd.errors import Compacted, ConfigError, NotFound, RegistryUnavailable
-from fleetd.registry.keepalive import KeepAliveStream
-from fleetd.registry.keepalive import Member as KeepAliveMember
-from fleetd.registry.keepalive import open_stream as open_keepalive_stream
-from fleetd.registry.keepalive import tls_context as keepalive_tls
 from fleetd.registry.kv import (
     MAX_TXN_OPS,
     Compare,
@@ -66,6 +62,12 @@ from fleetd.registry.kv import (
     WatchEvent,
     check_txn_size,
 )
+
+if TYPE_CHECKING:
+    # Imported when first used (h2 costs a client like fleetctl, which renews no lease,
+    # 16 ms and 1.3 MB).
+    from fleetd.registry.keepalive import KeepAliveStream
+    from fleetd.registry.keepalive import Member as KeepAliveMember
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 DEFAULT_PORT = 2379
@@ -331,6 +333,9 @@ class _AetcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
     def keepalive_members(self) -> list[KeepAliveMember]:
         """The members as the keepalive stream reaches them (fleetd/registry/keepalive.py),
         with the same TLS and the same name checked as the gRPC channel."""
+        from fleetd.registry.keepalive import Member as KeepAliveMember
+        from fleetd.registry.keepalive import tls_context as keepalive_tls
+
         tls = None
         if self._scheme == "https":
             try:
@@ -618,6 +623,8 @@ class EtcdKV:
                 stream.half_close()  # a new token: its answers still arrive, then it ends
             if self._keepalive_members is None:
                 self._keepalive_members = c.keepalive_members()
+            from fleetd.registry.keepalive import open_stream as open_keepalive_stream
+
             stream, self._keepalive_member = await open_keepalive_stream(
                 self._keepalive_members, self._keepalive_member, c.token, self._timeout
             )
