@@ -125,6 +125,10 @@ def run_simulator(args: argparse.Namespace, wanted: list[str]) -> list[ScenarioR
     from benchmarks.etcd import bench_etcd
     from benchmarks.listing import list_scenario
     from benchmarks.sim import SimBench, SimOptions, run_sim
+    from fleetd import collector
+
+    # The simulated machines run fleetd's code in this process: give it fleetd's GC settings.
+    collector.tune()
 
     opts = SimOptions(
         machines=args.machines,

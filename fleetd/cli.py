@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from fleetd import __version__
+from fleetd import __version__, collector
 from fleetd.config import DEFAULT_CONFIG_FILE, Config, load_config
 from fleetd.errors import ConfigError, InvalidInput
 
@@ -181,5 +181,6 @@ def _run_server(config: Config, config_path: str | None) -> int:
     # check independent of the server's. server.run configures logging and logs config.warnings;
     # config_path (not the resolved file) is what SIGHUP re-reads, as fleet's reconfigure did.
     server = importlib.import_module("fleetd.server")
+    collector.tune()  # after the imports, so they are frozen too
     result = server.run(config, config_path)
     return result if isinstance(result, int) else 0

@@ -18,7 +18,7 @@ import structlog
 
 import fleetd
 import fleetd.__main__ as fleetd_main
-from fleetd import cli
+from fleetd import cli, collector
 from fleetd.cli import FleetdArgs, UsageError, main, parse_args, translate_go_flags
 from fleetd.config import Config
 from fleetd.log import configure_logging, get_logger
@@ -53,6 +53,8 @@ def server(monkeypatch: pytest.MonkeyPatch) -> FakeServer:
     module = types.ModuleType("fleetd.server")
     module.run = fake.run  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "fleetd.server", module)
+    # The daemon tunes the process's GC (fleetd/collector.py); not this test process's.
+    monkeypatch.setattr(collector, "tune", lambda: None)
     return fake
 
 
