@@ -1,7 +1,8 @@
 """Blocking until units reach a state (reference §1.5), and saying why when they cannot.
 
 fleet's semantics: an *attempt* is a 2 s window polled every 250 ms; `--block-attempts=N`
-allows N attempts, 0 means wait forever and `--no-block` (-1) means do not wait at all.
+allows N attempts, 0 means wait forever and `--no-block` (-1) means do not wait at all. The
+first 250 ms are polled more often (FIRST_INTERVAL_SPLIT); the windows are fleet's.
 
 Beyond fleet (its users' most common complaint: `start` hangs silently on a unit that cannot
 be placed, peers #10): when the engine publishes a reason for not placing a unit, the reason
