@@ -11,7 +11,6 @@ Tests replace `make_client` (monkeypatch `fleetctl.client.make_client`) to hand 
 
 from __future__ import annotations
 
-import os
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -195,11 +194,7 @@ async def _open(settings: Settings, target: Target, stack: AsyncExitStack) -> Cl
         tunnel = transport.open_transport(transport.ssh_options(settings))
         stack.callback(tunnel.close)
     if target.driver is Driver.ETCD:
-        # stderr is fleetctl's interface: gRPC's C core must not log there (e.g. "Corruption
-        # detected." at ERROR when etcd refuses a client without a certificate); what failed is
-        # in the one-line error that follows. Set before the import below loads grpc.
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-        # Imported here: it loads grpc/aetcd, which the API driver never needs.
+        # Imported here: it loads h2 and protobuf, which the API driver never needs.
         from fleetd.registry.etcd import EtcdConfig, EtcdKV
 
         endpoints = list(target.endpoints)

@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None, prog_name: str | None = None) -> int
 
 
 def _run_server(config: Config, config_path: str | None) -> int:
-    # Imported at call time, by name: keeps the daemon's heavy imports (aetcd, grpc, dbus-fast)
+    # Imported at call time, by name: keeps the daemon's heavy imports (aiohttp, dbus-fast)
     # out of `fleetd --version`, lets tests substitute the module, and keeps this module's type
     # check independent of the server's. server.run configures logging and logs config.warnings;
     # config_path (not the resolved file) is what SIGHUP re-reads, as fleet's reconfigure did.

@@ -1,27 +1,24 @@
-"""`EtcdKV`: the `KV` contract (fleetd/registry/kv.py) over etcd v3, through aetcd and gRPC.
+"""`EtcdKV`: the `KV` contract (fleetd/registry/kv.py) over etcd v3's gRPC API.
 
-With keepalive.py, this is the only module of the project that imports aetcd or grpc. It
-keeps their untyped values at this boundary: every response is turned into the contract's
-dataclasses and every gRPC failure into a `fleetd.errors` type before it leaves.
+This is the only module of the project that speaks to etcd (with transport.py, the HTTP/2 it
+speaks, keepalive.py, its lease keepalive stream, and etcdpb, etcd's protobuf messages). It
+keeps their values at this boundary: every response is turned into the contract's
+dataclasses and every failed call into a `fleetd.errors` type before it leaves.
 
 How it talks to etcd, and why:
 
-- aetcd 1.0 can only open a plaintext channel to a single host:port. `_AetcdClient` overrides
-  `aetcd.Client.connect` to build the `grpc.aio` channel itself: a `secure_channel` (CA, client
-  certificate and key) for https endpoints, an insecure one for http, on one target naming every
-  member (`ipv4:h1:p1,h2:p2`) with gRPC's `pick_first` policy, so a dead member is skipped.
-- Requests go straight to the protobuf stubs aetcd sets up (`kvstub`, `leasestub`, ...), not
-  through aetcd's convenience methods: those hide the gRPC status behind their own exception
-  types, cannot retry after an expired auth token, and have no single-shot lease keepalive.
-- Watches use one raw `Watch` stream per `watch()` call instead of aetcd's `Watcher`, which
-  multiplexes every watch over a shared stream with callbacks and a bounded request queue: a
-  private stream gives the contract's semantics directly (one async iterator, compaction seen
-  as `compact_revision` on the response, any stream failure ends exactly that watch, and
-  closing the iterator cancels exactly that stream).
-- Lease keepalives share one long-lived `LeaseKeepAlive` stream per EtcdKV, matched to their
-  answers by lease id: opening a stream per keepalive cost ~0.7 ms of CPU each. That stream is
-  not gRPC's: fleetd/registry/keepalive.py speaks the one method over HTTP/2 itself (h2) at a
-  sixth of grpc.aio's CPU per keepalive, the request a machine makes forever.
+- Through `transport.Channel`, one HTTP/2 connection at a time to the first member that
+  answers (every endpoint is a member; a dead one is skipped), with TLS (CA, client
+  certificate and key) for https endpoints. Not through grpcio, whose C core was the largest
+  single share of fleetd's memory and most of a request's CPU (transport.py says more).
+- Requests are etcd's own protobuf messages; the auth token goes with each call, and a call
+  refused for a stale token is repeated once after authenticating again.
+- Every `watch()` is a `Watch` stream of its own: one async iterator, compaction seen as
+  `compact_revision` on the response, any stream failure ends exactly that watch, and closing
+  the iterator cancels exactly that stream.
+- Lease keepalives share one long-lived `LeaseKeepAlive` stream per EtcdKV, on a connection of
+  its own, matched to their answers by lease id (keepalive.py): it is the request a machine
+  makes forever, and opening a stream per keepalive cost several times its CPU.
 - `get_many` reads many keys in one round trip: a read-only transaction of range requests.
 """
 
@@ -30,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import os
 import socket
 import ssl
 from collections import Counter
@@ -40,17 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-# gRPC's C core logs a failed TLS handshake at INFO straight to stderr, ahead of (and in
-# cruder words than) the error this module raises: fleetctl printed it before its own one-line
-# message. Errors still show; GRPC_VERBOSITY set by the user wins. Must precede the import.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-
-import aetcd
-import grpc
-import grpc.aio
-from aetcd import rpc
-
 from fleetd.errors import Compacted, ConfigError, NotFound, RegistryUnavailable
+from fleetd.registry.etcdpb import Event, rpc
 from fleetd.registry.kv import (
     MAX_TXN_OPS,
     Compare,
@@ -62,12 +49,10 @@ from fleetd.registry.kv import (
     WatchEvent,
     check_txn_size,
 )
+from fleetd.registry.transport import Call, Channel, Member, RpcError, StatusCode, tls_context
 
 if TYPE_CHECKING:
-    # Imported when first used (h2 costs a client like fleetctl, which renews no lease,
-    # 16 ms and 1.3 MB).
     from fleetd.registry.keepalive import KeepAliveStream
-    from fleetd.registry.keepalive import Member as KeepAliveMember
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 DEFAULT_PORT = 2379
@@ -178,37 +163,6 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _grpc_target(endpoints: list[_Endpoint]) -> str:
-    """One gRPC target naming every member, for pick_first to walk in order.
-
-    gRPC's `ipv4:`/`ipv6:` schemes take a comma-separated address list; `dns:` takes one name
-    (whose every address pick_first then tries). Several names cannot share one target, so
-    they are resolved here, once per channel: an address change needs a new EtcdKV.
-    """
-    if len(endpoints) == 1 and endpoints[0].family == socket.AF_UNSPEC:
-        return f"dns:///{_hostport(endpoints[0].host, endpoints[0].port)}"
-    loop = asyncio.get_running_loop()
-    v4: list[str] = []
-    v6: list[str] = []
-    for ep in endpoints:
-        if ep.family != socket.AF_UNSPEC:
-            (v4 if ep.family == socket.AF_INET else v6).append(_hostport(ep.host, ep.port))
-            continue
-        try:
-            infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
-        except OSError as e:
-            raise RegistryUnavailable(f"cannot resolve etcd endpoint {ep.host}: {e}") from e
-        for family, _, _, _, sockaddr in infos:
-            addr = _hostport(str(sockaddr[0]), ep.port)
-            bucket = v4 if family == socket.AF_INET else v6
-            if addr not in bucket:
-                bucket.append(addr)
-    # One target holds one address family; IPv4 wins when both are present.
-    if v4:
-        return "ipv4:" + ",".join(v4)
-    return "ipv6:" + ",".join(v6)
-
-
 def _read_pem(path: str | None, what: str) -> bytes | None:
     if not path:
         return None
@@ -221,174 +175,113 @@ def _read_pem(path: str | None, what: str) -> bytes | None:
     return data
 
 
-def _channel_options(config: EtcdConfig, authority: str | None) -> list[tuple[str, Any]]:
-    options: list[tuple[str, Any]] = [
-        ("grpc.lb_policy_name", "pick_first"),
-        # A full range at simulator scale (10,000 units) can pass gRPC's 4 MiB receive limit.
-        ("grpc.max_receive_message_length", -1),
-        # After an etcd restart, reconnect within seconds, not after gRPC's default backoff
-        # of up to 120 s (requests fail fast with UNAVAILABLE while the channel backs off).
-        ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
-        # Notice a silently dead member under a long-lived watch. etcd refuses pings more
-        # often than every 5 s (--grpc-keepalive-min-time) and, without a stream open,
-        # at all; these values stay within that.
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", max(1_000, int(config.request_timeout * 1000))),
-        ("grpc.http2.max_pings_without_data", 0),
+def _members(config: EtcdConfig) -> list[Member]:
+    """The members as the channel and the keepalive stream reach them. Reads the TLS files:
+    a missing or broken one is a ConfigError now, not at the first request."""
+    scheme, endpoints = _parse_endpoints(config.endpoints)
+    ca = _read_pem(config.ca_file, "CA file")
+    _read_pem(config.cert_file, "client certificate")
+    _read_pem(config.key_file, "client key")
+    tls = None
+    if scheme == "https":
+        try:
+            tls = tls_context(ca, config.cert_file, config.key_file)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(f"etcd TLS: cannot use the CA, certificate or key: {e}") from e
+    first = endpoints[0]
+    return [
+        Member(
+            ep.host,
+            ep.port,
+            _hostport(ep.host, ep.port),
+            tls,
+            # With several members, every member's certificate must be valid for the first
+            # endpoint's host (list every member in each certificate's SANs, as etcd's TLS
+            # guide does): one name to check however the members are reached, as gRPC did.
+            first.host if len(endpoints) > 1 else ep.host,
+        )
+        for ep in endpoints
     ]
-    if authority is not None:
-        options.append(("grpc.default_authority", authority))
-    return options
 
 
-class _AetcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
-    """aetcd's client with our own channel (TLS, every member, pick_first) and token handling.
-
-    The rest of aetcd (its stubs and attributes) stays as it expects, so its own methods still
-    work on this client; EtcdKV itself calls the stubs directly.
-    """
+class _Session:
+    """The channel to etcd and the auth token its calls carry."""
 
     def __init__(self, config: EtcdConfig) -> None:
-        # aetcd's own username/password handling authenticates once and never again; we keep
-        # the credentials to ourselves and re-authenticate when a token goes stale.
-        super().__init__(timeout=config.request_timeout)
         self._config = config
-        self._scheme, self._endpoints = _parse_endpoints(config.endpoints)
-        self._ca = _read_pem(config.ca_file, "CA file")
-        self._cert = _read_pem(config.cert_file, "client certificate")
-        self._key = _read_pem(config.key_file, "client key")
-        self._connect_lock = asyncio.Lock()
+        self.members = _members(config)
+        self.channel = Channel(self.members, config.request_timeout)
         self.token: str | None = None
-        self.watchstub: Any = None
+        self._authenticated = config.username is None
+        self._auth_lock: asyncio.Lock | None = None
 
-    async def connect(self) -> None:
-        if self._connected.is_set():
-            return
-        async with self._connect_lock:
-            if self._connected.is_set():
-                return
-            if self.channel is None:
-                self._open_channel(await _grpc_target(self._endpoints))
-            if self._config.username is not None:
-                await self._authenticate()
-            self._connected.set()
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("token", self.token),) if self.token is not None else ()
 
-    def _open_channel(self, target: str) -> None:
-        if self._scheme == "https":
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=self._ca,  # None: gRPC's default roots; never unverified
-                private_key=self._key,
-                certificate_chain=self._cert,
-            )
-            # gRPC checks the server certificate against the channel's authority, which for a
-            # multi-address target is the whole address list and never matches. Name the first
-            # endpoint instead: every member's certificate must then be valid for that host
-            # (list every member in each server certificate's SANs, as etcd's TLS guide does).
-            first = self._endpoints[0]
-            authority = _hostport(first.host, first.port) if len(self._endpoints) > 1 else None
-            self.channel = grpc.aio.secure_channel(
-                target, credentials, options=_channel_options(self._config, authority)
-            )
-        else:
-            self.channel = grpc.aio.insecure_channel(
-                target, options=_channel_options(self._config, None)
-            )
-        self.auth_stub = rpc.AuthStub(self.channel)
-        self.kvstub = rpc.KVStub(self.channel)
-        self.clusterstub = rpc.ClusterStub(self.channel)
-        self.leasestub = rpc.LeaseStub(self.channel)
-        self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self.watchstub = rpc.WatchStub(self.channel)
+    async def ensure(self) -> None:
+        """Authenticate once, when a user is configured."""
+        if not self._authenticated:
+            await self.reauthenticate(None)
 
     async def _authenticate(self) -> None:
         request = rpc.AuthenticateRequest(
             name=self._config.username, password=self._config.password
         )
         try:
-            response = await self.auth_stub.Authenticate(
-                request, timeout=self._config.request_timeout
+            answer = await self.channel.unary(
+                b"/etcdserverpb.Auth/Authenticate", request.SerializeToString(), ()
             )
-        except grpc.aio.AioRpcError as e:
-            details = e.details() or ""
+        except RpcError as e:
+            details = e.details()
             if "authentication is not enabled" in details:
                 # As etcd's Go client does: credentials on a cluster without auth are no error.
                 self.token = None
-                self.metadata = None
+                self._authenticated = True
                 return
-            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+            if e.code() in (StatusCode.INVALID_ARGUMENT, StatusCode.PERMISSION_DENIED):
                 raise ConfigError(
                     f"etcd refused the credentials of user {self._config.username!r}: {details}"
                 ) from e
             raise _unavailable(e, "authenticate", self._config) from e
-        self.token = str(response.token)
-        self.metadata = (("token", self.token),)
+        self.token = str(rpc.AuthenticateResponse.FromString(answer).token)
+        self._authenticated = True
 
     async def reauthenticate(self, stale_token: str | None) -> None:
         """Get a new token, unless a concurrent request already replaced `stale_token`."""
-        async with self._connect_lock:
+        if self._auth_lock is None:
+            self._auth_lock = asyncio.Lock()
+        async with self._auth_lock:
             if self.token == stale_token:
                 await self._authenticate()
 
-    def keepalive_members(self) -> list[KeepAliveMember]:
-        """The members as the keepalive stream reaches them (fleetd/registry/keepalive.py),
-        with the same TLS and the same name checked as the gRPC channel."""
-        from fleetd.registry.keepalive import Member as KeepAliveMember
-        from fleetd.registry.keepalive import tls_context as keepalive_tls
-
-        tls = None
-        if self._scheme == "https":
-            try:
-                tls = keepalive_tls(self._ca, self._config.cert_file, self._config.key_file)
-            except (ssl.SSLError, OSError) as e:
-                raise ConfigError(f"etcd TLS: cannot use the CA, certificate or key: {e}") from e
-        first = self._endpoints[0]
-        return [
-            KeepAliveMember(
-                ep.host,
-                ep.port,
-                _hostport(ep.host, ep.port),
-                tls,
-                # As for the channel: with several members, every certificate names the first.
-                first.host if len(self._endpoints) > 1 else ep.host,
-            )
-            for ep in self._endpoints
-        ]
-
     async def close(self) -> None:
-        if self.channel is not None:
-            await self.channel.close()
-        self._init_channel_attrs()
-        self.watchstub = None
-        self._connected.clear()
+        await self.channel.close()
 
 
 def _hint(details: str, config: EtcdConfig) -> str:
-    """A human reason for the usual ways a connection fails, from gRPC's details text."""
+    """A human reason for the usual ways a connection fails, from the transport's words."""
     d = details.lower()
     if "connection refused" in d:
         return "nothing is listening there"
     if "hostname verification" in d:
         return "the etcd server certificate does not name the host in the endpoint URL"
-    if "certificate_verify_failed" in d or "handshake failed" in d:
+    if "certificate_verify_failed" in d:
         return "TLS handshake failed: the etcd server certificate is not signed by ca_file"
-    if "unwrap failed" in d or "bad_certificate" in d or "certificate_required" in d:
+    if "bad_certificate" in d or "certificate_required" in d or "unknown_ca" in d:
         return (
             "etcd refused the TLS client: it needs a client certificate (cert_file, key_file)"
             " signed by a CA it trusts"
         )
-    # Closed while connecting (not "Stream removed" on a member that went away): the usual
-    # cause is a plaintext client at a TLS port.
-    closed = "socket closed" in d or "connection reset" in d
-    if "failed to connect" in d and closed and not config.tls:
+    if "without answering in http/2" in d and not config.tls:
         return "etcd closed a plaintext connection: does it serve TLS? then use https://"
     return ""
 
 
-def _unavailable(e: grpc.aio.AioRpcError, what: str, config: EtcdConfig) -> RegistryUnavailable:
-    details = e.details() or ""
+def _unavailable(e: RpcError, what: str, config: EtcdConfig) -> RegistryUnavailable:
+    details = e.details()
     where = ", ".join(config.endpoints)
-    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+    if e.code() == StatusCode.DEADLINE_EXCEEDED:
         msg = f"etcd {what}: no answer from {where} within {config.request_timeout:g}s"
     else:
         msg = f"etcd {what} failed on {where}: {e.code().name}: {details}"
@@ -396,29 +289,29 @@ def _unavailable(e: grpc.aio.AioRpcError, what: str, config: EtcdConfig) -> Regi
     return RegistryUnavailable(f"{msg} ({hint})" if hint else msg)
 
 
-def _map_error(e: grpc.aio.AioRpcError, what: str, config: EtcdConfig) -> Exception:
-    """Turn a gRPC failure into the error the contract promises."""
+def _map_error(e: RpcError, what: str, config: EtcdConfig) -> Exception:
+    """Turn a failed call into the error the contract promises."""
     code = e.code()
-    details = e.details() or ""
+    details = e.details()
     if config.username is None and _is_stale_token(e):
         return ConfigError(f"etcd requires authentication: set username and password ({details})")
-    if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
+    if code == StatusCode.NOT_FOUND and "lease not found" in details:
         return NotFound(f"etcd {what}: {details}")
-    if code == grpc.StatusCode.OUT_OF_RANGE:
+    if code == StatusCode.OUT_OF_RANGE:
         # Compacting a revision etcd has not reached yet.
         return ValueError(f"etcd refused the {what} request: {details}")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
+    if code == StatusCode.INVALID_ARGUMENT:
         # A malformed request (too many ops, duplicate keys in a txn, ...): a caller bug.
         return ValueError(f"etcd refused the {what} request: {details}")
-    if code == grpc.StatusCode.PERMISSION_DENIED:
+    if code == StatusCode.PERMISSION_DENIED:
         return ConfigError(f"etcd user {config.username!r} is not allowed to {what}: {details}")
     # UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, RESOURCE_EXHAUSTED (quota), INTERNAL, ...:
     # nothing the caller can fix by changing the request; it retries later.
     return _unavailable(e, what, config)
 
 
-def _is_stale_token(e: grpc.aio.AioRpcError) -> bool:
-    details = e.details() or ""
+def _is_stale_token(e: RpcError) -> bool:
+    details = e.details()
     return any(m in details for m in _STALE_TOKEN_MESSAGES)
 
 
@@ -488,85 +381,86 @@ def _request_op(op: Op) -> Any:
     return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=_enc(op.key)))
 
 
+_RANGE = b"/etcdserverpb.KV/Range"
+_TXN = b"/etcdserverpb.KV/Txn"
+_COMPACT = b"/etcdserverpb.KV/Compact"
+_GRANT = b"/etcdserverpb.Lease/LeaseGrant"
+_REVOKE = b"/etcdserverpb.Lease/LeaseRevoke"
+_WATCH = b"/etcdserverpb.Watch/Watch"
+
+
 class EtcdKV:
     """The KV contract on a real etcd v3 cluster.
 
-    Create it anywhere; it connects lazily, on the first request, and its gRPC channel then
-    belongs to that event loop: use one EtcdKV per loop, and `close()` it (or `async with`).
+    Create it anywhere; it connects lazily, on the first request, and its connections then
+    belong to that event loop: use one EtcdKV per loop, and `close()` it (or `async with`).
     Failed requests are not retried here (a write may or may not have been applied when its
     answer is lost); callers retry on RegistryUnavailable.
     """
 
     def __init__(self, config: EtcdConfig) -> None:
         self.config = config
-        self._client = _AetcdClient(config)  # reads the TLS files: ConfigError now, not later
+        self._session = _Session(config)  # reads the TLS files: ConfigError now, not later
         self._timeout = config.request_timeout
         self.stats: Counter[str] = Counter()
         self._closed = False
         self._keepalives: KeepAliveStream | None = None
         self._keepalive_lock = asyncio.Lock()
-        self._keepalive_members: list[KeepAliveMember] | None = None
         self._keepalive_member = 0  # index of the member to try first
 
     @property
-    def client(self) -> Any:
-        """The underlying aetcd client (connected after the first request)."""
-        return self._client
+    def session(self) -> _Session:
+        """The channel and auth token (tests make the token stale through it)."""
+        return self._session
 
-    async def _ensure(self) -> _AetcdClient:
+    async def _call(self, what: str, call: Callable[[_Session], Awaitable[Any]]) -> Any:
+        """One request with the auth token, one re-authentication if etcd calls the token
+        stale, and errors mapped to the contract's."""
+        self.stats[what] += 1
         if self._closed:
             raise RegistryUnavailable("etcd client is closed")
+        session = self._session
+        await session.ensure()
+        token = session.token
         try:
-            await self._client.connect()
-        except grpc.aio.AioRpcError as e:
-            raise _map_error(e, "connect", self.config) from e
-        return self._client
-
-    async def _call(self, what: str, call: Callable[[_AetcdClient], Awaitable[Any]]) -> Any:
-        """One unary request with the per-request timeout, the auth token, one re-authentication
-        if etcd calls the token stale, and errors mapped to the contract's."""
-        self.stats[what] += 1
-        client = await self._ensure()
-        token = client.token
-        try:
-            return await call(client)
-        except grpc.aio.AioRpcError as e:
+            return await call(session)
+        except RpcError as e:
             if not (self.config.username is not None and _is_stale_token(e)):
                 raise _map_error(e, what, self.config) from e
         try:
-            await client.reauthenticate(token)
-        except grpc.aio.AioRpcError as e:
+            await session.reauthenticate(token)
+        except RpcError as e:
             raise _map_error(e, what, self.config) from e
         try:
-            return await call(client)
-        except grpc.aio.AioRpcError as e:
+            return await call(session)
+        except RpcError as e:
             raise _map_error(e, what, self.config) from e
+
+    async def _unary(self, what: str, path: bytes, request: Any, answer: Any) -> Any:
+        """A unary call: `request` out, an `answer` message (its class) back."""
+        body = request.SerializeToString()
+
+        async def once(s: _Session) -> bytes:
+            return await s.channel.unary(path, body, s.metadata)
+
+        return answer.FromString(await self._call(what, once))
 
     async def get(self, key: str) -> KeyValue | None:
         request = rpc.RangeRequest(key=_enc(key))
-        response = await self._call(
-            "get",
-            lambda c: c.kvstub.Range(request, timeout=self._timeout, metadata=c.metadata),
-        )
+        response = await self._unary("get", _RANGE, request, rpc.RangeResponse)
         return _kv(response.kvs[0]) if response.kvs else None
 
     async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
         key, end = _prefix_range(prefix)
         # etcd sorts by key, ascending, when no sort order is asked for.
         request = rpc.RangeRequest(key=key, range_end=end)
-        response = await self._call(
-            "range",
-            lambda c: c.kvstub.Range(request, timeout=self._timeout, metadata=c.metadata),
-        )
+        response = await self._unary("range", _RANGE, request, rpc.RangeResponse)
         return [_kv(kv) for kv in response.kvs], int(response.header.revision)
 
     async def current_revision(self) -> int:
         # A count-only range of one key: etcd answers with just the header and a count.
         request = rpc.RangeRequest(key=b"\0", count_only=True)
-        response = await self._call(
-            "revision",
-            lambda c: c.kvstub.Range(request, timeout=self._timeout, metadata=c.metadata),
-        )
+        response = await self._unary("revision", _RANGE, request, rpc.RangeResponse)
         return int(response.header.revision)
 
     async def txn(
@@ -581,25 +475,19 @@ class EtcdKV:
             success=[_request_op(op) for op in success],
             failure=[_request_op(op) for op in failure],
         )
-        response = await self._call(
-            "txn",
-            lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata),
-        )
+        response = await self._unary("txn", _TXN, request, rpc.TxnResponse)
         return TxnResult(bool(response.succeeded), int(response.header.revision))
 
     async def grant(self, ttl: int) -> int:
         request = rpc.LeaseGrantRequest(TTL=ttl, ID=0)
-        response = await self._call(
-            "grant",
-            lambda c: c.leasestub.LeaseGrant(request, timeout=self._timeout, metadata=c.metadata),
-        )
+        response = await self._unary("grant", _GRANT, request, rpc.LeaseGrantResponse)
         if response.error:
             raise RegistryUnavailable(f"etcd lease grant failed: {response.error}")
         return int(response.ID)
 
     async def keepalive(self, lease: int) -> int:
-        async def once(c: _AetcdClient) -> int:
-            stream = await self._keepalive_stream(c)
+        async def once(s: _Session) -> int:
+            stream = await self._keepalive_stream(s)
             try:
                 return await stream.send(lease)  # the stream times its answers out itself
             except RegistryUnavailable:
@@ -611,22 +499,20 @@ class EtcdKV:
         result: int = await self._call("keepalive", once)
         return result
 
-    async def _keepalive_stream(self, c: _AetcdClient) -> KeepAliveStream:
+    async def _keepalive_stream(self, s: _Session) -> KeepAliveStream:
         stream = self._keepalives
-        if stream is not None and stream.usable and stream.token == c.token:
+        if stream is not None and stream.usable and stream.token == s.token:
             return stream
         async with self._keepalive_lock:  # one new stream, however many keepalives wait
             stream = self._keepalives
-            if stream is not None and stream.usable and stream.token == c.token:
+            if stream is not None and stream.usable and stream.token == s.token:
                 return stream
             if stream is not None and stream.broken is None:
                 stream.half_close()  # a new token: its answers still arrive, then it ends
-            if self._keepalive_members is None:
-                self._keepalive_members = c.keepalive_members()
             from fleetd.registry.keepalive import open_stream as open_keepalive_stream
 
             stream, self._keepalive_member = await open_keepalive_stream(
-                self._keepalive_members, self._keepalive_member, c.token, self._timeout
+                s.members, self._keepalive_member, s.token, self._timeout
             )
             self._keepalives = stream
             return stream
@@ -643,11 +529,7 @@ class EtcdKV:
                     for k in unique[start : start + MAX_TXN_OPS]
                 ]
             )
-
-            def read(c: _AetcdClient, r: Any = request) -> Awaitable[Any]:
-                return c.kvstub.Txn(r, timeout=self._timeout, metadata=c.metadata)  # type: ignore[no-any-return]
-
-            response = await self._call("get_many", read)
+            response = await self._unary("get_many", _TXN, request, rpc.TxnResponse)
             for op in response.responses:
                 for kv in op.response_range.kvs:
                     item = _kv(kv)
@@ -658,24 +540,17 @@ class EtcdKV:
         request = rpc.LeaseRevokeRequest(ID=lease)
         # Already expired or revoked: the contract calls that no error.
         with contextlib.suppress(NotFound):
-            await self._call(
-                "revoke",
-                lambda c: c.leasestub.LeaseRevoke(
-                    request, timeout=self._timeout, metadata=c.metadata
-                ),
-            )
+            await self._unary("revoke", _REVOKE, request, rpc.LeaseRevokeResponse)
 
     async def compact(self, revision: int) -> None:
-        request = rpc.CompactionRequest(revision=revision, physical=False)
+        body = rpc.CompactionRequest(revision=revision, physical=False).SerializeToString()
 
-        async def compact(c: _AetcdClient) -> None:
+        async def compact(s: _Session) -> None:
             try:
-                await c.kvstub.Compact(request, timeout=self._timeout, metadata=c.metadata)
-            except grpc.aio.AioRpcError as e:
+                await s.channel.unary(_COMPACT, body, s.metadata)
+            except RpcError as e:
                 # Compacting at or below the compacted revision again: done already.
-                if e.code() != grpc.StatusCode.OUT_OF_RANGE or "compacted" not in (
-                    e.details() or ""
-                ):
+                if e.code() != StatusCode.OUT_OF_RANGE or "compacted" not in e.details():
                     raise
 
         await self._call("compact", compact)
@@ -687,20 +562,26 @@ class EtcdKV:
         self, prefix: str, start_revision: int
     ) -> AsyncGenerator[list[WatchEvent], None]:
         self.stats["watch"] += 1
-        client = await self._ensure()
+        if self._closed:
+            raise RegistryUnavailable("etcd client is closed")
+        session = self._session
+        try:
+            await session.ensure()
+        except RpcError as e:
+            raise _map_error(e, "watch", self.config) from e
         key, end = _prefix_range(prefix)
         next_revision = max(0, start_revision)  # 0: from now on
         reauthenticated = False
         while True:  # runs again only after re-authenticating
-            token = client.token
-            call = await self._open_watch(client, key, end, next_revision)
+            token = session.token
+            call = await self._open_watch(session, key, end, next_revision)
             try:
                 response = await self._first_watch_response(call)
-                if response is not grpc.aio.EOF and next_revision == 0:
+                if response is not None and next_revision == 0:
                     # "From now on" is fixed by etcd's answer; a re-created stream keeps it.
                     next_revision = int(response.header.revision) + 1
                 while True:
-                    if response is grpc.aio.EOF:
+                    if response is None:
                         raise RegistryUnavailable("etcd ended the watch stream")
                     if response.compact_revision:
                         raise Compacted(int(response.compact_revision))
@@ -722,53 +603,54 @@ class EtcdKV:
                         next_revision = batch[-1].mod_revision + 1
                         yield batch
                     try:
-                        response = await call.read()
-                    except grpc.aio.AioRpcError as e:
+                        message = await call.read()
+                    except RpcError as e:
                         raise _map_error(e, "watch", self.config) from e
+                    response = None if message is None else rpc.WatchResponse.FromString(message)
             finally:
                 # Consumer stopped (aclose, break, cancellation) or the stream failed: end
                 # this stream only; etcd drops its watcher with it.
                 call.cancel()
             reauthenticated = True
-            await client.reauthenticate(token)
+            try:
+                await session.reauthenticate(token)
+            except RpcError as e:
+                raise _map_error(e, "watch", self.config) from e
 
     async def _open_watch(
-        self, client: _AetcdClient, key: bytes, end: bytes, start_revision: int
-    ) -> Any:
+        self, session: _Session, key: bytes, end: bytes, start_revision: int
+    ) -> Call:
         # "hasleader": a member cut off from its cluster ends the stream (so we resume
         # elsewhere) instead of keeping it open and silent, as etcd's Go client does.
-        metadata = (*(client.metadata or ()), ("hasleader", "true"))
-        call = client.watchstub.Watch(metadata=metadata)
+        metadata = (*session.metadata, ("hasleader", "true"))
         create = rpc.WatchCreateRequest(key=key, range_end=end, start_revision=start_revision)
         try:
-            await call.write(rpc.WatchRequest(create_request=create))
-        except grpc.aio.AioRpcError as e:
-            call.cancel()
+            call = await session.channel.stream(_WATCH, metadata)
+        except RpcError as e:
             raise _map_error(e, "watch", self.config) from e
-        except BaseException:
-            call.cancel()
-            raise
+        call.write(rpc.WatchRequest(create_request=create).SerializeToString())
         return call
 
-    async def _first_watch_response(self, call: Any) -> Any:
+    async def _first_watch_response(self, call: Call) -> Any:
         # The stream is long-lived, but creating it is a request like any other: bounded by
         # the request timeout, so an unreachable or mute etcd cannot hang the caller.
         try:
-            return await asyncio.wait_for(call.read(), self._timeout)
+            message = await asyncio.wait_for(call.read(), self._timeout)
         except TimeoutError:
             raise RegistryUnavailable(
                 f"etcd watch: no answer from {', '.join(self.config.endpoints)}"
                 f" within {self._timeout:g}s"
             ) from None
-        except grpc.aio.AioRpcError as e:
+        except RpcError as e:
             raise _map_error(e, "watch", self.config) from e
+        return None if message is None else rpc.WatchResponse.FromString(message)
 
     async def close(self) -> None:
         self._closed = True
         if self._keepalives is not None:
             self._keepalives.close()
             self._keepalives = None
-        await self._client.close()
+        await self._session.close()
 
     async def __aenter__(self) -> EtcdKV:
         return self
@@ -778,7 +660,7 @@ class EtcdKV:
 
 
 def _event(ev: Any) -> WatchEvent:
-    kind = EventType.DELETE if ev.type == rpc.Event.DELETE else EventType.PUT
+    kind = EventType.DELETE if ev.type == Event.DELETE else EventType.PUT
     return WatchEvent(
         type=kind,
         key=_dec(ev.kv.key),

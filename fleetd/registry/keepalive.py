@@ -1,4 +1,4 @@
-"""The etcd lease keepalive stream, spoken over HTTP/2 directly (h2) instead of grpc.aio.
+"""The etcd lease keepalive stream: one long-lived LeaseKeepAlive call on its own connection.
 
 Every machine renews its lease every TTL/3, forever, so a keepalive is the one request whose
 cost is paid all the time. Through grpc.aio one keepalive cost about 180 us of CPU even when
@@ -6,13 +6,14 @@ thousands were pipelined (a write and a read each cross gRPC's poller thread and
 event loop), and 430 us when spread out. 1,000 simulated machines in one process renewing
 every 3.3 s then spent 10-13 % of a core on keepalives alone. The same stream as one asyncio
 protocol over a plain socket (or TLS) costs about 30 us a keepalive: the framing is h2's, the
-messages aetcd's protobuf types, and all of it runs in the event loop's own thread.
+messages etcd's protobuf types, and all of it runs in the event loop's own thread. (The rest of
+the etcd client, fleetd/registry/transport.py, now works the same way.)
 
 This is one gRPC method, LeaseKeepAlive, on one HTTP/2 connection to one member: the request
 is a stream of length-prefixed `LeaseKeepAliveRequest`s, the answers come back in order on the
 same stream. gRPC's status arrives in the trailers (or in the headers of a refused stream) and
-is raised as `grpc.aio.AioRpcError`, so EtcdKV maps it, and re-authenticates after a stale
-token, exactly as for its gRPC calls.
+is raised as `transport.RpcError`, so EtcdKV maps it, and re-authenticates after a stale
+token, exactly as for its other calls.
 
 The stream is owned by EtcdKV, which opens a new one when this one broke, when its auth token
 changed, or when it went quiet past the request timeout.
@@ -23,68 +24,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
-import struct
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from urllib.parse import unquote
 
-import grpc
-import grpc.aio
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-from aetcd import rpc
 
 from fleetd.errors import RegistryUnavailable
+from fleetd.registry.etcdpb import rpc
+from fleetd.registry.transport import PREFIX as _PREFIX
+from fleetd.registry.transport import Member, status_error
 
 PATH = b"/etcdserverpb.Lease/LeaseKeepAlive"
-_PREFIX = struct.Struct(">BI")  # gRPC message prefix: compressed flag, length
-
-
-@dataclass(frozen=True)
-class Member:
-    """Where one etcd member listens, and how to reach it."""
-
-    host: str  # IP literal without brackets, or a DNS name
-    port: int
-    authority: str  # the :authority header, host:port as in the endpoint
-    tls: ssl.SSLContext | None = None
-    server_hostname: str | None = None  # the name its TLS certificate must be valid for
-
-
-def tls_context(ca: bytes | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
-    """A client TLS context like the gRPC channel's: the server is always verified, against the
-    given CA or else the system's roots (a CA alone never disables verification); a client
-    certificate when one is set."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # certificate and host name checked
-    if ca is not None:
-        context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
-    else:
-        context.load_default_certs()
-    if cert_file and key_file:
-        context.load_cert_chain(cert_file, key_file)
-    context.set_alpn_protocols(["h2"])
-    return context
-
-
-def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
-def _status(headers: Sequence[tuple[bytes, bytes]]) -> grpc.aio.AioRpcError | None:
-    """The error a grpc-status header carries (None for OK or no status)."""
-    found = dict(headers)
-    raw = found.get(b"grpc-status")
-    if raw is None or raw == b"0":
-        return None
-    try:
-        code = next(c for c in grpc.StatusCode if c.value[0] == int(raw))
-    except (ValueError, StopIteration):
-        code = grpc.StatusCode.UNKNOWN
-    message = unquote(found.get(b"grpc-message", b"").decode("utf-8", "replace"))
-    return rpc_error(code, message)
 
 
 class KeepAliveStream(asyncio.Protocol):
@@ -201,14 +154,7 @@ class KeepAliveStream(asyncio.Protocol):
                 self._answers()
             self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-            headers = event.headers or []
-            error = _status(headers)
-            status = dict(headers).get(b":status")
-            if error is None and status not in (None, b"200"):
-                error = rpc_error(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"etcd answered HTTP {status.decode('ascii', 'replace')}",
-                )
+            error = status_error(event.headers or [])
             if error is not None:
                 self._fail(error)
             elif isinstance(event, h2.events.TrailersReceived):

@@ -718,13 +718,11 @@ async def test_user_password_auth(etcd_server: EtcdServer) -> None:
     await watch.aclose()  # type: ignore[attr-defined]
 
     # etcd forgets or rejects a token (expiry, restart): the client authenticates again.
-    client = kv.client
+    client = kv.session
     client.token = "stale.1"
-    client.metadata = (("token", "stale.1"),)
     assert await kv.get("/auth/a") is not None
     assert client.token != "stale.1"
     client.token = "stale.2"
-    client.metadata = (("token", "stale.2"),)
     watch = kv.watch("/auth/", r.revision)
     assert [e.key for e in await collect(watch, 1)] == ["/auth/a"]
     await watch.aclose()  # type: ignore[attr-defined]
@@ -732,7 +730,6 @@ async def test_user_password_auth(etcd_server: EtcdServer) -> None:
     # not check tokens on keepalives, so a stale one renews as well (a refusal would be
     # re-authenticated like any call: tests/unit/test_keepalive_stream.py).
     client.token = "stale.3"
-    client.metadata = (("token", "stale.3"),)
     assert await kv.keepalive(lease) >= 1
     await kv.close()
 

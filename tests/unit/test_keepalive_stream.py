@@ -11,17 +11,16 @@ import asyncio
 import struct
 from typing import Any
 
-import grpc
-import grpc.aio
 import h2.config
 import h2.connection
 import h2.events
 import h2.settings
 import pytest
-from aetcd import rpc
 
 from fleetd.errors import RegistryUnavailable
-from fleetd.registry.keepalive import PATH, KeepAliveStream, Member, open_stream
+from fleetd.registry.etcdpb import rpc
+from fleetd.registry.keepalive import PATH, KeepAliveStream, open_stream
+from fleetd.registry.transport import Member, RpcError, StatusCode
 
 
 class Transport(asyncio.Transport):
@@ -172,13 +171,13 @@ async def test_refused_stream_raises_the_grpc_status_for_etcdkv_to_map() -> None
         end_stream=True,
     )
     peer.deliver(peer.conn.data_to_send())
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
+    with pytest.raises(RpcError) as caught:
         await pending
-    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert caught.value.code() == StatusCode.UNAUTHENTICATED
     assert caught.value.details() == "etcdserver: invalid auth token!"
     assert not stream.usable
     assert peer.transport.aborted
-    with pytest.raises(grpc.aio.AioRpcError):
+    with pytest.raises(RpcError):
         await stream.send(8)  # a broken stream fails at once
 
 

@@ -1,0 +1,659 @@
+"""gRPC to etcd, spoken over HTTP/2 directly (h2) on the event loop's own sockets.
+
+etcd's API is gRPC: each request is an HTTP/2 stream (POST to /etcdserverpb.Service/Method)
+carrying length-prefixed protobuf messages, with the call's status in the trailers. This
+module is that much of gRPC and no more, for the etcd adapter (fleetd/registry/etcd.py):
+
+- `Connection`: one HTTP/2 connection to one member, many calls at once (one stream each).
+  Unary calls resolve one future; streaming calls (Watch) are read message by message.
+- `Channel`: the connection to the first member that answers, trying each in order, and a
+  new one (from the next member) once that one is lost; requests fail fast, with the last
+  reason, while reconnecting is backing off (200 ms doubling to 2 s, as the channel options
+  of the gRPC client this replaced).
+
+Why not grpcio: its C core is 10 MB of code in fleetd's memory, runs threads of its own, and a
+unary call through grpc.aio cost several times the CPU of this protocol, whose framing is h2's
+and whose messages are protobuf's (fleetd/registry/etcdpb). One fleetd makes few requests, but
+a machine holds fleetd for good, and 1,000 simulated machines in one process make thousands.
+
+Liveness: a connection with a long-lived stream open (a watch) pings every `ping_interval` and
+is abandoned when the ping is not answered within the timeout, so a silently dead member is
+noticed and the watch resumed elsewhere. etcd refuses pings more often than every 5 s, or with
+no stream open. A unary call that times out also sends a ping, so a mute connection is dropped
+rather than timing out every later call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import functools
+import ssl
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+PREFIX = struct.Struct(">BI")  # gRPC message prefix: compressed flag, length
+
+# Our receive windows: a full range of 10,000 units is several MB; HTTP/2's default 64 KiB
+# window would take a window update every 64 KiB.
+_WINDOW = 16 * 1024 * 1024
+_MIN_BACKOFF = 0.2
+_MAX_BACKOFF = 2.0
+
+
+class StatusCode(enum.IntEnum):
+    """gRPC's status codes (https://grpc.github.io/grpc/core/md_doc_statuscodes.html)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class RpcError(Exception):
+    """A failed call: gRPC's status from etcd, or UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED
+    for what happened on the way."""
+
+    def __init__(self, code: StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where one etcd member listens, and how to reach it."""
+
+    host: str  # IP literal without brackets, or a DNS name
+    port: int
+    authority: str  # the :authority header, host:port as in the endpoint
+    tls: ssl.SSLContext | None = None
+    server_hostname: str | None = None  # the name its TLS certificate must be valid for
+
+
+def tls_context(ca: bytes | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
+    """A client TLS context: the server is always verified, against the given CA or else the
+    system's roots (a CA alone never disables verification); a client certificate when set."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # certificate and host name checked
+    if ca is not None:
+        context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+    else:
+        context.load_default_certs()
+    if cert_file and key_file:
+        context.load_cert_chain(cert_file, key_file)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def status_error(headers: Sequence[tuple[bytes, bytes]]) -> RpcError | None:
+    """The error a grpc-status header (or a non-200 HTTP status) carries; None for OK or
+    when neither says anything yet."""
+    found = dict(headers)
+    raw = found.get(b"grpc-status")
+    if raw is None:
+        status = found.get(b":status")
+        if status not in (None, b"200"):
+            return RpcError(
+                StatusCode.UNAVAILABLE,
+                f"etcd answered HTTP {status.decode('ascii', 'replace')}",
+            )
+        return None
+    if raw == b"0":
+        return None
+    try:
+        code = StatusCode(int(raw))
+    except ValueError:
+        code = StatusCode.UNKNOWN
+    message = unquote(found.get(b"grpc-message", b"").decode("utf-8", "replace"))
+    return RpcError(code, message)
+
+
+def connect_error(member: Member, e: BaseException) -> RpcError:
+    """Why connecting to `member` failed, in words the etcd adapter's hints recognise."""
+    where = member.authority
+    if isinstance(e, TimeoutError):
+        return RpcError(StatusCode.UNAVAILABLE, f"{where}: connecting timed out")
+    if isinstance(e, ssl.SSLCertVerificationError):
+        if e.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+            return RpcError(StatusCode.UNAVAILABLE, f"{where}: hostname verification failed")
+        return RpcError(
+            StatusCode.UNAVAILABLE,
+            f"{where}: TLS handshake failed: certificate_verify_failed: {e.verify_message}",
+        )
+    if isinstance(e, ssl.SSLError):
+        return RpcError(StatusCode.UNAVAILABLE, f"{where}: TLS handshake failed: {_tls_reason(e)}")
+    if isinstance(e, OSError) and e.errno == errno.ECONNREFUSED:
+        return RpcError(StatusCode.UNAVAILABLE, f"{where}: connection refused")
+    if isinstance(e, OSError):
+        return RpcError(StatusCode.UNAVAILABLE, f"{where}: {e.strerror or e}")
+    return RpcError(StatusCode.UNAVAILABLE, f"{where}: {e}")
+
+
+def _tls_reason(e: ssl.SSLError) -> str:
+    return str(e.reason or e).lower()
+
+
+class Call:
+    """One gRPC call: an HTTP/2 stream on a Connection.
+
+    A unary call's answer is `result` (a future of the one message). A streaming call's
+    messages are read with `read()`, which returns None at a clean end (grpc-status 0).
+    """
+
+    __slots__ = (
+        "_inbox",
+        "_messages",
+        "_waiter",
+        "closed",
+        "conn",
+        "end_after_outbox",
+        "error",
+        "outbox",
+        "result",
+        "stream_id",
+    )
+
+    def __init__(self, conn: Connection, stream_id: int, unary: bool) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.result: asyncio.Future[bytes] | None = (
+            asyncio.get_running_loop().create_future() if unary else None
+        )
+        self.error: RpcError | None = None
+        self.closed = False  # the stream is over, either way
+        self.outbox = bytearray()  # request bytes not yet passed to h2 (flow control)
+        self.end_after_outbox = False
+        self._inbox = bytearray()
+        self._messages: deque[bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- for the caller -----------------------------------------------------------------
+
+    def write(self, message: bytes, *, end: bool = False) -> None:
+        """Send one message (already serialised); `end` half-closes the request side."""
+        if self.closed:
+            raise self.error or RpcError(StatusCode.CANCELLED, "the call is over")
+        self.outbox += PREFIX.pack(0, len(message)) + message
+        self.end_after_outbox = end
+        self.conn.want_flush(self)
+
+    async def read(self) -> bytes | None:
+        """The next message of a streaming call; None when etcd ended the call with OK."""
+        while not self._messages:
+            if self.closed:
+                if self.error is not None:
+                    raise self.error
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._messages.popleft()
+
+    def cancel(self) -> None:
+        """End the call from our side (RST_STREAM CANCEL): etcd forgets it."""
+        if not self.closed:
+            self.conn.reset(self, RpcError(StatusCode.CANCELLED, "cancelled by the client"))
+
+    # -- for the connection -------------------------------------------------------------
+
+    def data(self, data: bytes) -> None:
+        inbox = self._inbox
+        inbox += data
+        while len(inbox) >= PREFIX.size:
+            compressed, length = PREFIX.unpack_from(inbox)
+            if len(inbox) < PREFIX.size + length:
+                return
+            message = bytes(inbox[PREFIX.size : PREFIX.size + length])
+            del inbox[: PREFIX.size + length]
+            if compressed:
+                # Never asked for (no grpc-accept-encoding): a peer we do not understand.
+                error = RpcError(StatusCode.INTERNAL, "etcd sent a compressed answer")
+                self.conn.reset(self, error)
+                return
+            self._messages.append(message)
+            # A unary call's answer counts once the trailers say OK (finish).
+            if self.result is None:
+                self._wake()
+
+    def finish(self, error: RpcError | None) -> None:
+        """The stream is over: `error` None is a clean end (grpc-status 0)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.error = error
+        self.outbox.clear()
+        result = self.result
+        if result is not None and not result.done():
+            if error is not None:
+                result.set_exception(error)
+            elif self._messages:
+                result.set_result(self._messages.popleft())
+            else:
+                result.set_exception(RpcError(StatusCode.INTERNAL, "etcd sent no answer"))
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Connection(asyncio.Protocol):
+    """One HTTP/2 connection to one etcd member, carrying any number of calls."""
+
+    def __init__(self, member: Member, timeout: float, ping_interval: float) -> None:
+        self.member = member
+        self.timeout = timeout
+        self.ping_interval = ping_interval
+        self.broken: RpcError | None = None
+        self.heard = False  # a valid HTTP/2 frame from the member yet
+        self.calls: dict[int, Call] = {}
+        self._streaming = 0  # open calls that are not unary (they keep the pings going)
+        self._conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                client_side=True,
+                header_encoding=None,
+                # etcd is a known peer: skip h2's per-header checks (a measurable share of
+                # each request's CPU), not the protocol's state machine.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
+            )
+        )
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, Call] = {}  # calls with request bytes not yet sent
+        self._flush_scheduled = False
+        self._scheme = b"https" if member.tls is not None else b"http"
+        self._authority = member.authority.encode("idna")
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_deadline: asyncio.TimerHandle | None = None
+        self._closed = asyncio.get_running_loop().create_future()
+
+    @property
+    def usable(self) -> bool:
+        return self.broken is None and self._transport is not None
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        conn = self._conn
+        conn.initiate_connection()
+        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW})
+        conn.increment_flow_control_window(_WINDOW - conn.inbound_flow_control_window)
+        transport.write(conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self._conn.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            if self.heard:
+                self.fail(RpcError(StatusCode.UNAVAILABLE, f"HTTP/2 protocol error: {e}"))
+            else:
+                self.fail(self._not_http2())
+            return
+        self.heard = True
+        for event in events:
+            self._event(event)
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:
+            why = "etcd closed the connection"
+        elif isinstance(exc, ssl.SSLError):
+            why = f"TLS: {_tls_reason(exc)}"
+        else:
+            why = f"the connection failed: {exc}"
+        if not self.heard and self.member.tls is None:
+            self._lost(self._not_http2())
+        else:
+            if not self.heard:
+                why += " before answering"
+            self._lost(RpcError(StatusCode.UNAVAILABLE, f"{self.member.authority}: {why}"))
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _not_http2(self) -> RpcError:
+        if self.member.tls is None:
+            what = "closed a plaintext connection without answering in HTTP/2"
+        else:
+            what = "did not answer in HTTP/2"
+        return RpcError(StatusCode.UNAVAILABLE, f"{self.member.authority}: etcd {what}")
+
+    # -- calls ------------------------------------------------------------------------
+
+    def start(self, path: bytes, metadata: Sequence[tuple[str, str]], *, unary: bool) -> Call:
+        """A new call: its request headers are sent (with the next flush)."""
+        if self.broken is not None:
+            raise self.broken
+        conn = self._conn
+        try:
+            stream_id = conn.get_next_available_stream_id()
+        except h2.exceptions.NoAvailableStreamIDError:
+            # 2^30 calls on one connection: go on with a new one.
+            error = RpcError(StatusCode.UNAVAILABLE, "HTTP/2 stream ids used up")
+            self.fail(error)
+            raise error from None
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", self._scheme),
+            (b":path", path),
+            (b":authority", self._authority),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ]
+        headers.extend((k.encode(), v.encode()) for k, v in metadata)
+        conn.send_headers(stream_id, headers)
+        call = Call(self, stream_id, unary)
+        self.calls[stream_id] = call
+        if not unary:
+            self._streaming += 1
+            if self._ping_timer is None:
+                self._ping_timer = asyncio.get_running_loop().call_later(
+                    self.ping_interval, self._ping
+                )
+        self._schedule_flush()
+        return call
+
+    async def unary(
+        self, path: bytes, message: bytes, metadata: Sequence[tuple[str, str]], limit: float
+    ) -> bytes:
+        """One request, one answer, within `limit` seconds (else DEADLINE_EXCEEDED)."""
+        call = self.start(path, metadata, unary=True)
+        call.write(message, end=True)
+        result = call.result
+        assert result is not None
+        # A timer, not asyncio.wait_for: that costs a task per call.
+        timer = asyncio.get_running_loop().call_later(limit, self._expire, call, limit)
+        try:
+            return await result
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        finally:
+            timer.cancel()
+
+    def want_flush(self, call: Call) -> None:
+        self._pending[call.stream_id] = call
+        self._schedule_flush()
+
+    def reset(self, call: Call, error: RpcError) -> None:
+        """End `call` with `error`, telling etcd (RST_STREAM CANCEL) if it is still open."""
+        if call.closed:
+            return
+        self._end(call, error)
+        if self.broken is None:
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # closed on etcd's side
+                self._conn.reset_stream(call.stream_id, h2.errors.ErrorCodes.CANCEL)
+            self._schedule_flush()
+
+    def fail(self, error: RpcError) -> None:
+        """Abandon the connection: every call fails with `error`."""
+        self._lost(error)
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+    # -- internals --------------------------------------------------------------------
+
+    def _lost(self, error: RpcError) -> None:
+        if self.broken is None:
+            self.broken = error
+        for call in list(self.calls.values()):
+            self._end(call, self.broken)
+        self._pending.clear()
+        for timer in (self._ping_timer, self._ping_deadline):
+            if timer is not None:
+                timer.cancel()
+        self._ping_timer = self._ping_deadline = None
+
+    def _end(self, call: Call, error: RpcError | None) -> None:
+        if self.calls.pop(call.stream_id, None) is not None and call.result is None:
+            self._streaming -= 1
+        self._pending.pop(call.stream_id, None)
+        call.finish(error)
+
+    def _event(self, event: h2.events.Event) -> None:
+        # h2 reports a frame's END_STREAM both on its event (stream_ended) and as a
+        # StreamEnded event after it; only the StreamEnded is acted on.
+        if isinstance(event, h2.events.DataReceived):
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                call.data(event.data)
+            self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+            call = self.calls.get(event.stream_id)
+            if call is None:
+                return
+            headers = event.headers or []
+            error = status_error(headers)
+            if error is not None:
+                if event.stream_ended is not None:
+                    self._end(call, error)
+                else:
+                    self.reset(call, error)
+            elif any(name == b"grpc-status" for name, _ in headers):
+                self._end(call, None)  # grpc-status 0: a clean end
+        elif isinstance(event, h2.events.StreamEnded):
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                # Ended without a grpc-status (those ended the call above): not gRPC's way.
+                self._end(
+                    call, RpcError(StatusCode.INTERNAL, "etcd ended the call without a status")
+                )
+        elif isinstance(event, h2.events.StreamReset):
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                why = f"etcd reset the call ({event.error_code!r})"
+                self._end(call, RpcError(StatusCode.UNAVAILABLE, why))
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            # GOAWAY: a member shutting down. h2 takes no frames after it, so every call on
+            # this connection fails now (UNAVAILABLE: callers retry, on a new connection).
+            why = f"{self.member.authority}: etcd is going away (GOAWAY)"
+            self.fail(RpcError(StatusCode.UNAVAILABLE, why))
+        elif isinstance(event, h2.events.PingAckReceived) and self._ping_deadline is not None:
+            self._ping_deadline.cancel()
+            self._ping_deadline = None
+        # WindowUpdated: _flush runs after every batch of events and sends what it allows.
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            # Requests made in the same loop iteration leave in one write.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self._transport
+        if transport is None or self.broken is not None:
+            return
+        conn = self._conn
+        try:
+            for stream_id, call in list(self._pending.items()):
+                outbox = call.outbox
+                while outbox:
+                    room = min(
+                        conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size
+                    )
+                    if room <= 0:
+                        break  # the rest goes when etcd opens the window (WindowUpdated)
+                    if room >= len(outbox):
+                        conn.send_data(stream_id, bytes(outbox), end_stream=call.end_after_outbox)
+                        outbox.clear()
+                        break
+                    conn.send_data(stream_id, bytes(outbox[:room]))
+                    del outbox[:room]
+                if not outbox:
+                    del self._pending[stream_id]
+        except h2.exceptions.ProtocolError as e:
+            self.fail(RpcError(StatusCode.UNAVAILABLE, f"HTTP/2 protocol error: {e}"))
+            return
+        data = conn.data_to_send()
+        if data:
+            transport.write(data)
+
+    def _expire(self, call: Call, timeout: float) -> None:
+        if call.closed:
+            return
+        self.reset(
+            call,
+            RpcError(StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g}s"),
+        )
+        self._send_ping()  # is the connection alive at all?
+
+    def _ping(self) -> None:
+        self._ping_timer = None
+        if self.broken is not None or self._streaming <= 0:
+            return  # the next streaming call starts the pings again
+        self._send_ping()
+        self._ping_timer = asyncio.get_running_loop().call_later(self.ping_interval, self._ping)
+
+    def _send_ping(self) -> None:
+        if self.broken is not None or self._ping_deadline is not None:
+            return
+        try:
+            self._conn.ping(b"fleetd\0\0")
+        except h2.exceptions.ProtocolError:
+            return
+        self._schedule_flush()
+        self._ping_deadline = asyncio.get_running_loop().call_later(
+            self.timeout, self._ping_overdue
+        )
+
+    def _ping_overdue(self) -> None:
+        self._ping_deadline = None
+        self.fail(
+            RpcError(
+                StatusCode.UNAVAILABLE,
+                f"{self.member.authority}: no answer to an HTTP/2 ping within {self.timeout:g}s",
+            )
+        )
+
+
+class Channel:
+    """Calls to an etcd cluster over one connection at a time, to the first member that
+    accepts one (in order, starting after the member whose connection was lost last)."""
+
+    def __init__(
+        self, members: Sequence[Member], timeout: float, ping_interval: float = 10.0
+    ) -> None:
+        if not members:
+            raise ValueError("no etcd members")
+        self.members = list(members)
+        self.timeout = timeout
+        self.ping_interval = ping_interval
+        self._conn: Connection | None = None
+        self._next = 0  # index of the member to try first
+        self._lock: asyncio.Lock | None = None
+        self._failure: RpcError | None = None
+        self._retry_at = 0.0
+        self._backoff = _MIN_BACKOFF
+        self._closed = False
+
+    async def connection(self) -> Connection:
+        conn = self._conn
+        if conn is not None and conn.usable:
+            return conn
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            conn = self._conn
+            if conn is not None and conn.usable:
+                return conn
+            if self._closed:
+                raise RpcError(StatusCode.CANCELLED, "the etcd client is closed")
+            if conn is not None:
+                # Lost: start with the next member, in case this one is the trouble.
+                self._next = (self.members.index(conn.member) + 1) % len(self.members)
+                self._conn = None
+            loop = asyncio.get_running_loop()
+            if self._failure is not None and loop.time() < self._retry_at:
+                raise self._failure  # fail fast while backing off, as gRPC does
+            try:
+                conn = await self._connect()
+            except RpcError as e:
+                self._failure = e
+                self._retry_at = loop.time() + self._backoff
+                self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
+                raise
+            self._failure = None
+            self._backoff = _MIN_BACKOFF
+            self._conn = conn
+            return conn
+
+    async def _connect(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        errors: list[str] = []
+        for step in range(len(self.members)):
+            index = (self._next + step) % len(self.members)
+            member = self.members[index]
+            try:
+                _, conn = await asyncio.wait_for(
+                    loop.create_connection(
+                        functools.partial(Connection, member, self.timeout, self.ping_interval),
+                        member.host,
+                        member.port,
+                        ssl=member.tls,
+                        server_hostname=member.server_hostname if member.tls else None,
+                    ),
+                    self.timeout,
+                )
+            except (OSError, TimeoutError) as e:
+                errors.append(connect_error(member, e).details())
+                continue
+            self._next = index
+            return conn
+        raise RpcError(StatusCode.UNAVAILABLE, "failed to connect: " + "; ".join(errors))
+
+    async def unary(
+        self, path: bytes, message: bytes, metadata: Sequence[tuple[str, str]]
+    ) -> bytes:
+        conn = await self.connection()
+        return await conn.unary(path, message, metadata, self.timeout)
+
+    async def stream(self, path: bytes, metadata: Sequence[tuple[str, str]]) -> Call:
+        conn = await self.connection()
+        return conn.start(path, metadata, unary=False)
+
+    async def close(self) -> None:
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.fail(RpcError(StatusCode.CANCELLED, "the etcd client is closed"))
