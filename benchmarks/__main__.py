@@ -50,7 +50,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--channels",
         type=int,
         default=1,
-        help="EtcdKV gRPC channels shared by the simulated machines (0: one per machine)",
+        help="EtcdKVs (etcd connections) shared by the simulated machines (0: one per machine)",
     )
     p.add_argument("--submit-concurrency", type=int, default=64)
     p.add_argument(

@@ -4,10 +4,10 @@ against the cluster `place` leaves behind).
 Every simulated machine runs fleetd's real Presence, Agent and (on `engines` of them) Engine,
 exactly as fleetd wires them (fleetd.sim.SimCluster); only systemd is simulated
 (FakeUnitManager, which answers at once). So the figures measure fleetd's own code and etcd,
-and every etcd request is real, over gRPC, on loopback.
+and every etcd request is real, etcd's gRPC API, on loopback.
 
-All machines share one EtcdKV (one gRPC channel) unless --channels says otherwise: N > 0 means
-N channels assigned round robin, 0 means one per machine, as on a real cluster.
+All machines share one EtcdKV (one etcd connection) unless --channels says otherwise: N > 0
+means N EtcdKVs assigned round robin, 0 means one per machine, as on a real cluster.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class SimBench:
 
     def channel_desc(self) -> str:
         n = self.opts.channels
-        return "one gRPC channel per machine" if n == 0 else f"{n} shared gRPC channel(s)"
+        return "one etcd connection per machine" if n == 0 else f"{n} shared etcd connection(s)"
 
     async def close(self) -> None:
         if self.cluster is not None:

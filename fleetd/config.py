@@ -251,7 +251,7 @@ def _parse_etcd_servers(text: str) -> tuple[str, ...]:
     for server in servers:
         _check_etcd_url(server)
     schemes = {urlsplit(server).scheme for server in servers}
-    # The etcd adapter opens one gRPC channel to every member: it is either TLS or not.
+    # The etcd adapter reaches every member the same way: it is either TLS or not.
     if len(schemes) > 1:
         raise ConfigError("mixes http:// and https:// servers; use one scheme for all")
     return servers

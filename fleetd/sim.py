@@ -56,7 +56,7 @@ class SimCluster:
     ) -> None:
         self.kv = kv
         # The KV each machine talks through (by machine id); default: all share `kv`, as one
-        # gRPC channel. The benchmarks compare that with a channel per machine.
+        # etcd connection. The benchmarks compare that with a connection per machine.
         self.machine_kv = machine_kv or (lambda _machine_id: kv)
         self.state_dir = state_dir  # where each machine keeps its lease and agent record
         self.prefix = prefix

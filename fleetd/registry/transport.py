@@ -32,6 +32,7 @@ import errno
 import functools
 import ssl
 import struct
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,10 +80,12 @@ class RpcError(Exception):
     """A failed call: gRPC's status from etcd, or UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED
     for what happened on the way."""
 
-    def __init__(self, code: StatusCode, details: str) -> None:
+    def __init__(self, code: StatusCode, details: str, *, unprocessed: bool = False) -> None:
         super().__init__(f"{code.name}: {details}")
         self._code = code
         self._details = details
+        # etcd never saw the call (a GOAWAY said so): safe to send again, even a write.
+        self.unprocessed = unprocessed
 
     def code(self) -> StatusCode:
         return self._code
@@ -153,7 +156,12 @@ def connect_error(member: Member, e: BaseException) -> RpcError:
         )
     if isinstance(e, ssl.SSLError):
         return RpcError(StatusCode.UNAVAILABLE, f"{where}: TLS handshake failed: {_tls_reason(e)}")
-    if isinstance(e, OSError) and e.errno == errno.ECONNREFUSED:
+    refused = f"[Errno {errno.ECONNREFUSED}]"
+    if isinstance(e, OSError) and (
+        # A name with several addresses, all refusing: asyncio raises one OSError without an
+        # errno, naming each failure.
+        e.errno == errno.ECONNREFUSED or (e.errno is None and refused in str(e))
+    ):
         return RpcError(StatusCode.UNAVAILABLE, f"{where}: connection refused")
     if isinstance(e, OSError):
         return RpcError(StatusCode.UNAVAILABLE, f"{where}: {e.strerror or e}")
@@ -162,6 +170,24 @@ def connect_error(member: Member, e: BaseException) -> RpcError:
 
 def _tls_reason(e: ssl.SSLError) -> str:
     return str(e.reason or e).lower()
+
+
+class _DrainingStateMachine(h2.connection.H2ConnectionStateMachine):
+    """h2's connection state machine, except that a GOAWAY does not close the connection.
+
+    h2 refuses every frame after a GOAWAY, but a gRPC server drains with one: etcd (grpc-go)
+    shutting down sends GOAWAY and a PING, lets the calls it has finish, then a final GOAWAY
+    naming the last call it took. Calls above that id are failed as unprocessed (and sent
+    again elsewhere); the rest finish here.
+    """
+
+    def process_input(self, input_: h2.connection.ConnectionInputs) -> list[h2.events.Event]:
+        if (
+            input_ is h2.connection.ConnectionInputs.RECV_GOAWAY
+            and self.state is h2.connection.ConnectionState.CLIENT_OPEN
+        ):
+            return []
+        return super().process_input(input_)
 
 
 class Call:
@@ -294,6 +320,10 @@ class Connection(asyncio.Protocol):
                 normalize_inbound_headers=False,
             )
         )
+        self._conn.state_machine = _DrainingStateMachine()
+        self.draining = False  # etcd sent GOAWAY: no new calls here
+        self._flushed_id = 0  # the highest stream id whose headers have left
+        self._last_id = 0  # the highest stream id started
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, Call] = {}  # calls with request bytes not yet sent
         self._flush_scheduled = False
@@ -305,7 +335,7 @@ class Connection(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        return self.broken is None and self._transport is not None
+        return self.broken is None and not self.draining and self._transport is not None
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -327,7 +357,10 @@ class Connection(asyncio.Protocol):
             else:
                 self.fail(self._not_http2())
             return
-        self.heard = True
+        if events:
+            # h2 holds back a partial frame: only a parsed one shows the member speaks HTTP/2
+            # (an HTTP/1 answer's first bytes pass for the start of a huge frame).
+            self.heard = True
         for event in events:
             self._event(event)
         self._flush()
@@ -361,6 +394,9 @@ class Connection(asyncio.Protocol):
         """A new call: its request headers are sent (with the next flush)."""
         if self.broken is not None:
             raise self.broken
+        if self.draining:
+            why = f"{self.member.authority}: etcd is going away (GOAWAY)"
+            raise RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True)
         conn = self._conn
         try:
             stream_id = conn.get_next_available_stream_id()
@@ -379,6 +415,7 @@ class Connection(asyncio.Protocol):
         ]
         headers.extend((k.encode(), v.encode()) for k, v in metadata)
         conn.send_headers(stream_id, headers)
+        self._last_id = stream_id
         call = Call(self, stream_id, unary)
         self.calls[stream_id] = call
         if not unary:
@@ -449,6 +486,8 @@ class Connection(asyncio.Protocol):
             self._streaming -= 1
         self._pending.pop(call.stream_id, None)
         call.finish(error)
+        if self.draining and not self.calls and self._transport is not None:
+            self._transport.close()  # drained: etcd is going away
 
     def _event(self, event: h2.events.Event) -> None:
         # h2 reports a frame's END_STREAM both on its event (stream_ended) and as a
@@ -484,14 +523,30 @@ class Connection(asyncio.Protocol):
                 why = f"etcd reset the call ({event.error_code!r})"
                 self._end(call, RpcError(StatusCode.UNAVAILABLE, why))
         elif isinstance(event, h2.events.ConnectionTerminated):
-            # GOAWAY: a member shutting down. h2 takes no frames after it, so every call on
-            # this connection fails now (UNAVAILABLE: callers retry, on a new connection).
-            why = f"{self.member.authority}: etcd is going away (GOAWAY)"
-            self.fail(RpcError(StatusCode.UNAVAILABLE, why))
+            self._goaway(event)
         elif isinstance(event, h2.events.PingAckReceived) and self._ping_deadline is not None:
             self._ping_deadline.cancel()
             self._ping_deadline = None
         # WindowUpdated: _flush runs after every batch of events and sends what it allows.
+
+    def _goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        """GOAWAY: no new calls here; the calls etcd did not take fail as unprocessed (the
+        channel sends them again on a new connection), the others may still finish."""
+        self.draining = True
+        last = event.last_stream_id if event.last_stream_id is not None else 0
+        # Headers still in our buffer never left (h2 drops its buffer on GOAWAY).
+        last = min(last, self._flushed_id)
+        why = f"{self.member.authority}: etcd is going away (GOAWAY"
+        if event.error_code not in (None, h2.errors.ErrorCodes.NO_ERROR):
+            why += f" {event.error_code!r}"
+        if event.additional_data:
+            why += f": {event.additional_data.decode('utf-8', 'replace')}"
+        why += ")"
+        for call in list(self.calls.values()):
+            if call.stream_id > last:
+                self._end(call, RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True))
+        if not self.calls and self._transport is not None:
+            self._transport.close()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -528,6 +583,7 @@ class Connection(asyncio.Protocol):
         data = conn.data_to_send()
         if data:
             transport.write(data)
+        self._flushed_id = self._last_id
 
     def _expire(self, call: Call, timeout: float) -> None:
         if call.closed:
@@ -586,6 +642,8 @@ class Channel:
         self._retry_at = 0.0
         self._backoff = _MIN_BACKOFF
         self._closed = False
+        # Connections finishing their calls after a GOAWAY (gone from here once closed).
+        self._draining: weakref.WeakSet[Connection] = weakref.WeakSet()
 
     async def connection(self) -> Connection:
         conn = self._conn
@@ -600,9 +658,12 @@ class Channel:
             if self._closed:
                 raise RpcError(StatusCode.CANCELLED, "the etcd client is closed")
             if conn is not None:
-                # Lost: start with the next member, in case this one is the trouble.
+                # Lost or going away: start with the next member, in case this one is the
+                # trouble. A draining connection finishes its calls on its own.
                 self._next = (self.members.index(conn.member) + 1) % len(self.members)
                 self._conn = None
+                if conn.broken is None:
+                    self._draining.add(conn)
             loop = asyncio.get_running_loop()
             if self._failure is not None and loop.time() < self._retry_at:
                 raise self._failure  # fail fast while backing off, as gRPC does
@@ -646,6 +707,14 @@ class Channel:
         self, path: bytes, message: bytes, metadata: Sequence[tuple[str, str]]
     ) -> bytes:
         conn = await self.connection()
+        try:
+            return await conn.unary(path, message, metadata, self.timeout)
+        except RpcError as e:
+            if not e.unprocessed:
+                raise
+        # etcd went away before taking the call (GOAWAY): send it once more, as gRPC's
+        # transparent retry does, on a new connection.
+        conn = await self.connection()
         return await conn.unary(path, message, metadata, self.timeout)
 
     async def stream(self, path: bytes, metadata: Sequence[tuple[str, str]]) -> Call:
@@ -655,5 +724,7 @@ class Channel:
     async def close(self) -> None:
         self._closed = True
         conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.fail(RpcError(StatusCode.CANCELLED, "the etcd client is closed"))
+        closing = [*self._draining, *([conn] if conn is not None else [])]
+        self._draining.clear()
+        for c in closing:
+            c.fail(RpcError(StatusCode.CANCELLED, "the etcd client is closed"))

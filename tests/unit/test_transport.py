@@ -1,0 +1,1031 @@
+"""The gRPC-over-HTTP/2 client (fleetd/registry/transport.py) against HTTP/2 peers.
+
+Most tests drive one `Connection` against an in-memory peer: h2's own server side, fed the
+exact bytes the connection writes and answering with the frames etcd would send (or would
+not). The `Channel` tests use real loopback sockets: ports with nothing listening and tiny
+h2 servers. Against a real etcd the transport is covered by tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import ssl
+import struct
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+import pytest
+
+from fleetd.registry.etcdpb import rpc
+from fleetd.registry.transport import (
+    Channel,
+    Connection,
+    Member,
+    RpcError,
+    StatusCode,
+    connect_error,
+    status_error,
+)
+
+RANGE = b"/etcdserverpb.KV/Range"
+WATCH = b"/etcdserverpb.Watch/Watch"
+MEMBER = Member("127.0.0.1", 2379, "127.0.0.1:2379")
+OK_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+
+
+def prefixed(message: bytes, compressed: int = 0) -> bytes:
+    return struct.pack(">BI", compressed, len(message)) + message
+
+
+def range_request(key: bytes = b"/fleet/job/a.service") -> bytes:
+    data: bytes = rpc.RangeRequest(key=key, limit=3).SerializeToString()
+    return data
+
+
+def range_response(count: int) -> bytes:
+    data: bytes = rpc.RangeResponse(count=count).SerializeToString()
+    return data
+
+
+class Transport(asyncio.Transport):
+    """Collects what the connection writes; `abort` records that it was dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.aborted = False
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        data = b"".join(self.written)
+        self.written.clear()
+        return data
+
+
+class Peer:
+    """etcd's side of one connection: an h2 server the test answers through.
+
+    It never acknowledges received data by itself, so flow-control windows only open when a
+    test opens them."""
+
+    def __init__(self, client: Connection, window: int | None = None) -> None:
+        self.client = client
+        self.transport = Transport()
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        self.conn.initiate_connection()
+        if window is not None:
+            self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+        self.headers: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.bodies: dict[int, bytearray] = {}
+        self.frames: list[tuple[int, int, bool]] = []  # DATA: stream id, length, END_STREAM
+        self.ended: set[int] = set()
+        self.resets: dict[int, int] = {}
+        self.pings = 0
+        client.connection_made(self.transport)
+        self.pump()
+        self.pump()  # the settings acknowledgements, both ways
+
+    def receive(self) -> None:
+        """Take in what the client wrote."""
+        for event in self.conn.receive_data(self.transport.take()):
+            if isinstance(event, h2.events.RequestReceived):
+                assert event.stream_id is not None
+                assert event.headers is not None
+                self.headers[event.stream_id] = [(bytes(k), bytes(v)) for k, v in event.headers]
+                self.bodies[event.stream_id] = bytearray()
+            elif isinstance(event, h2.events.DataReceived):
+                assert event.stream_id is not None
+                assert event.data is not None
+                self.bodies[event.stream_id] += event.data
+                self.frames.append(
+                    (event.stream_id, len(event.data), event.stream_ended is not None)
+                )
+            elif isinstance(event, h2.events.StreamEnded):
+                assert event.stream_id is not None
+                self.ended.add(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                assert event.stream_id is not None
+                assert event.error_code is not None
+                self.resets[event.stream_id] = event.error_code
+            elif isinstance(event, h2.events.PingReceived):
+                self.pings += 1  # h2 queues the acknowledgement; `send` delivers it
+
+    def send(self, chunk: int = 0) -> None:
+        """Deliver the peer's pending frames to the client, in `chunk`-byte pieces if set."""
+        data = self.conn.data_to_send()
+        if not data:
+            return
+        if chunk <= 0:
+            self.client.data_received(data)
+            return
+        for i in range(0, len(data), chunk):
+            self.client.data_received(data[i : i + chunk])
+
+    def pump(self) -> None:
+        self.receive()
+        self.send()
+
+    def header(self, stream_id: int) -> dict[bytes, bytes]:
+        return dict(self.headers[stream_id])
+
+    def messages(self, stream_id: int) -> list[bytes]:
+        body = bytes(self.bodies[stream_id])
+        found = []
+        while body:
+            flag, length = struct.unpack(">BI", body[:5])
+            assert flag == 0
+            assert len(body) >= 5 + length, "a message cut short"
+            found.append(body[5 : 5 + length])
+            body = body[5 + length :]
+        return found
+
+    def respond(self, stream_id: int, *messages: bytes, status: int = 0, chunk: int = 0) -> None:
+        """A whole answer: headers, each message in its own DATA frame, the trailers."""
+        self.conn.send_headers(stream_id, OK_HEADERS)
+        for message in messages:
+            self.conn.send_data(stream_id, prefixed(message))
+        self.trailers(stream_id, status)
+        self.send(chunk)
+
+    def trailers(self, stream_id: int, status: int = 0, message: bytes | None = None) -> None:
+        headers = [(b"grpc-status", str(status).encode())]
+        if message is not None:
+            headers.append((b"grpc-message", message))
+        self.conn.send_headers(stream_id, headers, end_stream=True)
+
+
+def make(
+    window: int | None = None,
+    timeout: float = 5.0,
+    ping_interval: float = 10.0,
+    member: Member = MEMBER,
+) -> tuple[Connection, Peer]:
+    conn = Connection(member, timeout, ping_interval)
+    return conn, Peer(conn, window)
+
+
+async def settle() -> None:
+    """Let call_soon callbacks (the connection's batched flush) run."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def until(
+    condition: Callable[[], bool], step: Callable[[], None], limit: float = 1.0
+) -> None:
+    """Run the loop (and `step`, e.g. the peer's pump) until `condition`, at most `limit` s."""
+    deadline = asyncio.get_running_loop().time() + limit
+    step()
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "waited too long"
+        await asyncio.sleep(0.005)
+        step()
+
+
+async def failure(awaitable: Any, limit: float = 1.0) -> RpcError:
+    """The RpcError `awaitable` fails with, within `limit` seconds."""
+    with pytest.raises(RpcError) as caught:
+        await asyncio.wait_for(awaitable, limit)
+    return caught.value
+
+
+# -- unary calls -----------------------------------------------------------------------------
+
+
+async def test_unary_call_is_a_grpc_post_with_the_metadata_and_resolves_to_the_answer() -> None:
+    conn, peer = make()
+    request = range_request()
+    task = asyncio.create_task(conn.unary(RANGE, request, [("token", "tok")], 5.0))
+    await settle()
+    peer.receive()
+    headers = peer.header(1)
+    assert headers[b":method"] == b"POST"
+    assert headers[b":path"] == RANGE
+    assert headers[b":scheme"] == b"http"
+    assert headers[b":authority"] == b"127.0.0.1:2379"
+    assert headers[b"content-type"] == b"application/grpc"
+    assert headers[b"te"] == b"trailers"
+    assert headers[b"token"] == b"tok"
+    # One DATA frame: the prefixed message, ending the request side.
+    assert peer.frames == [(1, 5 + len(request), True)]
+    assert bytes(peer.bodies[1]) == prefixed(request)
+    assert peer.ended == {1}
+
+    answer = range_response(7)
+    peer.respond(1, answer)
+    assert await asyncio.wait_for(task, 1) == answer
+    assert rpc.RangeResponse.FromString(task.result()).count == 7
+    assert conn.calls == {}
+    assert conn.usable
+
+
+async def test_tls_member_calls_use_the_https_scheme() -> None:
+    member = Member("etcd.example", 2379, "etcd.example:2379", tls=ssl.create_default_context())
+    conn, peer = make(member=member)
+    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    peer.receive()
+    assert peer.header(1)[b":scheme"] == b"https"
+    assert peer.header(1)[b":authority"] == b"etcd.example:2379"
+    peer.respond(1, b"y")
+    assert await asyncio.wait_for(task, 1) == b"y"
+
+
+async def test_calls_of_one_loop_iteration_leave_in_one_write_on_their_own_streams() -> None:
+    conn, peer = make()
+    tasks = [
+        asyncio.create_task(conn.unary(RANGE, range_request(b"k%d" % i), [], 5.0)) for i in range(3)
+    ]
+    await settle()
+    assert len(peer.transport.written) == 1
+    peer.receive()
+    assert sorted(peer.headers) == [1, 3, 5]
+    # Answered out of order: each call gets its own stream's answer.
+    for stream_id in (5, 1, 3):
+        peer.respond(stream_id, b"answer %d" % stream_id)
+    assert await asyncio.gather(*tasks) == [b"answer 1", b"answer 3", b"answer 5"]
+
+
+async def test_unary_answer_split_across_data_frames_counts_once_the_trailers_say_ok() -> None:
+    conn, peer = make()
+    task = asyncio.create_task(conn.unary(RANGE, range_request(), [], 5.0))
+    await settle()
+    peer.receive()
+    answer = range_response(12345) + b"\x00" * 40
+    body = prefixed(answer)
+    peer.conn.send_headers(1, OK_HEADERS)
+    for part in (body[:3], body[3:7], body[7:20], body[20:]):  # the prefix itself split too
+        peer.conn.send_data(1, part)
+    peer.send(chunk=7)
+    await settle()
+    assert not task.done()  # the whole message is there, but not yet the status
+    peer.trailers(1, 0)
+    peer.send()
+    assert await asyncio.wait_for(task, 1) == answer
+
+
+# -- streaming calls -------------------------------------------------------------------------
+
+
+async def test_streaming_call_writes_and_reads_messages_in_order_and_ends_cleanly() -> None:
+    conn, peer = make()
+    call = conn.start(WATCH, [("token", "tok")], unary=False)
+    call.write(b"first request")
+    await settle()
+    peer.receive()
+    assert peer.header(1)[b"token"] == b"tok"
+    assert peer.messages(1) == [b"first request"]
+    assert peer.ended == set()  # the request side stays open
+    call.write(b"second request", end=True)
+    await settle()
+    peer.receive()
+    assert peer.messages(1) == [b"first request", b"second request"]
+    assert peer.ended == {1}
+
+    waiting = asyncio.create_task(call.read())
+    await settle()
+    assert not waiting.done()
+    peer.conn.send_headers(1, OK_HEADERS)
+    peer.conn.send_data(1, prefixed(b"one") + prefixed(b"two"))  # two messages, one frame
+    third = prefixed(b"three" * 10)
+    peer.conn.send_data(1, third[:8])
+    peer.conn.send_data(1, third[8:])
+    peer.send()
+    assert await asyncio.wait_for(waiting, 1) == b"one"
+    assert await call.read() == b"two"
+    assert await call.read() == b"three" * 10
+    peer.trailers(1, 0)
+    peer.send()
+    assert await asyncio.wait_for(call.read(), 1) is None
+    assert await call.read() is None
+    assert call.closed
+    assert call.error is None
+    assert conn.calls == {}
+
+
+async def test_streaming_call_reads_its_messages_before_the_error_that_ended_it() -> None:
+    conn, peer = make()
+    call = conn.start(WATCH, [], unary=False)
+    call.write(b"watch")
+    await settle()
+    peer.receive()
+    peer.conn.send_headers(1, OK_HEADERS)
+    peer.conn.send_data(1, prefixed(b"event"))
+    peer.trailers(1, int(StatusCode.OUT_OF_RANGE), b"etcdserver: mvcc: required revision")
+    peer.send()
+    assert await call.read() == b"event"
+    error = await failure(call.read())
+    assert error.code() == StatusCode.OUT_OF_RANGE
+    assert error.details() == "etcdserver: mvcc: required revision"
+    with pytest.raises(RpcError) as caught:
+        call.write(b"more")
+    assert caught.value is error
+
+
+async def test_cancelling_a_streaming_call_resets_its_stream_only() -> None:
+    conn, peer = make()
+    watch = conn.start(WATCH, [], unary=False)
+    watch.write(b"watch")
+    other = conn.start(WATCH, [], unary=False)
+    other.write(b"watch too")
+    await settle()
+    peer.pump()
+    reader = asyncio.create_task(watch.read())
+    await settle()
+    watch.cancel()
+    error = await failure(reader)
+    assert error.code() == StatusCode.CANCELLED
+    with pytest.raises(RpcError):
+        watch.write(b"late")
+    await settle()
+    peer.receive()
+    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    # The connection and the other stream go on.
+    peer.conn.send_headers(3, OK_HEADERS)
+    peer.conn.send_data(3, prefixed(b"still here"))
+    peer.send()
+    assert await asyncio.wait_for(other.read(), 1) == b"still here"
+    assert conn.usable
+    assert list(conn.calls) == [3]
+
+
+async def test_streaming_calls_keep_pings_going_until_none_is_open() -> None:
+    conn, peer = make(ping_interval=0.02)
+    # A unary call alone: no pings (etcd refuses pings without a stream open).
+    pending = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await asyncio.sleep(0.08)
+    peer.pump()
+    assert peer.pings == 0
+
+    watch = conn.start(WATCH, [], unary=False)
+    watch.write(b"watch")
+    await until(lambda: peer.pings >= 3, peer.pump)  # each one answered, so the next goes
+    assert conn.usable
+
+    watch.cancel()
+    await settle()
+    peer.pump()
+    sent = peer.pings
+    for _ in range(10):  # five intervals
+        await asyncio.sleep(0.01)
+        peer.pump()
+    assert peer.pings == sent
+
+    # The next streaming call starts them again.
+    again = conn.start(WATCH, [], unary=False)
+    again.write(b"watch")
+    await until(lambda: peer.pings >= sent + 2, peer.pump)
+    assert conn.usable
+    peer.respond(1, b"y")
+    assert await pending == b"y"
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+async def test_trailers_only_error_fails_the_call_with_its_code_and_decoded_message() -> None:
+    conn, peer = make()
+    task = asyncio.create_task(conn.unary(RANGE, b"x", [("token", "stale")], 5.0))
+    await settle()
+    peer.receive()
+    peer.conn.send_headers(
+        1,
+        [
+            *OK_HEADERS,
+            (b"grpc-status", b"16"),
+            (b"grpc-message", b"etcdserver: invalid auth token%21"),
+        ],
+        end_stream=True,
+    )
+    peer.send()
+    error = await failure(task)
+    assert error.code() == StatusCode.UNAUTHENTICATED
+    assert error.details() == "etcdserver: invalid auth token!"
+    assert conn.usable  # a failed call, not a failed connection
+    assert peer.resets == {}
+
+
+async def test_http_error_status_without_grpc_status_is_unavailable() -> None:
+    conn, peer = make()
+    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    peer.receive()
+    peer.conn.send_headers(1, [(b":status", b"503")], end_stream=True)
+    peer.send()
+    error = await failure(task)
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "HTTP 503" in error.details()
+
+
+async def test_http_error_status_with_a_body_coming_resets_the_stream() -> None:
+    conn, peer = make()
+    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    peer.receive()
+    peer.conn.send_headers(1, [(b":status", b"502"), (b"content-type", b"text/html")])
+    peer.send()
+    error = await failure(task)
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "HTTP 502" in error.details()
+    await settle()
+    peer.receive()
+    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+
+
+async def test_stream_ended_without_grpc_status_is_internal() -> None:
+    conn, peer = make()
+    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    peer.receive()
+    peer.conn.send_headers(1, OK_HEADERS)
+    peer.conn.send_data(1, prefixed(b"an answer, but no status"), end_stream=True)
+    peer.send()
+    error = await failure(task)
+    assert error.code() == StatusCode.INTERNAL
+    assert "without a status" in error.details()
+
+
+async def test_ok_status_without_a_message_is_internal() -> None:
+    conn, peer = make()
+    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    peer.receive()
+    peer.respond(1)  # headers and trailers, no message
+    error = await failure(task)
+    assert error.code() == StatusCode.INTERNAL
+
+
+async def test_compressed_answer_fails_the_call_and_resets_its_stream() -> None:
+    conn, peer = make()
+    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    peer.receive()
+    peer.conn.send_headers(1, OK_HEADERS)
+    peer.conn.send_data(1, prefixed(b"gzipped", compressed=1))
+    peer.send()
+    error = await failure(task)
+    assert error.code() == StatusCode.INTERNAL
+    assert "compressed" in error.details()
+    await settle()
+    peer.receive()
+    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+
+
+async def test_stream_reset_by_etcd_is_unavailable() -> None:
+    conn, peer = make()
+    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    peer.receive()
+    peer.conn.reset_stream(1, h2.errors.ErrorCodes.REFUSED_STREAM)
+    peer.send()
+    error = await failure(task)
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "reset" in error.details()
+    assert conn.usable
+
+
+# -- timeouts and cancellation ---------------------------------------------------------------
+
+
+async def test_unary_timeout_resets_the_stream_and_an_unanswered_ping_drops_the_connection() -> (
+    None
+):
+    conn, peer = make(timeout=0.1)
+    slow = asyncio.create_task(conn.unary(RANGE, b"slow", [], 0.05))
+    other = asyncio.create_task(conn.unary(RANGE, b"other", [], 5.0))
+    await settle()
+    watch = conn.start(WATCH, [], unary=False)
+    watch.write(b"watch")
+    await settle()
+    peer.receive()
+    assert sorted(peer.headers) == [1, 3, 5]
+    assert peer.header(5)[b":path"] == WATCH
+
+    error = await failure(slow)
+    assert error.code() == StatusCode.DEADLINE_EXCEEDED
+    assert "0.05s" in error.details()
+    await settle()
+    peer.receive()  # not answered: the peer's ping acknowledgement never leaves
+    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    assert peer.pings == 1
+    assert not peer.transport.aborted
+
+    # No answer to the ping within the connection's timeout: every call fails, at once.
+    error = await failure(other)
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "ping" in error.details()
+    lost = await failure(watch.read())
+    assert lost.code() == StatusCode.UNAVAILABLE
+    assert peer.transport.aborted
+    assert not conn.usable
+    with pytest.raises(RpcError):
+        conn.start(RANGE, [], unary=True)
+
+
+async def test_unary_timeout_with_the_ping_answered_keeps_the_connection() -> None:
+    conn, peer = make(timeout=0.1)
+    slow = asyncio.create_task(conn.unary(RANGE, b"slow", [], 0.05))
+    other = asyncio.create_task(conn.unary(RANGE, b"other", [], 5.0))
+    await settle()
+    peer.receive()
+    error = await failure(slow)
+    assert error.code() == StatusCode.DEADLINE_EXCEEDED
+    await settle()
+    peer.pump()  # the ping, acknowledged
+    assert peer.pings == 1
+    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    await asyncio.sleep(0.15)  # past the ping's timeout
+    assert conn.usable
+    assert not peer.transport.aborted
+    peer.respond(3, b"late but fine")
+    assert await asyncio.wait_for(other, 1) == b"late but fine"
+    # And new calls work.
+    task = asyncio.create_task(conn.unary(RANGE, b"next", [], 5.0))
+    await settle()
+    peer.receive()
+    peer.respond(5, b"next answer")
+    assert await asyncio.wait_for(task, 1) == b"next answer"
+
+
+async def test_cancelling_a_unary_call_resets_its_stream_and_spares_the_others() -> None:
+    conn, peer = make()
+    first = asyncio.create_task(conn.unary(RANGE, b"first", [], 5.0))
+    second = asyncio.create_task(conn.unary(RANGE, b"second", [], 5.0))
+    await settle()
+    peer.receive()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await settle()
+    peer.receive()
+    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    assert list(conn.calls) == [3]
+    peer.respond(3, b"second answer")
+    assert await asyncio.wait_for(second, 1) == b"second answer"
+    assert conn.usable
+    assert not peer.transport.aborted
+
+
+# -- flow control ----------------------------------------------------------------------------
+
+
+async def test_request_bigger_than_the_stream_window_waits_for_the_window_to_open() -> None:
+    conn, peer = make(window=100)
+    request = bytes(range(250))  # 255 bytes with the prefix
+    task = asyncio.create_task(conn.unary(RANGE, request, [], 5.0))
+    await settle()
+    peer.receive()
+    assert peer.frames == [(1, 100, False)]  # what the window allows, and no more
+    await settle()
+    peer.receive()
+    assert peer.frames == [(1, 100, False)]
+
+    peer.conn.increment_flow_control_window(100, stream_id=1)
+    peer.send()
+    peer.receive()
+    assert peer.frames == [(1, 100, False), (1, 100, False)]
+    assert peer.ended == set()
+
+    peer.conn.increment_flow_control_window(1000, stream_id=1)
+    peer.send()
+    peer.receive()
+    assert peer.frames == [(1, 100, False), (1, 100, False), (1, 55, True)]
+    assert peer.messages(1) == [request]
+    assert peer.ended == {1}
+    peer.respond(1, b"done")
+    assert await asyncio.wait_for(task, 1) == b"done"
+
+
+async def test_request_bigger_than_the_connection_window_waits_too() -> None:
+    conn, peer = make(window=1 << 20)  # streams may take 1 MiB, the connection 64 KiB - 1
+    request = b"v" * 70000
+    task = asyncio.create_task(conn.unary(RANGE, request, [], 5.0))
+    await settle()
+    peer.receive()
+    assert sum(n for _, n, _ in peer.frames) == 65535
+    assert all(n <= 16384 for _, n, _ in peer.frames)  # the peer's largest frame size
+    assert not any(end for _, _, end in peer.frames)
+
+    peer.conn.increment_flow_control_window(100000)  # the connection's window
+    peer.send()
+    peer.receive()
+    assert sum(n for _, n, _ in peer.frames) == 70005
+    assert peer.frames[-1][2]
+    assert peer.messages(1) == [request]
+    peer.respond(1, b"done")
+    assert await asyncio.wait_for(task, 1) == b"done"
+
+
+# -- the connection failing ------------------------------------------------------------------
+
+
+class _GrpcServerStateMachine(h2.connection.H2ConnectionStateMachine):
+    """h2's server closes itself on sending GOAWAY; grpc-go's goes on serving the calls it
+    took (and pings), which is what etcd does."""
+
+    def process_input(self, input_: h2.connection.ConnectionInputs) -> list[h2.events.Event]:
+        if (
+            input_ is h2.connection.ConnectionInputs.SEND_GOAWAY
+            and self.state is h2.connection.ConnectionState.SERVER_OPEN
+        ):
+            return []
+        return super().process_input(input_)
+
+
+def draining_peer() -> tuple[Connection, Peer]:
+    conn, peer = make()
+    state = peer.conn.state_machine.state
+    peer.conn.state_machine = _GrpcServerStateMachine()
+    peer.conn.state_machine.state = state
+    return conn, peer
+
+
+async def test_goaway_fails_the_calls_etcd_did_not_take_and_drains_the_rest() -> None:
+    conn, peer = draining_peer()
+    unary = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    watch = conn.start(WATCH, [], unary=False)
+    watch.write(b"watch")
+    await settle()
+    peer.receive()
+    assert conn.usable
+    # etcd took stream 1 (the unary call), not stream 3 (the watch).
+    peer.conn.close_connection(last_stream_id=1)
+    peer.send()
+    error = await failure(watch.read())
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "GOAWAY" in error.details()
+    assert error.unprocessed  # never seen by etcd: safe to send again
+    assert not conn.usable
+    with pytest.raises(RpcError, match="GOAWAY") as refused:
+        conn.start(RANGE, [], unary=True)
+    assert refused.value.unprocessed
+    # The call etcd took still gets its answer (h2 alone would refuse every frame now),
+    # then the drained connection is closed.
+    assert not unary.done()
+    assert not peer.transport.closed
+    peer.respond(1, b"answer")
+    assert await asyncio.wait_for(unary, 1.0) == b"answer"
+    assert peer.transport.closed
+    assert not peer.transport.aborted
+
+
+async def test_graceful_goaway_and_ping_keep_calls_going() -> None:
+    # grpc-go's graceful stop: GOAWAY naming the highest stream id, and a PING in the same
+    # read. Nothing fails; the PING is answered.
+    conn, peer = draining_peer()
+    unary = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    peer.receive()
+    peer.conn.close_connection(last_stream_id=2**31 - 1)
+    peer.conn.ping(b"drain\0\0\0")
+    peer.send()
+    await settle()
+    acks = [
+        e
+        for e in peer.conn.receive_data(peer.transport.take())
+        if isinstance(e, h2.events.PingAckReceived)
+    ]
+    assert len(acks) == 1
+    assert not unary.done()
+    assert not conn.usable
+    peer.respond(1, b"answer")
+    assert await asyncio.wait_for(unary, 1.0) == b"answer"
+    assert peer.transport.closed
+
+
+async def test_bytes_h2_rejects_before_any_frame_say_not_http2() -> None:
+    fresh = Connection(MEMBER, 5.0, 10.0)
+    transport = Transport()
+    fresh.connection_made(transport)
+    task = asyncio.create_task(fresh.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    fresh.data_received(b"\x00" * 9)  # a DATA frame on stream 0: no HTTP/2 server sends it
+    error = await failure(task)
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "without answering in HTTP/2" in error.details()
+    assert transport.aborted
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [
+        pytest.param([b"HTTP/1.1 400 Bad Request\r\n\r\n"], id="http1-reply-then-close"),
+        pytest.param([b"\x00" * 4, b"\x00" * 5], id="rejected-frame-in-two-reads"),
+    ],
+)
+async def test_bytes_that_are_not_http2_before_any_frame_say_not_http2(
+    replies: list[bytes],
+) -> None:
+    conn = Connection(MEMBER, 5.0, 10.0)
+    transport = Transport()
+    conn.connection_made(transport)
+    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    for data in replies:
+        conn.data_received(data)
+    conn.connection_lost(None)  # the server hangs up after its answer
+    error = await failure(task)
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "without answering in HTTP/2" in error.details()
+
+
+async def test_connection_lost_before_any_bytes_says_not_http2_on_plaintext() -> None:
+    conn = Connection(MEMBER, 5.0, 10.0)
+    conn.connection_made(Transport())
+    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    conn.connection_lost(None)
+    error = await failure(task)
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "without answering in HTTP/2" in error.details()
+    assert not conn.usable
+    await asyncio.wait_for(conn.wait_closed(), 1)
+
+
+async def test_connection_lost_before_any_bytes_on_tls_is_no_plaintext_hint() -> None:
+    member = Member("etcd.example", 2379, "etcd.example:2379", tls=ssl.create_default_context())
+    conn = Connection(member, 5.0, 10.0)
+    conn.connection_made(Transport())
+    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    conn.connection_lost(None)
+    error = await failure(task)
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "plaintext" not in error.details()
+    assert "before answering" in error.details()
+
+
+async def test_connection_lost_after_answering_in_http2_is_no_plaintext_hint() -> None:
+    conn, peer = make()
+    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    peer.receive()
+    conn.connection_lost(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
+    error = await failure(task)
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "HTTP/2" not in error.details()
+    assert "reset by peer" in error.details()
+    await asyncio.wait_for(conn.wait_closed(), 1)
+
+
+# -- Channel, on real loopback sockets -------------------------------------------------------
+
+
+class Site:
+    """A tiny etcd stand-in on a loopback port: HTTP/2 server side, answering each unary call
+    with its name, a colon and the request message."""
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.connections = 0
+        self.transports: list[asyncio.Transport] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self, port: int = 0) -> Member:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _SiteProtocol(self), "127.0.0.1", port)
+        port = self.server.sockets[0].getsockname()[1]
+        return Member("127.0.0.1", port, f"127.0.0.1:{port}")
+
+    def hang_up(self) -> None:
+        for transport in self.transports:
+            transport.close()
+        self.transports.clear()
+
+    async def stop(self) -> None:
+        self.hang_up()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+class _SiteProtocol(asyncio.Protocol):
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        self.bodies: dict[int, bytearray] = {}
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.site.connections += 1
+        self.site.transports.append(transport)
+        self.conn.initiate_connection()
+        transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                assert event.stream_id is not None
+                self.bodies[event.stream_id] = bytearray()
+            elif isinstance(event, h2.events.DataReceived):
+                assert event.stream_id is not None
+                assert event.data is not None
+                self.bodies[event.stream_id] += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                assert event.stream_id is not None
+                body = bytes(self.bodies.pop(event.stream_id))
+                answer = self.site.name + b":" + body[5:]
+                self.conn.send_headers(event.stream_id, OK_HEADERS)
+                self.conn.send_data(event.stream_id, prefixed(answer))
+                self.conn.send_headers(event.stream_id, [(b"grpc-status", b"0")], end_stream=True)
+        assert self.transport is not None
+        self.transport.write(self.conn.data_to_send())
+
+
+@pytest.fixture
+async def sites() -> AsyncIterator[Callable[[bytes], Site]]:
+    made: list[Site] = []
+
+    def site(name: bytes) -> Site:
+        made.append(Site(name))
+        return made[-1]
+
+    yield site
+    for one in made:
+        await one.stop()
+
+
+def dead_member(port: int) -> Member:
+    return Member("127.0.0.1", port, f"127.0.0.1:{port}")
+
+
+async def test_channel_skips_a_refused_member_and_calls_the_next(
+    unused_tcp_port_factory: Callable[[], int], sites: Callable[[bytes], Site]
+) -> None:
+    live = sites(b"B")
+    channel = Channel([dead_member(unused_tcp_port_factory()), await live.start()], 1.0)
+    try:
+        assert await channel.unary(RANGE, b"hello", []) == b"B:hello"
+        assert await channel.unary(RANGE, b"again", []) == b"B:again"
+        assert live.connections == 1  # one connection, many calls
+    finally:
+        await channel.close()
+
+
+async def test_channel_fails_fast_while_backing_off_then_tries_again(
+    unused_tcp_port_factory: Callable[[], int], sites: Callable[[bytes], Site]
+) -> None:
+    ports = [unused_tcp_port_factory(), unused_tcp_port_factory()]
+    channel = Channel([dead_member(p) for p in ports], 1.0)
+    try:
+        first = await failure(channel.unary(RANGE, b"x", []))
+        assert first.code() == StatusCode.UNAVAILABLE
+        assert first.details().count("connection refused") == 2
+        assert f"127.0.0.1:{ports[0]}" in first.details()
+        assert f"127.0.0.1:{ports[1]}" in first.details()
+
+        # Something listens now, but the channel is backing off: it does not even try.
+        site = sites(b"A")
+        await site.start(ports[0])
+        start = asyncio.get_running_loop().time()
+        second = await failure(channel.unary(RANGE, b"x", []))
+        assert asyncio.get_running_loop().time() - start < 0.1
+        assert second.code() == StatusCode.UNAVAILABLE
+        assert second.details() == first.details()
+        await asyncio.sleep(0.01)
+        assert site.connections == 0
+
+        await asyncio.sleep(0.25)  # past the first backoff, 0.2 s
+        assert await channel.unary(RANGE, b"x", []) == b"A:x"
+        assert site.connections == 1
+    finally:
+        await channel.close()
+
+
+async def test_channel_backoff_doubles_while_members_keep_refusing(
+    unused_tcp_port_factory: Callable[[], int], sites: Callable[[bytes], Site]
+) -> None:
+    port = unused_tcp_port_factory()
+    channel = Channel([dead_member(port)], 1.0)
+    try:
+        first = await failure(channel.unary(RANGE, b"x", []))
+        await asyncio.sleep(0.25)  # past 0.2 s: tried again, refused again
+        second = await failure(channel.unary(RANGE, b"x", []))
+        assert second is not first
+        assert "connection refused" in second.details()
+
+        site = sites(b"A")
+        await site.start(port)
+        await asyncio.sleep(0.25)  # not yet past 0.4 s
+        assert await failure(channel.unary(RANGE, b"x", [])) is second
+        await asyncio.sleep(0.01)
+        assert site.connections == 0
+        await asyncio.sleep(0.2)  # past 0.4 s
+        assert await channel.unary(RANGE, b"x", []) == b"A:x"
+    finally:
+        await channel.close()
+
+
+async def test_channel_after_losing_a_connection_starts_with_the_next_member(
+    sites: Callable[[bytes], Site],
+) -> None:
+    a, b = sites(b"A"), sites(b"B")
+    channel = Channel([await a.start(), await b.start()], 1.0)
+    try:
+        assert await channel.unary(RANGE, b"1", []) == b"A:1"
+        conn = await channel.connection()
+        a.hang_up()
+        await asyncio.wait_for(conn.wait_closed(), 1)
+        assert not conn.usable
+        assert await channel.unary(RANGE, b"2", []) == b"B:2"  # A still listens
+        conn = await channel.connection()
+        b.hang_up()
+        await asyncio.wait_for(conn.wait_closed(), 1)
+        assert await channel.unary(RANGE, b"3", []) == b"A:3"  # round again
+        assert (a.connections, b.connections) == (2, 1)
+    finally:
+        await channel.close()
+
+
+async def test_closed_channel_refuses_calls(sites: Callable[[bytes], Site]) -> None:
+    site = sites(b"A")
+    channel = Channel([await site.start()], 1.0)
+    assert await channel.unary(RANGE, b"x", []) == b"A:x"
+    watch = await channel.stream(WATCH, [])
+    await channel.close()
+    error = await failure(watch.read())
+    assert error.code() == StatusCode.CANCELLED
+    error = await failure(channel.unary(RANGE, b"x", []))
+    assert error.code() == StatusCode.CANCELLED
+
+
+async def test_channel_refused_on_a_name_with_two_addresses_says_connection_refused(
+    unused_tcp_port_factory: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As "localhost" resolving to both ::1 and 127.0.0.1: here 127.0.0.1 and 127.0.0.2.
+    loop = asyncio.get_running_loop()
+
+    async def getaddrinfo(host: str, port: int, **_: Any) -> list[Any]:
+        assert host == "etcd.local"
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
+            for address in ("127.0.0.1", "127.0.0.2")
+        ]
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    port = unused_tcp_port_factory()
+    channel = Channel([Member("etcd.local", port, f"etcd.local:{port}")], 1.0)
+    error = await failure(channel.unary(RANGE, b"x", []))
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "connection refused" in error.details()
+
+
+# -- connect_error, status_error -------------------------------------------------------------
+
+
+def test_connect_error_words() -> None:
+    refused = connect_error(MEMBER, ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+    assert refused.code() == StatusCode.UNAVAILABLE
+    assert refused.details() == "127.0.0.1:2379: connection refused"
+    timed_out = connect_error(MEMBER, TimeoutError())
+    assert timed_out.code() == StatusCode.UNAVAILABLE
+    assert "timed out" in timed_out.details()
+    assert "127.0.0.1:2379" in timed_out.details()
+    unreachable = connect_error(MEMBER, OSError(errno.EHOSTUNREACH, "No route to host"))
+    assert unreachable.details() == "127.0.0.1:2379: No route to host"
+    hostname = ssl.SSLCertVerificationError("certificate verify failed")
+    hostname.verify_code = 62
+    assert "hostname verification failed" in connect_error(MEMBER, hostname).details()
+
+
+def test_status_error() -> None:
+    assert status_error([(b":status", b"200"), (b"grpc-status", b"0")]) is None
+    assert status_error([(b":status", b"200"), (b"content-type", b"application/grpc")]) is None
+    assert status_error([]) is None
+    error = status_error([(b"grpc-status", b"5"), (b"grpc-message", b"key%20not%20found")])
+    assert error is not None
+    assert error.code() == StatusCode.NOT_FOUND
+    assert error.details() == "key not found"
+    unknown = status_error([(b"grpc-status", b"99")])
+    assert unknown is not None
+    assert unknown.code() == StatusCode.UNKNOWN
+    http = status_error([(b":status", b"404")])
+    assert http is not None
+    assert http.code() == StatusCode.UNAVAILABLE
+    assert "HTTP 404" in http.details()
+    # Also the exception's own words, as logged.
+    assert str(RpcError(StatusCode.UNAVAILABLE, "gone")) == "UNAVAILABLE: gone"
