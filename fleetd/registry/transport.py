@@ -30,6 +30,7 @@ import contextlib
 import enum
 import errno
 import functools
+import select
 import ssl
 import struct
 import weakref
@@ -50,6 +51,8 @@ PREFIX = struct.Struct(">BI")  # gRPC message prefix: compressed flag, length
 # Our receive windows: a full range of 10,000 units is several MB; HTTP/2's default 64 KiB
 # window would take a window update every 64 KiB.
 _WINDOW = 16 * 1024 * 1024
+# A connection that heard nothing for this long is checked for unread bytes before a call.
+_QUIET = 1.0
 _MIN_BACKOFF = 0.2
 _MAX_BACKOFF = 2.0
 
@@ -306,6 +309,7 @@ class Connection(asyncio.Protocol):
         self.ping_interval = ping_interval
         self.broken: RpcError | None = None
         self.heard = False  # a valid HTTP/2 frame from the member yet
+        self.last_read = asyncio.get_running_loop().time()
         self.calls: dict[int, Call] = {}
         self._streaming = 0  # open calls that are not unary (they keep the pings going)
         self._conn = h2.connection.H2Connection(
@@ -349,6 +353,7 @@ class Connection(asyncio.Protocol):
         transport.write(conn.data_to_send())
 
     def data_received(self, data: bytes) -> None:
+        self.last_read = asyncio.get_running_loop().time()
         try:
             events = self._conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:
@@ -467,6 +472,18 @@ class Connection(asyncio.Protocol):
 
     async def wait_closed(self) -> None:
         await self._closed
+
+    def unread(self) -> bool:
+        """Whether bytes (or the end) wait on the socket that the loop has not taken in."""
+        transport = self._transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
     # -- internals --------------------------------------------------------------------
 
@@ -648,7 +665,17 @@ class Channel:
     async def connection(self) -> Connection:
         conn = self._conn
         if conn is not None and conn.usable:
-            return conn
+            if asyncio.get_running_loop().time() - conn.last_read < _QUIET or not conn.unread():
+                return conn
+            # Quiet for a while, with something waiting: an event loop that only runs during
+            # calls (run_until_complete) may not have seen etcd close or drain it, and a call
+            # sent now would be lost with it. Let the loop take that in first.
+            for _ in range(5):
+                await asyncio.sleep(0)
+                if not conn.usable:
+                    break
+            else:
+                return conn
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
