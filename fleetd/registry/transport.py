@@ -26,7 +26,6 @@ rather than timing out every later call.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import errno
 import functools
@@ -37,14 +36,10 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
+from fleetd.registry import http2
 
 PREFIX = struct.Struct(">BI")  # gRPC message prefix: compressed flag, length
 
@@ -175,24 +170,6 @@ def _tls_reason(e: ssl.SSLError) -> str:
     return str(e.reason or e).lower()
 
 
-class _DrainingStateMachine(h2.connection.H2ConnectionStateMachine):
-    """h2's connection state machine, except that a GOAWAY does not close the connection.
-
-    h2 refuses every frame after a GOAWAY, but a gRPC server drains with one: etcd (grpc-go)
-    shutting down sends GOAWAY and a PING, lets the calls it has finish, then a final GOAWAY
-    naming the last call it took. Calls above that id are failed as unprocessed (and sent
-    again elsewhere); the rest finish here.
-    """
-
-    def process_input(self, input_: h2.connection.ConnectionInputs) -> list[h2.events.Event]:
-        if (
-            input_ is h2.connection.ConnectionInputs.RECV_GOAWAY
-            and self.state is h2.connection.ConnectionState.CLIENT_OPEN
-        ):
-            return []
-        return super().process_input(input_)
-
-
 class Call:
     """One gRPC call: an HTTP/2 stream on a Connection.
 
@@ -208,7 +185,9 @@ class Call:
         "conn",
         "end_after_outbox",
         "error",
+        "local_done",
         "outbox",
+        "remote_done",
         "result",
         "stream_id",
     )
@@ -221,8 +200,10 @@ class Call:
         )
         self.error: RpcError | None = None
         self.closed = False  # the stream is over, either way
-        self.outbox = bytearray()  # request bytes not yet passed to h2 (flow control)
+        self.outbox = bytearray()  # request bytes not yet framed (flow control)
         self.end_after_outbox = False
+        self.local_done = False  # our END_STREAM has been framed
+        self.remote_done = False  # etcd's END_STREAM or RST_STREAM arrived
         self._inbox = bytearray()
         self._messages: deque[bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -312,19 +293,9 @@ class Connection(asyncio.Protocol):
         self.last_read = asyncio.get_running_loop().time()
         self.calls: dict[int, Call] = {}
         self._streaming = 0  # open calls that are not unary (they keep the pings going)
-        self._conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(
-                client_side=True,
-                header_encoding=None,
-                # etcd is a known peer: skip h2's per-header checks (a measurable share of
-                # each request's CPU), not the protocol's state machine.
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-            )
-        )
-        self._conn.state_machine = _DrainingStateMachine()
+        self._h2 = http2.ClientConnection(_WINDOW)
+        # Header blocks by (path, metadata): encoded once, sent with every such call.
+        self._blocks: dict[tuple[bytes, tuple[tuple[str, str], ...]], bytes] = {}
         self.draining = False  # etcd sent GOAWAY: no new calls here
         self._flushed_id = 0  # the highest stream id whose headers have left
         self._last_id = 0  # the highest stream id started
@@ -346,26 +317,19 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        conn = self._conn
-        conn.initiate_connection()
-        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW})
-        conn.increment_flow_control_window(_WINDOW - conn.inbound_flow_control_window)
-        transport.write(conn.data_to_send())
+        transport.write(self._h2.take())
 
     def data_received(self, data: bytes) -> None:
         self.last_read = asyncio.get_running_loop().time()
         try:
-            events = self._conn.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
-            if self.heard:
+            events = self._h2.receive(data)
+        except http2.ProtocolError as e:
+            if self._h2.heard:
                 self.fail(RpcError(StatusCode.UNAVAILABLE, f"HTTP/2 protocol error: {e}"))
             else:
                 self.fail(self._not_http2())
             return
-        if events:
-            # h2 holds back a partial frame: only a parsed one shows the member speaks HTTP/2
-            # (an HTTP/1 answer's first bytes pass for the start of a huge frame).
-            self.heard = True
+        self.heard = self._h2.heard
         for event in events:
             self._event(event)
         self._flush()
@@ -402,24 +366,28 @@ class Connection(asyncio.Protocol):
         if self.draining:
             why = f"{self.member.authority}: etcd is going away (GOAWAY)"
             raise RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True)
-        conn = self._conn
+        key = (path, tuple(metadata))
+        block = self._blocks.get(key)
+        if block is None:
+            headers = [
+                (b":method", b"POST"),
+                (b":scheme", self._scheme),
+                (b":path", path),
+                (b":authority", self._authority),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            ]
+            headers.extend((k.encode(), v.encode()) for k, v in metadata)
+            block = self._blocks[key] = http2.encode_headers(headers)
+            if len(self._blocks) > 64:  # tokens come and go: keep the recent kinds only
+                del self._blocks[next(iter(self._blocks))]
         try:
-            stream_id = conn.get_next_available_stream_id()
-        except h2.exceptions.NoAvailableStreamIDError:
+            stream_id = self._h2.open_stream(block)
+        except http2.ProtocolError:
             # 2^30 calls on one connection: go on with a new one.
             error = RpcError(StatusCode.UNAVAILABLE, "HTTP/2 stream ids used up")
             self.fail(error)
             raise error from None
-        headers = [
-            (b":method", b"POST"),
-            (b":scheme", self._scheme),
-            (b":path", path),
-            (b":authority", self._authority),
-            (b"content-type", b"application/grpc"),
-            (b"te", b"trailers"),
-        ]
-        headers.extend((k.encode(), v.encode()) for k, v in metadata)
-        conn.send_headers(stream_id, headers)
         self._last_id = stream_id
         call = Call(self, stream_id, unary)
         self.calls[stream_id] = call
@@ -459,10 +427,6 @@ class Connection(asyncio.Protocol):
         if call.closed:
             return
         self._end(call, error)
-        if self.broken is None:
-            with contextlib.suppress(h2.exceptions.ProtocolError):  # closed on etcd's side
-                self._conn.reset_stream(call.stream_id, h2.errors.ErrorCodes.CANCEL)
-            self._schedule_flush()
 
     def fail(self, error: RpcError) -> None:
         """Abandon the connection: every call fails with `error`."""
@@ -503,64 +467,85 @@ class Connection(asyncio.Protocol):
             self._streaming -= 1
         self._pending.pop(call.stream_id, None)
         call.finish(error)
+        if self.broken is None:
+            if call.local_done and call.remote_done:
+                self._h2.close_stream(call.stream_id)
+            elif call.remote_done and not call.local_done:
+                # etcd ended it (or reset it) before our side was done: nothing more to say,
+                # except that our half ends too, unless etcd reset the stream.
+                self._h2.reset(call.stream_id)
+                self._schedule_flush()
+            else:
+                # We give up on a call etcd still serves (cancel, timeout): tell it.
+                self._h2.reset(call.stream_id)
+                self._schedule_flush()
         if self.draining and not self.calls and self._transport is not None:
             self._transport.close()  # drained: etcd is going away
 
-    def _event(self, event: h2.events.Event) -> None:
-        # h2 reports a frame's END_STREAM both on its event (stream_ended) and as a
-        # StreamEnded event after it; only the StreamEnded is acted on.
-        if isinstance(event, h2.events.DataReceived):
-            call = self.calls.get(event.stream_id)
-            if call is not None:
-                call.data(event.data)
-            self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-        elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-            call = self.calls.get(event.stream_id)
+    def _event(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == http2.DATA:
+            _, stream_id, payload, end = event
+            call = self.calls.get(stream_id)
             if call is None:
                 return
-            headers = event.headers or []
+            call.data(payload)
+            if end:
+                call.remote_done = True
+                if not call.closed:
+                    # Ended without trailers (a grpc-status): not gRPC's way to finish.
+                    why = "etcd ended the call without a status"
+                    self._end(call, RpcError(StatusCode.INTERNAL, why))
+        elif kind == http2.HEADERS:
+            _, stream_id, headers, end = event
+            call = self.calls.get(stream_id)
+            if call is None:
+                return
+            if end:
+                call.remote_done = True
             error = status_error(headers)
             if error is not None:
-                if event.stream_ended is not None:
+                if end:
                     self._end(call, error)
                 else:
                     self.reset(call, error)
             elif any(name == b"grpc-status" for name, _ in headers):
                 self._end(call, None)  # grpc-status 0: a clean end
-        elif isinstance(event, h2.events.StreamEnded):
-            call = self.calls.get(event.stream_id)
+            elif end:
+                why = "etcd ended the call without a status"
+                self._end(call, RpcError(StatusCode.INTERNAL, why))
+        elif kind == http2.RESET:
+            _, stream_id, code = event
+            call = self.calls.get(stream_id)
             if call is not None:
-                # Ended without a grpc-status (those ended the call above): not gRPC's way.
-                self._end(
-                    call, RpcError(StatusCode.INTERNAL, "etcd ended the call without a status")
-                )
-        elif isinstance(event, h2.events.StreamReset):
-            call = self.calls.get(event.stream_id)
-            if call is not None:
-                why = f"etcd reset the call ({event.error_code!r})"
-                self._end(call, RpcError(StatusCode.UNAVAILABLE, why))
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self._goaway(event)
-        elif isinstance(event, h2.events.PingAckReceived) and self._ping_deadline is not None:
+                call.remote_done = call.local_done = True  # nothing more either way
+                why = f"etcd reset the call ({http2.error_name(code)})"
+                refused = code == http2.REFUSED_STREAM  # etcd never processed it
+                self._end(call, RpcError(StatusCode.UNAVAILABLE, why, unprocessed=refused))
+        elif kind == http2.GOAWAY:
+            _, last, code, debug = event
+            self._goaway(last, code, debug)
+        elif kind == http2.PING_ACK and self._ping_deadline is not None:
             self._ping_deadline.cancel()
             self._ping_deadline = None
-        # WindowUpdated: _flush runs after every batch of events and sends what it allows.
 
-    def _goaway(self, event: h2.events.ConnectionTerminated) -> None:
+    def _goaway(self, last: int, code: int, debug: bytes) -> None:
         """GOAWAY: no new calls here; the calls etcd did not take fail as unprocessed (the
-        channel sends them again on a new connection), the others may still finish."""
+        channel sends them again on a new connection), the others may still finish. (etcd,
+        like any grpc-go server, drains with a first GOAWAY naming the highest id and a
+        PING, then a final one naming the last call it took.)"""
         self.draining = True
-        last = event.last_stream_id if event.last_stream_id is not None else 0
-        # Headers still in our buffer never left (h2 drops its buffer on GOAWAY).
+        # Headers still in our buffer never left.
         last = min(last, self._flushed_id)
         why = f"{self.member.authority}: etcd is going away (GOAWAY"
-        if event.error_code not in (None, h2.errors.ErrorCodes.NO_ERROR):
-            why += f" {event.error_code!r}"
-        if event.additional_data:
-            why += f": {event.additional_data.decode('utf-8', 'replace')}"
+        if code:
+            why += f" {http2.error_name(code)}"
+        if debug:
+            why += f": {debug.decode('utf-8', 'replace')}"
         why += ")"
         for call in list(self.calls.values()):
             if call.stream_id > last:
+                call.remote_done = call.local_done = True  # etcd will say nothing of it
                 self._end(call, RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True))
         if not self.calls and self._transport is not None:
             self._transport.close()
@@ -576,28 +561,24 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self.broken is not None:
             return
-        conn = self._conn
-        try:
-            for stream_id, call in list(self._pending.items()):
-                outbox = call.outbox
-                while outbox:
-                    room = min(
-                        conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size
-                    )
-                    if room <= 0:
-                        break  # the rest goes when etcd opens the window (WindowUpdated)
-                    if room >= len(outbox):
-                        conn.send_data(stream_id, bytes(outbox), end_stream=call.end_after_outbox)
-                        outbox.clear()
-                        break
-                    conn.send_data(stream_id, bytes(outbox[:room]))
-                    del outbox[:room]
-                if not outbox:
-                    del self._pending[stream_id]
-        except h2.exceptions.ProtocolError as e:
-            self.fail(RpcError(StatusCode.UNAVAILABLE, f"HTTP/2 protocol error: {e}"))
-            return
-        data = conn.data_to_send()
+        framer = self._h2
+        for stream_id, call in list(self._pending.items()):
+            outbox = call.outbox
+            while outbox:
+                room = framer.window(stream_id)
+                if room <= 0:
+                    break  # the rest goes when etcd opens the window (WINDOW_UPDATE)
+                if room >= len(outbox):
+                    end = call.end_after_outbox
+                    framer.data(stream_id, bytes(outbox), end_stream=end)
+                    outbox.clear()
+                    call.local_done = end
+                    break
+                framer.data(stream_id, bytes(outbox[:room]))
+                del outbox[:room]
+            if not outbox:
+                del self._pending[stream_id]
+        data = framer.take()
         if data:
             transport.write(data)
         self._flushed_id = self._last_id
@@ -621,10 +602,7 @@ class Connection(asyncio.Protocol):
     def _send_ping(self) -> None:
         if self.broken is not None or self._ping_deadline is not None:
             return
-        try:
-            self._conn.ping(b"fleetd\0\0")
-        except h2.exceptions.ProtocolError:
-            return
+        self._h2.ping(b"fleetd\0\0")
         self._schedule_flush()
         self._ping_deadline = asyncio.get_running_loop().call_later(
             self.timeout, self._ping_overdue
