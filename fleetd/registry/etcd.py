@@ -1,7 +1,8 @@
 """`EtcdKV`: the `KV` contract (fleetd/registry/kv.py) over etcd v3's gRPC API.
 
-This is the only module of the project that speaks to etcd (with transport.py, the HTTP/2 it
-speaks, keepalive.py, its lease keepalive stream, and etcdpb, etcd's protobuf messages). It
+This is the only module of the project that speaks to etcd (with transport.py, its gRPC calls;
+http2.py, their framing; keepalive.py, the lease keepalive stream; and etcdpb, etcd's protobuf
+messages). It
 keeps their values at this boundary: every response is turned into the contract's
 dataclasses and every failed call into a `fleetd.errors` type before it leaves.
 

@@ -5,9 +5,9 @@ cost is paid all the time. Through grpc.aio one keepalive cost about 180 us of C
 thousands were pipelined (a write and a read each cross gRPC's poller thread and wake the
 event loop), and 430 us when spread out. 1,000 simulated machines in one process renewing
 every 3.3 s then spent 10-13 % of a core on keepalives alone. The same stream as one asyncio
-protocol over a plain socket (or TLS) costs about 30 us a keepalive: the framing is h2's, the
-messages etcd's protobuf types, and all of it runs in the event loop's own thread. (The rest of
-the etcd client, fleetd/registry/transport.py, now works the same way.)
+protocol over a plain socket (or TLS) cost about 30 us a keepalive with h2's framing, less with
+fleetd/registry/http2.py's; the messages are etcd's protobuf types, and all of it runs in the
+event loop's own thread. (The rest of the etcd client, transport.py, works the same way.)
 
 This is one gRPC method, LeaseKeepAlive, on one HTTP/2 connection to one member: the request
 is a stream of length-prefixed `LeaseKeepAliveRequest`s, the answers come back in order on the
@@ -26,13 +26,10 @@ import functools
 import ssl
 from collections import deque
 from collections.abc import Sequence
-
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
+from typing import Any
 
 from fleetd.errors import RegistryUnavailable
+from fleetd.registry import http2
 from fleetd.registry.etcdpb import rpc
 from fleetd.registry.transport import PREFIX as _PREFIX
 from fleetd.registry.transport import Member, status_error
@@ -56,17 +53,16 @@ class KeepAliveStream(asyncio.Protocol):
         self.timed_out = False  # broken because an answer was overdue
         self.broken: BaseException | None = None
         self.waiting: dict[int, deque[asyncio.Future[int]]] = {}
-        self._conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
+        # Answers are small: HTTP/2's default window is plenty.
+        self._conn = http2.ClientConnection(http2.DEFAULT_WINDOW)
         self._transport: asyncio.Transport | None = None
         self._stream_id = 0
-        self._outbox = bytearray()  # request bytes not yet passed to h2 (flow control)
+        self._outbox = bytearray()  # request bytes not yet framed (flow control)
         self._inbox = bytearray()  # answer bytes not yet a whole message
         self._flush_scheduled = False
         self._half_closed = False
         self._ended = False  # END_STREAM sent (after a half-close)
-        self._heard = False  # any bytes from the member yet
+        self._heard = False  # the member's HTTP/2 SETTINGS yet
         # (deadline, answer) of every keepalive in the order sent: etcd answers in that order,
         # so only the oldest unanswered one can be overdue, and one timer watches it. A timer
         # per keepalive (asyncio.wait_for) costs a heap push and leaves a cancelled timer in
@@ -83,8 +79,6 @@ class KeepAliveStream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._conn.initiate_connection()
-        self._stream_id = self._conn.get_next_available_stream_id()
         scheme = b"https" if self.member.tls is not None else b"http"
         headers = [
             (b":method", b"POST"),
@@ -97,16 +91,16 @@ class KeepAliveStream(asyncio.Protocol):
         ]
         if self.token is not None:
             headers.append((b"token", self.token.encode()))
-        self._conn.send_headers(self._stream_id, headers)
+        self._stream_id = self._conn.open_stream(http2.encode_headers(headers))
         self._flush()
 
     def data_received(self, data: bytes) -> None:
-        self._heard = True
         try:
-            events = self._conn.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
+            events = self._conn.receive(data)
+        except http2.ProtocolError as e:
             self._fail(self._error(f"HTTP/2 protocol error: {e}"))
             return
+        self._heard = self._conn.heard
         for event in events:
             self._event(event)
         self._flush()
@@ -147,28 +141,31 @@ class KeepAliveStream(asyncio.Protocol):
 
     # -- internals --------------------------------------------------------------------
 
-    def _event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.DataReceived):
-            if event.stream_id == self._stream_id:
-                self._inbox += event.data
+    def _event(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == http2.DATA:
+            _, stream_id, payload, end = event
+            if stream_id == self._stream_id:
+                self._inbox += payload
                 self._answers()
-            self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-        elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-            error = status_error(event.headers or [])
+                if end:
+                    self._fail(self._error("etcd ended the stream"))
+        elif kind == http2.HEADERS:
+            _, stream_id, headers, end = event
+            if stream_id != self._stream_id:
+                return
+            error = status_error(headers)
             if error is not None:
                 self._fail(error)
-            elif isinstance(event, h2.events.TrailersReceived):
+            elif end or any(name == b"grpc-status" for name, _ in headers):
                 self._fail(self._error("etcd ended the stream"))
-        elif isinstance(event, h2.events.StreamEnded):
-            self._fail(self._error("etcd ended the stream"))
-        elif isinstance(event, h2.events.StreamReset):
-            self._fail(self._error(f"etcd reset the stream ({event.error_code!r})"))
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            # GOAWAY: a member shutting down. h2 takes no frames after it, so this stream is
-            # over; its waiters fail now and are retried on a new stream (another member).
+        elif kind == http2.RESET:
+            code = http2.error_name(event[2])
+            self._fail(self._error(f"etcd reset the stream ({code})"))
+        elif kind == http2.GOAWAY:
+            # A member shutting down: this stream's waiters fail now and are retried on a
+            # new stream (another member).
             self._fail(self._error("etcd is going away (GOAWAY)"))
-        elif isinstance(event, h2.events.WindowUpdated):
-            pass  # _flush runs after every batch of events and sends what the window allows
 
     def _answers(self) -> None:
         inbox = self._inbox
@@ -199,24 +196,18 @@ class KeepAliveStream(asyncio.Protocol):
         transport = self._transport
         if transport is None or self.broken is not None:
             return
-        try:
-            while self._outbox:
-                room = min(
-                    self._conn.local_flow_control_window(self._stream_id),
-                    self._conn.max_outbound_frame_size,
-                )
-                if room <= 0:
-                    break  # the rest goes when etcd opens the window (WindowUpdated)
-                chunk = bytes(self._outbox[:room])
-                del self._outbox[:room]
-                self._conn.send_data(self._stream_id, chunk)
-            if self._half_closed and not self._outbox and not self._ended:
-                self._ended = True
-                self._conn.end_stream(self._stream_id)
-        except h2.exceptions.ProtocolError as e:
-            self._fail(self._error(f"HTTP/2 protocol error: {e}"))
-            return
-        data = self._conn.data_to_send()
+        conn = self._conn
+        while self._outbox:
+            room = conn.window(self._stream_id)
+            if room <= 0:
+                break  # the rest goes when etcd opens the window (WINDOW_UPDATE)
+            chunk = bytes(self._outbox[:room])
+            del self._outbox[:room]
+            conn.data(self._stream_id, chunk)
+        if self._half_closed and not self._outbox and not self._ended:
+            self._ended = True
+            conn.data(self._stream_id, b"", end_stream=True)
+        data = conn.take()
         if data:
             transport.write(data)
 

@@ -1,4 +1,4 @@
-"""gRPC to etcd, spoken over HTTP/2 directly (h2) on the event loop's own sockets.
+"""gRPC to etcd, spoken over HTTP/2 directly (http2.py) on the event loop's own sockets.
 
 etcd's API is gRPC: each request is an HTTP/2 stream (POST to /etcdserverpb.Service/Method)
 carrying length-prefixed protobuf messages, with the call's status in the trailers. This
@@ -11,10 +11,10 @@ module is that much of gRPC and no more, for the etcd adapter (fleetd/registry/e
   reason, while reconnecting is backing off (200 ms doubling to 2 s, as the channel options
   of the gRPC client this replaced).
 
-Why not grpcio: its C core is 10 MB of code in fleetd's memory, runs threads of its own, and a
-unary call through grpc.aio cost several times the CPU of this protocol, whose framing is h2's
-and whose messages are protobuf's (fleetd/registry/etcdpb). One fleetd makes few requests, but
-a machine holds fleetd for good, and 1,000 simulated machines in one process make thousands.
+Why not grpcio: its C core was 10 MB of fleetd's memory plus threads of its own, and a unary
+call cost about 210 us of CPU at 64 in flight, against about 115 us here (framing by http2.py,
+messages by protobuf, fleetd/registry/etcdpb). One fleetd makes few requests, but a machine
+holds fleetd for good, and 1,000 simulated machines in one process make thousands a second.
 
 Liveness: a connection with a long-lived stream open (a watch) pings every `ping_interval` and
 is abandoned when the ping is not answered within the timeout, so a silently dead member is
