@@ -32,7 +32,7 @@ from fleetd.errors import RegistryUnavailable
 from fleetd.registry import http2
 from fleetd.registry.etcdpb import rpc
 from fleetd.registry.transport import PREFIX as _PREFIX
-from fleetd.registry.transport import Member, status_error
+from fleetd.registry.transport import Compressed, Member, messages, status_error
 
 PATH = b"/etcdserverpb.Lease/LeaseKeepAlive"
 
@@ -168,17 +168,12 @@ class KeepAliveStream(asyncio.Protocol):
             self._fail(self._error("etcd is going away (GOAWAY)"))
 
     def _answers(self) -> None:
-        inbox = self._inbox
-        while len(inbox) >= _PREFIX.size:
-            compressed, length = _PREFIX.unpack_from(inbox)
-            if len(inbox) < _PREFIX.size + length:
-                return
-            body = bytes(inbox[_PREFIX.size : _PREFIX.size + length])
-            del inbox[: _PREFIX.size + length]
-            if compressed:
-                # Never asked for (no grpc-accept-encoding): a peer we do not understand.
-                self._fail(self._error("etcd sent a compressed answer"))
-                return
+        try:
+            found = messages(self._inbox)
+        except Compressed:
+            self._fail(self._error("etcd sent a compressed answer"))
+            return
+        for body in found:
             answer = rpc.LeaseKeepAliveResponse.FromString(body)
             lease = int(answer.ID)
             waiters = self.waiting.get(lease)

@@ -52,6 +52,31 @@ _MIN_BACKOFF = 0.2
 _MAX_BACKOFF = 2.0
 
 
+class Compressed(Exception):
+    """A compressed gRPC message: never asked for (no grpc-accept-encoding)."""
+
+
+def messages(inbox: bytearray) -> list[bytes]:
+    """The whole gRPC messages at the start of `inbox`, taken out of it (a partial one stays).
+
+    Raises Compressed for a compressed message: a peer we do not understand."""
+    out: list[bytes] = []
+    offset = 0
+    size = len(inbox)
+    while size - offset >= PREFIX.size:
+        compressed, length = PREFIX.unpack_from(inbox, offset)
+        end = offset + PREFIX.size + length
+        if size < end:
+            break
+        if compressed:
+            raise Compressed
+        out.append(bytes(inbox[offset + PREFIX.size : end]))
+        offset = end
+    if offset:
+        del inbox[:offset]
+    return out
+
+
 class StatusCode(enum.IntEnum):
     """gRPC's status codes (https://grpc.github.io/grpc/core/md_doc_statuscodes.html)."""
 
@@ -240,20 +265,15 @@ class Call:
     # -- for the connection -------------------------------------------------------------
 
     def data(self, data: bytes) -> None:
-        inbox = self._inbox
-        inbox += data
-        while len(inbox) >= PREFIX.size:
-            compressed, length = PREFIX.unpack_from(inbox)
-            if len(inbox) < PREFIX.size + length:
-                return
-            message = bytes(inbox[PREFIX.size : PREFIX.size + length])
-            del inbox[: PREFIX.size + length]
-            if compressed:
-                # Never asked for (no grpc-accept-encoding): a peer we do not understand.
-                error = RpcError(StatusCode.INTERNAL, "etcd sent a compressed answer")
-                self.conn.reset(self, error)
-                return
-            self._messages.append(message)
+        self._inbox += data
+        try:
+            found = messages(self._inbox)
+        except Compressed:
+            error = RpcError(StatusCode.INTERNAL, "etcd sent a compressed answer")
+            self.conn.reset(self, error)
+            return
+        if found:
+            self._messages.extend(found)
             # A unary call's answer counts once the trailers say OK (finish).
             if self.result is None:
                 self._wake()
