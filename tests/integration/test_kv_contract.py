@@ -182,6 +182,17 @@ async def test_get_put_range_delete(backend: Backend) -> None:
     assert (a3.version, a3.create_revision) == (1, r4.revision)
 
 
+async def test_get_many_across_many_transactions(backend: Backend) -> None:
+    kv = backend.kv
+    for start in range(0, 300, 100):
+        await kv.txn([], [put(f"/many/{i:03d}", str(i)) for i in range(start, start + 100)])
+    asked = [f"/many/{i:03d}" for i in range(300)] + ["/many/absent", "/many/007"]
+    found = await kv.get_many(asked)
+    assert sorted(found) == [f"/many/{i:03d}" for i in range(300)]  # 3 reads of 128 keys
+    assert found["/many/299"].value == "299"
+    assert await kv.get_many([]) == {}
+
+
 async def test_revision_moves_once_per_writing_txn(backend: Backend) -> None:
     kv = backend.kv
     _, start = await kv.range("")
