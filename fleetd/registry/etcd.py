@@ -388,7 +388,6 @@ _COMPACT = b"/etcdserverpb.KV/Compact"
 _GRANT = b"/etcdserverpb.Lease/LeaseGrant"
 _REVOKE = b"/etcdserverpb.Lease/LeaseRevoke"
 _WATCH = b"/etcdserverpb.Watch/Watch"
-_READS_IN_FLIGHT = 8
 
 
 class EtcdKV:
@@ -521,25 +520,21 @@ class EtcdKV:
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, KeyValue]:
         """The keys that exist among `keys`, by key: one read-only transaction of range
-        requests per MAX_TXN_OPS keys instead of a round trip per key, up to
-        _READS_IN_FLIGHT of them at once (a burst of 9,000 new bodies is 70 of them)."""
+        requests per MAX_TXN_OPS keys instead of a round trip per key."""
         out: dict[str, KeyValue] = {}
         unique = list(dict.fromkeys(keys))
-        slots = asyncio.Semaphore(_READS_IN_FLIGHT)
-
-        async def read(chunk: list[str]) -> None:
+        for start in range(0, len(unique), MAX_TXN_OPS):
             request = rpc.TxnRequest(
-                success=[rpc.RequestOp(request_range=rpc.RangeRequest(key=_enc(k))) for k in chunk]
+                success=[
+                    rpc.RequestOp(request_range=rpc.RangeRequest(key=_enc(k)))
+                    for k in unique[start : start + MAX_TXN_OPS]
+                ]
             )
-            async with slots:
-                response = await self._unary("get_many", _TXN, request, rpc.TxnResponse)
+            response = await self._unary("get_many", _TXN, request, rpc.TxnResponse)
             for op in response.responses:
                 for kv in op.response_range.kvs:
                     item = _kv(kv)
                     out[item.key] = item
-
-        chunks = [unique[i : i + MAX_TXN_OPS] for i in range(0, len(unique), MAX_TXN_OPS)]
-        await asyncio.gather(*(read(c) for c in chunks))
         return out
 
     async def revoke(self, lease: int) -> None:
