@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ssl
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +31,15 @@ from fleetd.errors import RegistryUnavailable
 from fleetd.registry import http2
 from fleetd.registry.etcdpb import rpc
 from fleetd.registry.transport import PREFIX as _PREFIX
-from fleetd.registry.transport import Compressed, Member, messages, status_error
+from fleetd.registry.transport import (
+    Compressed,
+    Member,
+    RpcError,
+    connect_first,
+    messages,
+    request_headers,
+    status_error,
+)
 
 PATH = b"/etcdserverpb.Lease/LeaseKeepAlive"
 
@@ -62,7 +69,6 @@ class KeepAliveStream(asyncio.Protocol):
         self._flush_scheduled = False
         self._half_closed = False
         self._ended = False  # END_STREAM sent (after a half-close)
-        self._heard = False  # the member's HTTP/2 SETTINGS yet
         # (deadline, answer) of every keepalive in the order sent: etcd answers in that order,
         # so only the oldest unanswered one can be overdue, and one timer watches it. A timer
         # per keepalive (asyncio.wait_for) costs a heap push and leaves a cancelled timer in
@@ -79,18 +85,10 @@ class KeepAliveStream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        scheme = b"https" if self.member.tls is not None else b"http"
-        headers = [
-            (b":method", b"POST"),
-            (b":scheme", scheme),
-            (b":path", PATH),
-            (b":authority", self.member.authority.encode("idna")),
-            (b"content-type", b"application/grpc"),
-            (b"te", b"trailers"),
-            (b"user-agent", b"fleetd"),
-        ]
+        metadata = [("user-agent", "fleetd")]
         if self.token is not None:
-            headers.append((b"token", self.token.encode()))
+            metadata.append(("token", self.token))
+        headers = request_headers(self.member, PATH, metadata)
         self._stream_id = self._conn.open_stream(http2.encode_headers(headers))
         self._flush()
 
@@ -100,14 +98,13 @@ class KeepAliveStream(asyncio.Protocol):
         except http2.ProtocolError as e:
             self._fail(self._error(f"HTTP/2 protocol error: {e}"))
             return
-        self._heard = self._conn.heard
         for event in events:
             self._event(event)
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         why = f": {exc}" if exc else ""
-        if not self._heard and self.member.tls is None:
+        if not self._conn.heard and self.member.tls is None:
             why += " before answering (does it serve TLS? then use https:// endpoints)"
         self._fail(self._error(f"the connection closed{why}"), close=False)
 
@@ -247,30 +244,12 @@ async def open_stream(
     """A keepalive stream to the first member that accepts a connection, trying them in
     order from `first`; returns it with that member's index. Connecting and each answer
     may take up to `answer_timeout`."""
-    loop = asyncio.get_running_loop()
-    errors: list[str] = []
-    for step in range(len(members)):
-        index = (first + step) % len(members)
-        member = members[index]
-        try:
-            _, stream = await asyncio.wait_for(
-                loop.create_connection(
-                    functools.partial(KeepAliveStream, member, token, answer_timeout),
-                    member.host,
-                    member.port,
-                    ssl=member.tls,
-                    server_hostname=member.server_hostname if member.tls else None,
-                ),
-                answer_timeout,
-            )
-        except TimeoutError:
-            errors.append(f"{member.authority}: no answer within {answer_timeout:g}s")
-            continue
-        except ssl.SSLError as e:
-            errors.append(f"{member.authority}: TLS: {e.reason or e}")
-            continue
-        except OSError as e:
-            errors.append(f"{member.authority}: {e.strerror or e}")
-            continue
-        return stream, index
-    raise RegistryUnavailable(f"etcd lease keepalive: cannot connect: {'; '.join(errors)}")
+    try:
+        return await connect_first(
+            members,
+            first,
+            functools.partial(KeepAliveStream, token=token, timeout=answer_timeout),
+            answer_timeout,
+        )
+    except RpcError as e:
+        raise RegistryUnavailable(f"etcd lease keepalive: cannot connect: {e.details()}") from None

@@ -34,9 +34,9 @@ import ssl
 import struct
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 from fleetd.registry import http2
@@ -140,6 +140,22 @@ def tls_context(ca: bytes | None, cert_file: str | None, key_file: str | None) -
         context.load_cert_chain(cert_file, key_file)
     context.set_alpn_protocols(["h2"])
     return context
+
+
+def request_headers(
+    member: Member, path: bytes, metadata: Sequence[tuple[str, str]]
+) -> list[tuple[bytes, bytes]]:
+    """A gRPC request's headers to `member`: POST to `path`, then the call's metadata."""
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"https" if member.tls is not None else b"http"),
+        (b":path", path),
+        (b":authority", member.authority.encode("idna")),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    headers.extend((k.encode(), v.encode()) for k, v in metadata)
+    return headers
 
 
 def status_error(headers: Sequence[tuple[bytes, bytes]]) -> RpcError | None:
@@ -309,7 +325,6 @@ class Connection(asyncio.Protocol):
         self.timeout = timeout
         self.ping_interval = ping_interval
         self.broken: RpcError | None = None
-        self.heard = False  # a valid HTTP/2 frame from the member yet
         self.last_read = asyncio.get_running_loop().time()
         self.calls: dict[int, Call] = {}
         self._streaming = 0  # open calls that are not unary (they keep the pings going)
@@ -322,8 +337,6 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, Call] = {}  # calls with request bytes not yet sent
         self._flush_scheduled = False
-        self._scheme = b"https" if member.tls is not None else b"http"
-        self._authority = member.authority.encode("idna")
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_deadline: asyncio.TimerHandle | None = None
         self._closed = asyncio.get_running_loop().create_future()
@@ -331,6 +344,11 @@ class Connection(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         return self.broken is None and not self.draining and self._transport is not None
+
+    @property
+    def heard(self) -> bool:
+        """Whether the member answered in HTTP/2 yet (its SETTINGS frame)."""
+        return self._h2.heard
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -344,12 +362,11 @@ class Connection(asyncio.Protocol):
         try:
             events = self._h2.receive(data)
         except http2.ProtocolError as e:
-            if self._h2.heard:
+            if self.heard:
                 self.fail(RpcError(StatusCode.UNAVAILABLE, f"HTTP/2 protocol error: {e}"))
             else:
                 self.fail(self._not_http2())
             return
-        self.heard = self._h2.heard
         for event in events:
             self._event(event)
         self._flush()
@@ -389,15 +406,7 @@ class Connection(asyncio.Protocol):
         key = (path, tuple(metadata))
         block = self._blocks.get(key)
         if block is None:
-            headers = [
-                (b":method", b"POST"),
-                (b":scheme", self._scheme),
-                (b":path", path),
-                (b":authority", self._authority),
-                (b"content-type", b"application/grpc"),
-                (b"te", b"trailers"),
-            ]
-            headers.extend((k.encode(), v.encode()) for k, v in metadata)
+            headers = request_headers(self.member, path, metadata)
             block = self._blocks[key] = http2.encode_headers(headers)
             if len(self._blocks) > 64:  # tokens come and go: keep the recent kinds only
                 del self._blocks[next(iter(self._blocks))]
@@ -490,15 +499,14 @@ class Connection(asyncio.Protocol):
         if self.broken is None:
             if call.local_done and call.remote_done:
                 self._h2.close_stream(call.stream_id)
-            elif call.remote_done and not call.local_done:
-                # etcd ended it (or reset it) before our side was done: nothing more to say,
-                # except that our half ends too, unless etcd reset the stream.
-                self._h2.reset(call.stream_id)
-                self._schedule_flush()
             else:
-                # We give up on a call etcd still serves (cancel, timeout): tell it.
+                # Still open on one side (we give up on a call etcd serves, or etcd ended it
+                # before our request was all sent): RST_STREAM ends it on both.
                 self._h2.reset(call.stream_id)
                 self._schedule_flush()
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
         if self.draining and not self.calls and self._transport is not None:
             self._transport.close()  # drained: etcd is going away
 
@@ -567,8 +575,7 @@ class Connection(asyncio.Protocol):
             if call.stream_id > last:
                 call.remote_done = call.local_done = True  # etcd will say nothing of it
                 self._end(call, RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True))
-        if not self.calls and self._transport is not None:
-            self._transport.close()
+        self._close_if_drained()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -638,6 +645,38 @@ class Connection(asyncio.Protocol):
         )
 
 
+P = TypeVar("P", bound=asyncio.Protocol)
+
+
+async def connect_first(
+    members: Sequence[Member], first: int, protocol: Callable[[Member], P], limit: float
+) -> tuple[P, int]:
+    """`protocol(member)` connected to the first member that accepts, trying them in order
+    from index `first`, each within `limit` seconds; returns it with that member's index.
+    None accepting: RpcError UNAVAILABLE naming why, member by member."""
+    loop = asyncio.get_running_loop()
+    errors: list[str] = []
+    for step in range(len(members)):
+        index = (first + step) % len(members)
+        member = members[index]
+        try:
+            _, connected = await asyncio.wait_for(
+                loop.create_connection(
+                    functools.partial(protocol, member),
+                    member.host,
+                    member.port,
+                    ssl=member.tls,
+                    server_hostname=member.server_hostname if member.tls else None,
+                ),
+                limit,
+            )
+        except (OSError, TimeoutError) as e:
+            errors.append(connect_error(member, e).details())
+            continue
+        return connected, index
+    raise RpcError(StatusCode.UNAVAILABLE, "; ".join(errors))
+
+
 class Channel:
     """Calls to an etcd cluster over one connection at a time, to the first member that
     accepts one (in order, starting after the member whose connection was lost last)."""
@@ -705,28 +744,14 @@ class Channel:
             return conn
 
     async def _connect(self) -> Connection:
-        loop = asyncio.get_running_loop()
-        errors: list[str] = []
-        for step in range(len(self.members)):
-            index = (self._next + step) % len(self.members)
-            member = self.members[index]
-            try:
-                _, conn = await asyncio.wait_for(
-                    loop.create_connection(
-                        functools.partial(Connection, member, self.timeout, self.ping_interval),
-                        member.host,
-                        member.port,
-                        ssl=member.tls,
-                        server_hostname=member.server_hostname if member.tls else None,
-                    ),
-                    self.timeout,
-                )
-            except (OSError, TimeoutError) as e:
-                errors.append(connect_error(member, e).details())
-                continue
-            self._next = index
-            return conn
-        raise RpcError(StatusCode.UNAVAILABLE, "failed to connect: " + "; ".join(errors))
+        factory = functools.partial(
+            Connection, timeout=self.timeout, ping_interval=self.ping_interval
+        )
+        try:
+            conn, self._next = await connect_first(self.members, self._next, factory, self.timeout)
+        except RpcError as e:
+            raise RpcError(e.code(), f"failed to connect: {e.details()}") from None
+        return conn
 
     async def unary(
         self, path: bytes, message: bytes, metadata: Sequence[tuple[str, str]]
