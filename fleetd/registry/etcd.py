@@ -2,9 +2,8 @@
 
 This is the only module of the project that speaks to etcd (with transport.py, its gRPC calls;
 http2.py, their framing; keepalive.py, the lease keepalive stream; and etcdpb, etcd's protobuf
-messages). It
-keeps their values at this boundary: every response is turned into the contract's
-dataclasses and every failed call into a `fleetd.errors` type before it leaves.
+messages). It keeps their values at this boundary: every response is turned into the
+contract's dataclasses and every failed call into a `fleetd.errors` type before it leaves.
 
 How it talks to etcd, and why:
 
@@ -27,8 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import socket
 import ssl
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -123,7 +120,6 @@ class EtcdConfig:
 class _Endpoint:
     host: str  # an IP literal (without brackets) or a DNS name
     port: int
-    family: int  # socket.AF_INET, AF_INET6, or AF_UNSPEC for a DNS name
 
 
 def _parse_endpoints(endpoints: Sequence[str]) -> tuple[str, list[_Endpoint]]:
@@ -145,13 +141,7 @@ def _parse_endpoints(endpoints: Sequence[str]) -> tuple[str, list[_Endpoint]]:
         if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ConfigError(f"bad etcd endpoint {url!r}: expected scheme://host:port only")
         schemes.add(parts.scheme)
-        try:
-            ip = ipaddress.ip_address(parts.hostname)
-        except ValueError:
-            family = socket.AF_UNSPEC
-        else:
-            family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-        parsed.append(_Endpoint(parts.hostname, port, family))
+        parsed.append(_Endpoint(parts.hostname, port))
     if len(schemes) > 1:
         raise ConfigError(
             "etcd endpoints mix http:// and https://; one channel cannot be both plaintext"
