@@ -21,26 +21,7 @@ from fleetd.errors import RegistryUnavailable
 from fleetd.registry.etcdpb import rpc
 from fleetd.registry.keepalive import PATH, KeepAliveStream, open_stream
 from fleetd.registry.transport import Member, RpcError, StatusCode
-
-
-class Transport(asyncio.Transport):
-    """Collects what the stream writes; `abort` records that the connection was dropped."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: list[bytes] = []
-        self.aborted = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written.append(bytes(data))
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def take(self) -> bytes:
-        data = b"".join(self.written)
-        self.written.clear()
-        return data
+from tests.unit.memory_transport import Transport
 
 
 class Peer:

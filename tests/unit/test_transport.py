@@ -33,6 +33,7 @@ from fleetd.registry.transport import (
     connect_error,
     status_error,
 )
+from tests.unit.memory_transport import Transport
 
 RANGE = b"/etcdserverpb.KV/Range"
 WATCH = b"/etcdserverpb.Watch/Watch"
@@ -52,30 +53,6 @@ def range_request(key: bytes = b"/fleet/job/a.service") -> bytes:
 def range_response(count: int) -> bytes:
     data: bytes = rpc.RangeResponse(count=count).SerializeToString()
     return data
-
-
-class Transport(asyncio.Transport):
-    """Collects what the connection writes; `abort` records that it was dropped."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: list[bytes] = []
-        self.aborted = False
-        self.closed = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written.append(bytes(data))
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def close(self) -> None:
-        self.closed = True
-
-    def take(self) -> bytes:
-        data = b"".join(self.written)
-        self.written.clear()
-        return data
 
 
 class Peer:
