@@ -46,8 +46,6 @@ PREFIX = struct.Struct(">BI")  # gRPC message prefix: compressed flag, length
 # Our receive windows: a full range of 10,000 units is several MB; HTTP/2's default 64 KiB
 # window would take a window update every 64 KiB.
 _WINDOW = 16 * 1024 * 1024
-# A connection that heard nothing for this long is checked for unread bytes before a call.
-_QUIET = 1.0
 _MIN_BACKOFF = 0.2
 _MAX_BACKOFF = 2.0
 
@@ -325,7 +323,6 @@ class Connection(asyncio.Protocol):
         self.timeout = timeout
         self.ping_interval = ping_interval
         self.broken: RpcError | None = None
-        self.last_read = asyncio.get_running_loop().time()
         self.calls: dict[int, Call] = {}
         self._streaming = 0  # open calls that are not unary (they keep the pings going)
         self._h2 = http2.ClientConnection(_WINDOW)
@@ -358,7 +355,6 @@ class Connection(asyncio.Protocol):
         transport.write(self._h2.take())
 
     def data_received(self, data: bytes) -> None:
-        self.last_read = asyncio.get_running_loop().time()
         try:
             events = self._h2.receive(data)
         except http2.ProtocolError as e:
@@ -702,11 +698,13 @@ class Channel:
     async def connection(self) -> Connection:
         conn = self._conn
         if conn is not None and conn.usable:
-            if asyncio.get_running_loop().time() - conn.last_read < _QUIET or not conn.unread():
+            if conn.calls or not conn.unread():
                 return conn
-            # Quiet for a while, with something waiting: an event loop that only runs during
-            # calls (run_until_complete) may not have seen etcd close or drain it, and a call
-            # sent now would be lost with it. Let the loop take that in first.
+            # No call in flight, yet something waits on the socket: an event loop that only
+            # runs during calls (run_until_complete) may not have seen etcd close or drain the
+            # connection, and a call sent now would be lost with it. Let the loop take that in
+            # first. (With a call in flight the loop is reading it, so this costs a busy
+            # connection nothing; an idle one, a select per call.)
             for _ in range(5):
                 await asyncio.sleep(0)
                 if not conn.usable:
