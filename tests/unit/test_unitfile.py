@@ -16,6 +16,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from fleetd import unitfile
 from fleetd.errors import UnitFileError
 from fleetd.model import PartitionPolicy, Requirements
 from fleetd.unitfile import (
@@ -847,6 +848,84 @@ def test_prop_parsed_text_roundtrips(text: str) -> None:
     assume(not any(o.value.endswith("\\") for o in parsed.options))
     assert parse_unit(parsed.serialize()) == parsed
     validate_options(parsed)
+
+
+def _lexed(text: str) -> UnitFile | None:
+    """What the lexer alone makes of `text` (None if it refuses it)."""
+    try:
+        return UnitFile(tuple(unitfile._Lexer(text.encode()).run()))
+    except UnitFileError:
+        return None
+
+
+# Text shaped like a serialization, from pieces that each change how the lexer reads a line.
+_PIECES = st.sampled_from(
+    ["a", "B", "=", "[", "]", "#", ";", " ", "\t", "\\", "\r", "\x85", "\u3000", "\x00", "\u00e9"]
+)
+_WORDS = st.lists(_PIECES, max_size=4).map("".join)
+_LINES = st.one_of(
+    st.builds(lambda n, v: f"{n}={v}", _WORDS, _WORDS),
+    _WORDS.map(lambda n: f"[{n}]"),
+    _WORDS,
+    st.just(""),
+)
+_BLOCKS = st.lists(
+    st.tuples(_WORDS, st.lists(st.tuples(_WORDS, _WORDS), max_size=3)), min_size=1, max_size=3
+)
+# Laid out exactly as `serialize` lays out sections and options, from words it would not write.
+_SERIALIZED_LAYOUT = _BLOCKS.map(
+    lambda blocks: "\n".join(
+        f"[{s}]\n" + "".join(f"{n}={v}\n" for n, v in opts) for s, opts in blocks
+    )
+)
+_NEAR_SERIALIZED = (
+    _SERIALIZED_LAYOUT
+    | st.lists(_LINES, max_size=8).map(lambda ls: "".join(f"{x}\n" for x in ls))
+    | st.lists(_LINES, min_size=1, max_size=8).map("\n".join)
+)
+
+
+@given(_NEAR_SERIALIZED | st.lists(_UNIT_ALPHABET.filter(lambda c: c != "\udc80")).map("".join))
+def test_prop_serialized_split_agrees_with_lexer(text: str) -> None:
+    """The lexer-free split answers only for text the lexer reads the same way: it may
+    decline, and never disagrees."""
+    split = unitfile._parse_serialized(text)
+    if split is not None:
+        assert split == _lexed(text)
+
+
+@given(_options)
+def test_prop_serializations_take_the_split(options: list[UnitOption]) -> None:
+    """What etcd holds (serializations) is split without the lexer, to the lexer's result."""
+    text = UnitFile(tuple(options)).serialize()
+    split = unitfile._parse_serialized(text)
+    assert split is not None
+    assert split == _lexed(text) == parse_unit(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("[S]\nA=1 \\\nB=2\n", id="continuation"),
+        pytest.param("[S]\r\nA=1\r\n", id="crlf"),
+        pytest.param("[S]\n A=1\n", id="indented-name"),
+        pytest.param("[S]\nA= 1\n", id="spaced-value"),
+        pytest.param("[S]\nA=1\u3000\n", id="go-space-after-value"),
+        pytest.param("[S]\n#A=1\n", id="comment"),
+        pytest.param("[S]\n;A=1\n", id="semicolon-comment"),
+        pytest.param("A=1\n[S]\nB=2\n", id="preamble"),
+        pytest.param("[S]\n[T]\nA=1\n", id="empty-section"),
+        pytest.param("[S]\nA=1\n[T]\nB=2\n", id="no-blank-between-sections"),
+        pytest.param("[S]\nA=1\n\n[S]\nB=2\n", id="repeated-section"),
+        pytest.param("[S]\nA=1", id="no-final-newline"),
+        pytest.param("[S]\nA\n", id="no-equals"),
+        pytest.param("[S] x\nA=1\n", id="garbage-after-section"),
+        pytest.param("[S]\nA=" + "x" * LINE_MAX + "\n", id="line-too-long"),
+    ],
+)
+def test_serialized_split_declines(text: str) -> None:
+    """Text that is not exactly a serialization goes to the lexer, whatever it makes of it."""
+    assert unitfile._parse_serialized(text) is None
 
 
 @given(_options)
