@@ -501,8 +501,26 @@ class DBusUnitManager:
             and self._known is not None
             and body[0] in self._known
             and body[0] not in self._snapshotting  # loaded by our own snapshot: see __init__
+            and not self._seen_loaded(body[0])
         ):
             self._request_refresh({body[0]})
+
+    def _seen_loaded(self, name: str) -> bool:
+        """Whether every feed already holds `name` as loaded: then its UnitNew says nothing new
+        (ActiveState and SubState come in PropertiesChanged; a changed file is read by the
+        daemon-reload that follows every load, and Reloading refreshes all).
+
+        systemd sends UnitNew from its bus queue, often after the reply of the snapshot that
+        loaded the unit, where `_snapshotting` no longer covers it. Refreshing on it asked
+        again about every unit not started yet; systemd had garbage-collected them meanwhile,
+        loaded them again and sent UnitNew again: a snapshot of ~950 units after every 16
+        starts, 46,000 names in all to start 1,000 units, and systemd at 90 % of a core.
+        """
+        for feed in self._feeds:
+            state = feed.latest(name)
+            if state is None or state.load_state != "loaded":
+                return False
+        return True
 
     def _on_properties_changed(self, msg: Message) -> None:
         if not self._feeds or self._known is None:
