@@ -364,10 +364,17 @@ class Agent:
                 )
                 return True
 
-        if len(group) == 1:
-            return int(await one(group[0])), failed
-        results = await asyncio.gather(*(one(t) for t in group))
-        return sum(results), failed
+        # The record is written once per group, not per task: it holds every unit, so a write
+        # per task made starting 1,000 units quadratic (45 % of fleetd's busy time). A crash
+        # before the write is safe: every task is idempotent and is planned again, and a
+        # LOAD group's write (with the units' PartitionPolicy) still lands before any START.
+        try:
+            if len(group) == 1:
+                return int(await one(group[0])), failed
+            results = await asyncio.gather(*(one(t) for t in group))
+            return sum(results), failed
+        finally:
+            self.record.save()
 
     async def _run_task(self, task: Task, desired: Mapping[str, DesiredUnit]) -> None:
         name = task.unit
@@ -409,7 +416,6 @@ class Agent:
                 record.units.pop(name, None)
                 record.stop_policy.discard(name)
                 self.fenced.discard(name)
-        record.save()
         self._mark_state_dirty(name)
 
     async def _body(self, hash_: str) -> UnitFile:
@@ -589,11 +595,14 @@ class Agent:
         """Graceful stop: stop and unload every unit this agent runs, and drop their states."""
         async with self._reconcile_lock:
             tasks = plan_tasks({}, self.record.units)
-            for task in tasks:
-                try:
-                    await self._run_task(task, {})
-                except (FleetError, OSError) as e:
-                    log.error("agent_purge_failed", unit=task.unit, error=str(e))
+            try:
+                for task in tasks:
+                    try:
+                        await self._run_task(task, {})
+                    except (FleetError, OSError) as e:
+                        log.error("agent_purge_failed", unit=task.unit, error=str(e))
+            finally:
+                self.record.save()
             with contextlib.suppress(FleetError):
                 for name in list(self._published):
                     await self.registry.remove_state(name, self.machine_id)
