@@ -77,9 +77,11 @@ from fleetd.watching import Backoff, StopWaiter, follow, grid_delay, sleep_or_st
 log = structlog.get_logger("fleetd.agent")
 
 BATCH_WINDOW = 0.005
-# systemd calls in flight at once within one kind of task (all the starts, all the loads...):
-# starting 1,000 units one job after another left systemd idle between round trips.
-TASK_CONCURRENCY = 16
+# Tasks in flight at once within one kind of task (all the starts, all the loads...): starting
+# 1,000 units one job after another left systemd idle between round trips. 64 jobs waited on
+# (the D-Bus adapter still caps calls outstanding at 32) started 1,000 units on one machine in
+# 8.3 s against 10.3 s with 16, with systemd busier but not saturated.
+TASK_CONCURRENCY = 64
 
 
 @dataclass
