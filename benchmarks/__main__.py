@@ -5,13 +5,14 @@ Scenarios (see docs/scaling.md for what each measures and the targets):
   place     10,000 units (1,000 template instances) started on 1,000 simulated machines
   list      fleetctl list-units / list-unit-files on those 10,000 units (runs after place)
   idle      1,000 machines and 10,000 units, nothing changing (runs after place)
+  costs     etcd CPU of each request kind a placed unit needs, in raw txns (runs after place)
   failover  crash 100 of the 1,000 machines; time until their units run elsewhere
   latency   real 3-machine nspawn cluster: fleetctl start to active; machine kill to moved
   agent     real nspawn machine: 1,000 units started by one fleetd; idle CPU and D-Bus rate
   footprint real nspawn machine: fleetd RSS and idle CPU at 20 and 1,000 units
   scheduler the pure scheduler alone (benchmarks/bench_scheduler.py)
 
-The simulator scenarios (place, list, idle, failover) share one cluster on one etcd that the
+The simulator scenarios (place, list, idle, costs, failover) share one cluster on one etcd that the
 command starts and always tears down. latency, agent and footprint need root and
 systemd-nspawn; without them they are skipped with the reason.
 """
@@ -29,7 +30,7 @@ from typing import Any
 
 from benchmarks.report import ScenarioResult, say, table
 
-SIM = ["place", "list", "idle", "failover"]
+SIM = ["place", "list", "idle", "costs", "failover"]
 CLUSTER = ["latency", "agent", "footprint"]
 ALL = [*SIM, *CLUSTER]
 
