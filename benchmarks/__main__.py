@@ -61,7 +61,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--idle-seconds", type=float, default=60.0)
     p.add_argument("--kill", type=int, default=100, help="machines crashed by failover")
-    p.add_argument("--raw-txns", type=int, default=5000)
+    p.add_argument(
+        "--raw-txns", type=int, default=5000, help="place's raw rate, and costs, per request kind"
+    )
     p.add_argument("--list-runs", type=int, default=3)
     p.add_argument("--latency-runs", type=int, default=20)
     p.add_argument("--agent-units", type=int, default=1000, help="units on one real machine")

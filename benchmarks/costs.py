@@ -93,7 +93,7 @@ async def request_costs(etcd: BenchEtcd, kv: KV, count: int = 5000) -> ScenarioR
         guard = Compare(leader, "create", "==", leader_rev)
         return lambda: kv.txn([guard], ops)
 
-    chunks = count // CHUNK_UNITS
+    chunks = max(1, count // CHUNK_UNITS)
     kinds: list[tuple[str, list[Job], int, int]] = [
         ("raw single-put txn", [raw(i) for i in range(count)], 64, count),
         ("client create (txn: body + record)", [create(i) for i in range(count)], 64, count),
@@ -119,12 +119,7 @@ async def request_costs(etcd: BenchEtcd, kv: KV, count: int = 5000) -> ScenarioR
         result.add(f"  {name}", round(cost / base, 2), "raw txns")
     per_unit = sum(costs.values()) / base
     result.add("a placed unit costs etcd", round(per_unit, 2), "raw txns")
-    ceiling = 100 / per_unit
-    result.add(
-        "ceiling of placement / raw rate (etcd flat out)",
-        round(ceiling, 1),
-        "%",
-        ">= 30%",
-        ceiling >= 30,
-    )
+    # No verdict: this bounds place's ratio from above; watches and keepalives, which a real
+    # placement also costs etcd, are left out (place reports what a unit cost in its own run).
+    result.add("so placement / raw rate is at most", round(100 / per_unit, 1), "%")
     return result

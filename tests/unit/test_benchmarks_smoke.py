@@ -51,7 +51,9 @@ def test_table_and_groups() -> None:
     assert "placement rate" in text
     assert "met" in text
     assert "skipped" in text
-    assert expand(["sim", "place", "latency"]) == ["place", "list", "idle", "failover", "latency"]
+    assert expand(["sim", "place", "latency"]) == [
+        *("place", "list", "idle", "costs", "failover", "latency")
+    ]
 
 
 @pytest.mark.integration
@@ -59,7 +61,7 @@ def test_table_and_groups() -> None:
 def test_simulator_scenarios_at_toy_scale(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     argv = [
-        "place", "idle", "failover", "list",
+        "place", "idle", "failover", "list", "costs",
         "--machines", "5", "--units", "20", "--templates", "5", "--agent-ttl", "2",
         "--idle-seconds", "1", "--kill", "1", "--raw-txns", "50", "--list-runs", "1",
         "--json", str(out),
@@ -67,7 +69,7 @@ def test_simulator_scenarios_at_toy_scale(tmp_path: Path) -> None:
     assert main(argv) == 0
     doc = json.loads(out.read_text())
     results = {r["scenario"]: r for r in doc["results"]}
-    assert set(results) == {"place", "idle", "failover", "list"}
+    assert set(results) == {"place", "idle", "failover", "list", "costs"}
     for r in results.values():
         assert r["error"] is None, r
     figures = {f["name"]: f for f in results["failover"]["figures"]}
@@ -75,3 +77,5 @@ def test_simulator_scenarios_at_toy_scale(tmp_path: Path) -> None:
     assert figures["units moved"]["value"] >= 1
     place = {f["name"]: f for f in results["place"]["figures"]}
     assert place["placement rate"]["value"] > 0
+    costs = {f["name"]: f for f in results["costs"]["figures"]}
+    assert costs["a placed unit costs etcd"]["value"] > 0
