@@ -32,6 +32,7 @@ import structlog
 
 from fleetd.errors import InvalidInput, UnitFileError
 from fleetd.model import Machine, Placement, TargetState, Unit, UnitState
+from fleetd.registry.kv import KeyValue
 from fleetd.registry.registry import Registry
 from fleetd.unitfile import XFLEET_SECTION, UnitFile, UnitOption, parse_unit, requirements
 
@@ -192,28 +193,51 @@ async def _bodies(
             cache[hash_] = body
     elif missing:
         kvs, _ = await registry.kv.range(keys.bodies)
-        for kv in kvs:
-            hash_ = keys.tail(kv.key, keys.bodies)
-            if hash_ not in missing:
-                continue
-            try:
-                cache[hash_] = parse_unit(kv.value)
-            except UnitFileError as e:
-                # One unreadable body hides its units, not the whole listing.
-                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+        _parse_bodies(registry, kvs, missing, cache)
     return cache
+
+
+def _parse_bodies(
+    registry: Registry,
+    kvs: Iterable[KeyValue],
+    wanted: set[str],
+    cache: MutableMapping[str, UnitFile],
+) -> None:
+    """Parse the bodies among `kvs` (a range of the bodies prefix) whose hash is `wanted`."""
+    keys = registry.keys
+    for kv in kvs:
+        hash_ = keys.tail(kv.key, keys.bodies)
+        if hash_ not in wanted:
+            continue
+        try:
+            cache[hash_] = parse_unit(kv.value)
+        except UnitFileError as e:
+            # One unreadable body hides its units, not the whole listing.
+            log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
 
 
 async def load_unit_views(
     registry: Registry, body_cache: MutableMapping[str, UnitFile] | None = None
 ) -> list[UnitView]:
     """Every unit, sorted by name. Pass a long-lived `body_cache` to skip re-reading bodies."""
-    units, placements, states = await asyncio.gather(
-        registry.list_units(), registry.placements(), registry.list_states()
-    )
     cache = body_cache if body_cache is not None else {}
-    bodies = await _bodies(registry, {u.hash for u in units}, cache)
-    return build_unit_views(units, bodies, placements, states)
+    if cache:
+        units, placements, states = await asyncio.gather(
+            registry.list_units(), registry.placements(), registry.list_states()
+        )
+        bodies = await _bodies(registry, {u.hash for u in units}, cache)
+        return build_unit_views(units, bodies, placements, states)
+    # Nothing cached (a fresh fleetctl, a new API server): every body will be wanted, and
+    # `_bodies` would range the whole prefix anyway, so read it beside the records instead of
+    # after them.
+    units, placements, states, (kvs, _) = await asyncio.gather(
+        registry.list_units(),
+        registry.placements(),
+        registry.list_states(),
+        registry.kv.range(registry.keys.bodies),
+    )
+    _parse_bodies(registry, kvs, {u.hash for u in units}, cache)
+    return build_unit_views(units, cache, placements, states)
 
 
 async def load_unit_view(
