@@ -237,21 +237,30 @@ class Engine:
         self.stats.last_plan_seconds = time.perf_counter() - started
         if not writes:
             return
-        await self.registry.fenced(token, self._ops(writes))
+        # Unscheduling first, in a call of its own: `fenced` sends its chunks in no order, and
+        # an agent must never see a unit moved before it is gone from where it was.
+        first, then = self._ops(writes)
+        if first:
+            await self.registry.fenced(token, first)
+        if then:
+            await self.registry.fenced(token, then)
         view.apply(writes)
         self.stats.writes += len(writes)
         for w in writes:
             _log_write(w, reasons)
 
-    def _ops(self, writes: list[Write]) -> list[Op]:
+    def _ops(self, writes: list[Write]) -> tuple[list[Op], list[Op]]:
+        """The writes' etcd ops in two groups: global units and unscheduling, which must land
+        first (the planner orders them first too), then the rest."""
         r = self.registry
+        first: list[Op] = []
         ops: list[Op] = []
         for w in writes:
             match w:
                 case engineplan.SetSchedule(unit, machine_id):
                     ops += r.op_schedule(unit, machine_id)
                 case engineplan.DeleteSchedule(name, machine_id, _):
-                    ops += r.op_unschedule(name, machine_id)
+                    first += r.op_unschedule(name, machine_id)
                 case engineplan.SetPlacement(name, machine_id, reason):
                     if machine_id is None:
                         ops += r.op_unplaced(name, reason)
@@ -259,10 +268,10 @@ class Engine:
                 case engineplan.DeletePlacement(name):
                     ops += r.op_forget_placement(name)
                 case engineplan.SetGlobal(unit):
-                    ops += r.op_global(unit)
+                    first += r.op_global(unit)
                 case engineplan.DeleteGlobal(name):
-                    ops += r.op_unglobal(name)
-        return ops
+                    first += r.op_unglobal(name)
+        return first, ops
 
 
 def _log_write(w: Write, reasons: dict[str, str]) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import pytest
 
@@ -211,6 +212,41 @@ async def test_fenced_writes_larger_than_one_transaction(backend: Backend) -> No
     assert len(await reg.placements()) == 300
     scheduled, _ = await reg.machine_schedule("a")
     assert len(scheduled) == 300
+
+
+class _CountingKV:
+    """The backend's KV, counting transactions in flight at once (each yields to the loop
+    before it starts, so concurrent ones overlap even on the in-memory KV)."""
+
+    def __init__(self, kv: KV) -> None:
+        self.inner = kv
+        self.now = 0
+        self.most = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def txn(self, *args: Any, **kwargs: Any) -> Any:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(0)
+            return await self.inner.txn(*args, **kwargs)
+        finally:
+            self.now -= 1
+
+
+async def test_fenced_chunks_are_sent_together(backend: Backend) -> None:
+    counting = _CountingKV(backend.kv)
+    reg = Registry(cast(KV, counting))
+    token = await reg.campaign("a", await backend.kv.grant(60))
+    assert token is not None
+    ops = []
+    for i in range(1000):  # 2,000 ops: 16 transactions
+        ops += reg.op_schedule(Unit(f"u{i}.service", HELLO.hash, TargetState.LAUNCHED), "a")
+    await reg.fenced(token, ops)
+    assert counting.most > 1
+    assert len(await reg.placements()) == 1000
 
 
 async def test_deposed_leader_lands_no_chunk(backend: Backend) -> None:
