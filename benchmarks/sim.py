@@ -23,13 +23,13 @@ from typing import Any
 
 import structlog
 
-from benchmarks.costs import request_costs
+from benchmarks.costs import raw_txn_rate, request_costs
 from benchmarks.etcd import BenchEtcd, EtcdCounters
 from benchmarks.report import ScenarioResult, progress, say
-from benchmarks.submit import bounded, submit_all, unit_specs
+from benchmarks.submit import submit_all, unit_specs
 from fleetd.model import Placement, TargetState
 from fleetd.registry.etcd import EtcdConfig, EtcdKV
-from fleetd.registry.kv import KV, Put
+from fleetd.registry.kv import KV
 from fleetd.registry.registry import Registry
 from fleetd.sim import SimCluster, SimMachine
 
@@ -232,24 +232,6 @@ def add_cost(result: ScenarioResult, m: dict[str, Any]) -> None:
 # ---- scenario 1: place -----------------------------------------------------------------------
 
 
-async def raw_txn_rate(
-    kv: KV, count: int, concurrency: int, etcd: BenchEtcd | None = None
-) -> tuple[float, float]:
-    """Single-put transactions per second one client achieves (etcd's limit on this box), and
-    etcd's CPU seconds per transaction (0 without `etcd`)."""
-    value = "x" * 60  # about a desired-state record
-
-    def job(i: int) -> Callable[[], Awaitable[Any]]:
-        return lambda: kv.txn([], [Put(f"/bench-raw/{i:06d}", value)])
-
-    jobs = [job(i) for i in range(count)]
-    cpu0 = etcd.cpu_seconds() if etcd else 0.0
-    start = time.perf_counter()
-    await bounded(concurrency, jobs)
-    rate = count / (time.perf_counter() - start)
-    return rate, ((etcd.cpu_seconds() - cpu0) / count if etcd else 0.0)
-
-
 async def place(bench: SimBench) -> ScenarioResult:
     opts = bench.opts
     result = ScenarioResult("place")
@@ -342,7 +324,7 @@ async def place(bench: SimBench) -> ScenarioResult:
     say(f"place: raw etcd rate, {opts.raw_txns} single-put txns, {opts.raw_concurrency} in flight")
     raw_kv = bench.kvs[0]
     runs = [
-        await raw_txn_rate(raw_kv, opts.raw_txns, opts.raw_concurrency, bench.etcd)
+        await raw_txn_rate(bench.etcd, raw_kv, opts.raw_txns, opts.raw_concurrency)
         for _ in range(2)
     ]
     raw, raw_cpu = max(runs)

@@ -63,7 +63,7 @@ def test_simulator_scenarios_at_toy_scale(tmp_path: Path) -> None:
     argv = [
         "place", "idle", "failover", "list", "costs",
         "--machines", "5", "--units", "20", "--templates", "5", "--agent-ttl", "2",
-        "--idle-seconds", "1", "--kill", "1", "--raw-txns", "50", "--list-runs", "1",
+        "--idle-seconds", "1", "--kill", "1", "--raw-txns", "500", "--list-runs", "1",
         "--json", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
