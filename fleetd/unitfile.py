@@ -521,9 +521,8 @@ def _parse_serialized(text: str) -> UnitFile | None:
     and the engine's work. Why the answer is the lexer's: the split refuses what would make
     the lexer read a line differently (a backslash ending a line, which continues it; "\r";
     names or values with surrounding whitespace; lines starting a comment; lines near
-    LINE_MAX), and
-    keeps its result only if it serializes back to `text` byte for byte, so `text` is
-    `serialize(options)`; for such options the lexer gives back `options`
+    LINE_MAX), and keeps its result only if it serializes back to `text` byte for byte, so
+    `text` is `serialize(options)`; for such options the lexer gives back `options`
     (test_prop_serialization_only_regroups, and test_prop_serialized_split_agrees_with_lexer
     compares the two directly).
     """

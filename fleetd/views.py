@@ -227,9 +227,9 @@ async def load_unit_views(
         )
         bodies = await _bodies(registry, {u.hash for u in units}, cache)
         return build_unit_views(units, bodies, placements, states)
-    # Nothing cached (a fresh fleetctl, a new API server): every body will be wanted, and
-    # `_bodies` would range the whole prefix anyway, so read it beside the records instead of
-    # after them.
+    # Nothing cached (a fresh fleetctl, a new API server): every body will be wanted, which
+    # (beyond a single unit) `_bodies` reads by ranging the whole prefix, so range it beside
+    # the records instead of after them.
     units, placements, states, (kvs, _) = await asyncio.gather(
         registry.list_units(),
         registry.placements(),
