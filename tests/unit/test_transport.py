@@ -165,6 +165,17 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def call_sent(
+    member: Member = MEMBER,
+) -> tuple[Connection, Peer, asyncio.Task[bytes]]:
+    """A connection with one unary call (stream 1) whose request the peer has read."""
+    conn, peer = make(member=member)
+    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    peer.receive()
+    return conn, peer, task
+
+
 async def until(
     condition: Callable[[], bool], step: Callable[[], None], limit: float = 1.0
 ) -> None:
@@ -216,10 +227,7 @@ async def test_unary_call_is_a_grpc_post_with_the_metadata_and_resolves_to_the_a
 
 async def test_tls_member_calls_use_the_https_scheme() -> None:
     member = Member("etcd.example", 2379, "etcd.example:2379", tls=ssl.create_default_context())
-    conn, peer = make(member=member)
-    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
-    await settle()
-    peer.receive()
+    _conn, peer, task = await call_sent(member)
     assert peer.header(1)[b":scheme"] == b"https"
     assert peer.header(1)[b":authority"] == b"etcd.example:2379"
     peer.respond(1, b"y")
@@ -401,10 +409,7 @@ async def test_trailers_only_error_fails_the_call_with_its_code_and_decoded_mess
 
 
 async def test_http_error_status_without_grpc_status_is_unavailable() -> None:
-    conn, peer = make()
-    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
-    await settle()
-    peer.receive()
+    _conn, peer, task = await call_sent()
     peer.conn.send_headers(1, [(b":status", b"503")], end_stream=True)
     peer.send()
     error = await failure(task)
@@ -413,10 +418,7 @@ async def test_http_error_status_without_grpc_status_is_unavailable() -> None:
 
 
 async def test_http_error_status_with_a_body_coming_resets_the_stream() -> None:
-    conn, peer = make()
-    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
-    await settle()
-    peer.receive()
+    _conn, peer, task = await call_sent()
     peer.conn.send_headers(1, [(b":status", b"502"), (b"content-type", b"text/html")])
     peer.send()
     error = await failure(task)
@@ -428,10 +430,7 @@ async def test_http_error_status_with_a_body_coming_resets_the_stream() -> None:
 
 
 async def test_stream_ended_without_grpc_status_is_internal() -> None:
-    conn, peer = make()
-    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
-    await settle()
-    peer.receive()
+    _conn, peer, task = await call_sent()
     peer.conn.send_headers(1, OK_HEADERS)
     peer.conn.send_data(1, prefixed(b"an answer, but no status"), end_stream=True)
     peer.send()
@@ -441,20 +440,14 @@ async def test_stream_ended_without_grpc_status_is_internal() -> None:
 
 
 async def test_ok_status_without_a_message_is_internal() -> None:
-    conn, peer = make()
-    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
-    await settle()
-    peer.receive()
+    _conn, peer, task = await call_sent()
     peer.respond(1)  # headers and trailers, no message
     error = await failure(task)
     assert error.code() == StatusCode.INTERNAL
 
 
 async def test_compressed_answer_fails_the_call_and_resets_its_stream() -> None:
-    conn, peer = make()
-    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
-    await settle()
-    peer.receive()
+    _conn, peer, task = await call_sent()
     peer.conn.send_headers(1, OK_HEADERS)
     peer.conn.send_data(1, prefixed(b"gzipped", compressed=1))
     peer.send()
@@ -467,10 +460,7 @@ async def test_compressed_answer_fails_the_call_and_resets_its_stream() -> None:
 
 
 async def test_stream_reset_by_etcd_is_unavailable() -> None:
-    conn, peer = make()
-    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
-    await settle()
-    peer.receive()
+    conn, peer, task = await call_sent()
     peer.conn.reset_stream(1, h2.errors.ErrorCodes.REFUSED_STREAM)
     peer.send()
     error = await failure(task)
@@ -752,10 +742,7 @@ async def test_connection_lost_before_any_bytes_on_tls_is_no_plaintext_hint() ->
 
 
 async def test_connection_lost_after_answering_in_http2_is_no_plaintext_hint() -> None:
-    conn, peer = make()
-    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
-    await settle()
-    peer.receive()
+    conn, _peer, task = await call_sent()
     conn.connection_lost(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
     error = await failure(task)
     assert error.code() == StatusCode.UNAVAILABLE
