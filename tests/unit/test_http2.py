@@ -32,6 +32,7 @@ from fleetd.registry.http2 import (
     encode_headers,
     error_name,
 )
+from tests.unit.memory_transport import h2_server
 
 Event = tuple[Any, ...]
 Headers = list[tuple[bytes, bytes]]
@@ -102,10 +103,7 @@ class Pair:
 
     def __init__(self, window: int = WINDOW) -> None:
         self.client = ClientConnection(window)
-        self.server = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
-        )
-        self.server.initiate_connection()
+        self.server = h2_server()
         self.transcript = bytearray()  # every byte the server sent
         self.to_server()
         assert self.to_client() == []  # its SETTINGS, and the ACK of ours
@@ -147,10 +145,7 @@ def test_preface_and_settings_are_accepted_by_h2() -> None:
     data = client.take()
     assert data.startswith(PREFACE)
     assert client.take() == b""
-    server = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=False, header_encoding=None)
-    )
-    server.initiate_connection()
+    server = h2_server()
     events = server.receive_data(data)
     assert [type(e) for e in events] == [
         h2.events.RemoteSettingsChanged,
@@ -213,10 +208,7 @@ def test_http1_reply_fails_at_once() -> None:
 
 def test_server_settings_are_acknowledged_through_h2() -> None:
     client = ClientConnection(WINDOW)
-    server = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=False, header_encoding=None)
-    )
-    server.initiate_connection()
+    server = h2_server()
     server.receive_data(client.take())
     assert client.receive(server.data_to_send()) == []
     acks = [f for f in parse(client.take()) if f[0] == T_SETTINGS]

@@ -21,7 +21,7 @@ from fleetd.errors import RegistryUnavailable
 from fleetd.registry.etcdpb import rpc
 from fleetd.registry.keepalive import PATH, KeepAliveStream, open_stream
 from fleetd.registry.transport import Member, RpcError, StatusCode
-from tests.unit.memory_transport import Transport
+from tests.unit.memory_transport import Transport, h2_server
 
 
 class Peer:
@@ -30,12 +30,7 @@ class Peer:
     def __init__(self, stream: KeepAliveStream, window: int | None = None) -> None:
         self.stream = stream
         self.transport = Transport()
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
-        )
-        self.conn.initiate_connection()
-        if window is not None:
-            self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+        self.conn = h2_server(window)
         self.stream_id = 0
         self.headers: dict[bytes, bytes] = {}
         self.requests: list[int] = []

@@ -33,7 +33,7 @@ from fleetd.registry.transport import (
     connect_error,
     status_error,
 )
-from tests.unit.memory_transport import Transport
+from tests.unit.memory_transport import Transport, h2_server
 
 RANGE = b"/etcdserverpb.KV/Range"
 WATCH = b"/etcdserverpb.Watch/Watch"
@@ -64,12 +64,7 @@ class Peer:
     def __init__(self, client: Connection, window: int | None = None) -> None:
         self.client = client
         self.transport = Transport()
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
-        )
-        self.conn.initiate_connection()
-        if window is not None:
-            self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+        self.conn = h2_server(window)
         self.headers: dict[int, list[tuple[bytes, bytes]]] = {}
         self.bodies: dict[int, bytearray] = {}
         self.frames: list[tuple[int, int, bool]] = []  # DATA: stream id, length, END_STREAM
