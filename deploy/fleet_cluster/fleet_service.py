@@ -1,9 +1,10 @@
 """fleetd in a machine: its fleet.conf, and fleetd run as a real systemd service there.
 
-fleetd runs exactly as deployed: deploy/systemd/fleet.service (Type=notify, watchdog) and
+fleetd runs exactly as deployed: fleet.service (Type=notify, watchdog) and
 fleet.socket (the API on /var/run/fleet.sock, socket-activated) are installed in the machine's
-/etc/systemd/system, with /usr/local/bin/fleetd linking to the host's virtualenv (same OS, same
-paths: it runs unchanged inside). The machine's own systemd supervises, restarts and journals it.
+/etc/systemd/system from the fleetd package (`fleetd.deploy`, the same files a wheel installs),
+with /usr/local/bin/fleetd linking to the venv fleetd runs from. The machine's own systemd
+supervises, restarts and journals it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from fleetd import deploy
 
 from . import rootfs
 from .errors import ClusterError
@@ -22,9 +25,7 @@ FLEET_UNIT = "fleet.service"
 FLEET_SOCKET = "fleet.socket"
 FLEET_CONF = "etc/fleet/fleet.conf"
 UNIT_DIR = "etc/systemd/system"
-UNIT_FILES = (FLEET_UNIT, FLEET_SOCKET)
-# The deploy units of this checkout (deploy/systemd, beside this package).
-SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
+UNIT_FILES = deploy.UNIT_FILES
 
 
 def _quote(value: str) -> str:
@@ -125,11 +126,10 @@ def install_units(root: Path, venv: str) -> None:
     unchanged inside. Re-installing picks up edits of the unit files (after a daemon-reload).
     """
     for name in UNIT_FILES:
-        source = SYSTEMD_DIR / name
         try:
-            text = source.read_text()
+            text = deploy.text(name)
         except OSError as e:
-            raise ClusterError(f"cannot read the deploy unit {source}: {e}") from None
+            raise ClusterError(f"cannot read the deploy unit {name} of fleetd: {e}") from None
         rootfs.write(root, f"{UNIT_DIR}/{name}", text)
     rootfs.symlink(root, "usr/local/bin/fleetd", f"{venv}/bin/fleetd")
 

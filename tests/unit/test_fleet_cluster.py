@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from fleet_cluster import Cluster, ClusterError, NoSuchMachine, PrerequisiteError, prereqs
 from fleet_cluster.cluster import parse_machine_metadata
-from fleet_cluster.fleet_service import SYSTEMD_DIR, fleet_conf, install_units, parse_metadata
+from fleet_cluster.fleet_service import fleet_conf, install_units, parse_metadata
 from fleet_cluster.network import bridge_address, bridge_mac, machine_address, parse_subnet
 from fleet_cluster.ssh import known_hosts_line
 from fleet_cluster.state import ClusterState, EtcdState, MachineState
+
+from fleetd import deploy
 
 
 def test_metadata_for_one_machine_or_all() -> None:
@@ -73,7 +75,7 @@ def test_install_units_copies_the_deploy_units_and_links_fleetd(tmp_path: Path) 
     install_units(tmp_path, "/some/venv")
     for name in ("fleet.service", "fleet.socket"):
         installed = tmp_path / "etc/systemd/system" / name
-        assert installed.read_text() == (SYSTEMD_DIR / name).read_text()
+        assert installed.read_text() == deploy.text(name)
     service = (tmp_path / "etc/systemd/system/fleet.service").read_text()
     assert "ExecStart=/usr/local/bin/fleetd" in service
     assert "Type=notify" in service
