@@ -16,8 +16,8 @@ Event-name convention, so logs can be grepped and alerted on across releases:
 - renaming an event is a breaking change: add the new name and keep the old one for a release.
 
 Levels: ``verbosity > 0`` enables debug (fleet's rule). The chatty third-party loggers
-(apscheduler logs every job run at info, aiohttp.access every request) stay at warning unless
-``verbosity >= 2``.
+(hpack logs every header it decodes at debug, aiohttp.access every request) stay at warning
+unless ``verbosity >= 2``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from structlog.typing import Processor
 
 # Marks the handler we install, so reconfiguring (SIGHUP) replaces it instead of adding another.
 _HANDLER_NAME = "fleetd"
-_CHATTY_LOGGERS = ("apscheduler", "aiohttp.access", "asyncio")
+_CHATTY_LOGGERS = ("hpack", "aiohttp.access", "asyncio")
 
 
 def _shared_processors() -> list[Processor]:

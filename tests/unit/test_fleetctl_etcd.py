@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 from test_fleetctl_harness import HELLO
 
 from fleetctl.cli import cli
+from fleetd import __version__
 from fleetd.model import Machine
 from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.registry.registry import Registry
@@ -64,7 +65,7 @@ def test_older_fleetctl_is_warned(etcd_server: EtcdServer) -> None:
     asyncio.run(_register(etcd_server, "9.0.0"))
     result = fleetctl(etcd_server, "list-machines")
     assert result.exit_code == 0
-    assert "WARNING: fleetctl (0.1.0) is older than the latest registered" in result.stderr
+    assert f"WARNING: fleetctl ({__version__}) is older than the latest registered" in result.stderr
     assert "version of fleet found in the cluster (9.0.0)." in result.stderr
 
 
