@@ -1,3 +1,3 @@
 """fleetd: the fleet daemon (agent, leader-elected engine, HTTP API) over etcd v3."""
 
-__version__ = "0.1.1"
+__version__ = "0.2.0"

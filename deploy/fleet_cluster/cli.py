@@ -15,7 +15,7 @@ import click
 
 from . import machine as machine_ops
 from . import prereqs, signals, ssh
-from .cluster import Cluster, default_binds, parse_machine_metadata
+from .cluster import Cluster, parse_machine_metadata
 from .errors import ClusterError
 from .fleet_service import parse_metadata
 from .state import STATE_ROOT, Layout, locked
@@ -100,7 +100,17 @@ def main() -> None:
     type=click.Choice(["1", "3", "5"]),
     help="etcd cluster size (members on the host; `fleet-cluster etcd` stops and starts them).",
 )
-@click.option("--no-fleetd", is_flag=True, help="Boot the machines without starting fleetd.")
+@click.option(
+    "--no-fleetd",
+    is_flag=True,
+    help="Boot the machines without fleet (neither installed nor started).",
+)
+@click.option(
+    "--wheel",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="FLEET_CLUSTER_WHEEL",
+    help="fleet's wheel to install in every machine (default: built from this checkout).",
+)
 @click.option(
     "--bind-ro",
     "binds",
@@ -121,11 +131,13 @@ def up(
     etcd_port: int,
     etcd_members: str,
     no_fleetd: bool,
+    wheel: Path | None,
     binds: tuple[str, ...],
     boot_timeout: float,
     keep_on_failure: bool,
 ) -> None:
-    """Start etcd, the bridge and N machines (each with sshd and fleetd)."""
+    """Start etcd, the bridge and N machines (each with sshd, and fleet installed from its
+    wheel in the machine's own venv and running as fleet.service)."""
     prereqs.check_host()
     cluster = Cluster(
         name,
@@ -137,7 +149,8 @@ def up(
         fleetd=not no_fleetd,
         etcd_port=etcd_port,
         etcd_members=int(etcd_members),
-        binds=default_binds() + list(binds),
+        binds=list(binds),
+        wheel=wheel,
         state_root=state_root,
         progress=_progress,
         boot_timeout=boot_timeout,
@@ -193,7 +206,17 @@ def _print_status(info: dict[str, Any]) -> None:
     for member in etcd_info.get("members", [])[1:]:
         health = "healthy" if member["healthy"] else "UNHEALTHY"
         click.echo(f"        {member['endpoint']}  pid {member['pid']}  {health}")
-    header = ("MACHINE", "STATE", "NSPAWN", "INIT", "IP", "MACHINE-ID", "SYSTEMD", "FLEET")
+    header = (
+        "MACHINE",
+        "STATE",
+        "NSPAWN",
+        "INIT",
+        "IP",
+        "MACHINE-ID",
+        "SYSTEMD",
+        "FLEET",
+        "VERSION",
+    )
     rows = [header]
     for m in info["machines"]:
         state = m["status"] + (" (partitioned)" if m["partitioned"] else "")
@@ -207,6 +230,7 @@ def _print_status(info: dict[str, Any]) -> None:
                 m["machine_id"],
                 m["systemd"],
                 m["fleet"],
+                m["fleet_version"] or "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -310,6 +334,27 @@ def add(name: str, state_root: Path, metadata: str) -> None:
     added = cluster.add_machine(parse_metadata(metadata))
     fleetd = added.fleetd or "not started"
     click.echo(f"{added.name}: {added.ip} machine-id {added.machine_id} fleetd {fleetd}")
+
+
+@main.command()
+@cluster_options
+@click.argument("machines", nargs=-1)
+@click.option(
+    "--wheel",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="FLEET_CLUSTER_WHEEL",
+    help="The wheel to upgrade to (default: built from this checkout).",
+)
+@_errors
+def upgrade(name: str, state_root: Path, machines: tuple[str, ...], wheel: Path | None) -> None:
+    """Roll fleet to WHEEL on MACHINES (default all), one machine at a time.
+
+    Each machine installs the wheel in its venv and restarts fleet.service, which leaves its
+    units running; the next machine waits until fleetd is back. Stops at the first failure.
+    """
+    cluster = _attach(name, state_root)
+    for machine, before, after in cluster.upgrade(machines, wheel=wheel):
+        click.echo(f"{machine}: fleet {before} -> {after}")
 
 
 @main.command()

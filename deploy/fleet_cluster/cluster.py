@@ -15,7 +15,6 @@ import concurrent.futures
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,7 +23,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import cgroups, etcd, machine, mounts, network, prereqs, procs, rootfs, signals, ssh
+from . import (
+    cgroups,
+    etcd,
+    install,
+    machine,
+    mounts,
+    network,
+    prereqs,
+    procs,
+    rootfs,
+    signals,
+    ssh,
+)
 from .errors import (
     ClusterError,
     ClusterExists,
@@ -37,8 +48,8 @@ from .fleet_service import (
     FleetdStatus,
     fleet_conf,
     fleetd_state,
-    install_units,
     parse_metadata,
+    restart_fleetd,
     start_fleetd,
     stop_fleetd,
 )
@@ -50,27 +61,10 @@ Progress = Callable[[str, str], None]
 
 MachineRef = MachineState | str | int
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
-CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def _quiet(subject: str, message: str) -> None:
     del subject, message
-
-
-def default_binds() -> list[str]:
-    """Host paths every machine sees read-only at the same path: the checkout and the venv.
-
-    They are in the overlay of `/` anyway when they live on the root file system, but bound
-    they show edits made while the cluster runs: a lower layer changed under a mounted
-    overlay is undefined behaviour (new files may stay invisible in it). The interpreter the
-    venv links to is bound only if it is on another file system, where the overlay misses it.
-    """
-    binds = [str(CHECKOUT), sys.prefix]
-    root_device = os.stat("/").st_dev
-    base = Path(sys.base_prefix)
-    if base.exists() and os.stat(base).st_dev != root_device and str(base) not in binds:
-        binds.append(str(base))
-    return binds
 
 
 class Cluster:
@@ -88,7 +82,9 @@ class Cluster:
         fleetd: bool = True,
         etcd_port: int = 0,
         etcd_members: int = 1,
-        binds: Sequence[str] | None = None,
+        binds: Sequence[str] = (),
+        wheel: str | Path | None = None,
+        install_fleet: bool | None = None,
         state_root: Path = STATE_ROOT,
         progress: Progress | None = None,
         boot_timeout: float = 60.0,
@@ -118,7 +114,12 @@ class Cluster:
         self.fleetd = fleetd
         self.etcd_port = etcd_port
         self.etcd_members = etcd_members
-        self.binds = list(default_binds() if binds is None else binds)
+        # Extra host paths every machine sees read-only at the same path (tests bind a probe).
+        self.binds = list(binds)
+        self.wheel = wheel
+        # fleet is installed from its wheel in each machine when fleetd runs there, or on
+        # request (a machine with fleet installed but fleetd not started).
+        self.install_fleet = fleetd if install_fleet is None else install_fleet
         self.layout = Layout(state_root / name)
         self.progress: Progress = progress or _quiet
         self.boot_timeout = boot_timeout
@@ -252,12 +253,13 @@ class Cluster:
             agent_ttl=self.agent_ttl,
             etcd_key_prefix=self.etcd_key_prefix,
             fleetd=self.fleetd,
-            venv=sys.prefix,
             binds=self.binds,
             machines=[self._new_machine(i) for i in range(1, self.n + 1)],
         )
         with locked(self.layout):
             self._save()  # first thing: `down` can find whatever follows
+            if self.install_fleet:
+                self._stage_wheel(self.wheel)
             network.create_bridge(self.bridge, bridge_ip, self.subnet.prefixlen)
             self.progress("network", f"bridge {self.bridge} {bridge_ip}/{self.subnet.prefixlen}")
             self._start_etcd(str(bridge_ip))
@@ -268,6 +270,26 @@ class Cluster:
         took = time.monotonic() - started
         boots = ", ".join(f"{m.name} {m.boot_seconds:.2f} s" for m in self.state.machines)
         self.progress("cluster", f"{self.n} machine(s) up in {took:.2f} s (boot: {boots})")
+
+    def _stage_wheel(self, wheel: str | Path | None) -> install.WheelInfo:
+        """Put fleet's wheel (given, or built from this checkout) and its dependencies in the
+        folder the machines install from; it becomes what new machines get."""
+        state = self._require_state()
+        started = time.monotonic()
+        info = install.resolve_wheel(wheel, self.layout.root / "build")
+        state.wheels_dir = str(self.layout.wheels_dir)
+        state.wheel = install.stage(info, self.layout.wheels_dir)
+        self._save()
+        took = time.monotonic() - started
+        self.progress("cluster", f"fleet {info.version} staged ({info.path.name}, {took:.2f} s)")
+        return info
+
+    def _install_fleet(self, m: MachineState, wheel: str) -> None:
+        """Install the staged wheel `wheel` in a running machine's own venv."""
+        init_pid = machine.require_running(m)
+        m.fleet_version = install.install_in(init_pid, wheel)
+        m.fleet_wheel = wheel
+        self._save()
 
     def _new_machine(self, index: int) -> MachineState:
         name = f"{self.name}{index}"
@@ -408,9 +430,6 @@ class Cluster:
                 etcd_key_prefix=state.etcd_key_prefix,
             ),
         )
-        # fleet's SSH tunnel runs `fleetctl fd-forward` on the far end: it must be on PATH.
-        rootfs.symlink(root, "usr/local/bin/fleetctl", f"{state.venv}/bin/fleetctl")
-        install_units(root, state.venv)
         for relative in ssh.HOST_KEYS_TO_HIDE:
             rootfs.remove(root, relative)
         ssh.keygen(root / ssh.HOST_KEY, f"root@{m.name}")
@@ -456,7 +475,10 @@ class Cluster:
             cgroups.remove(directory)
         procs_files = cgroups.create(dirs)
         m.status = "booting"
-        m.nspawn_pid = machine.launch(self.layout, m.name, state.bridge, state.binds, procs_files)
+        binds = list(state.binds)
+        if state.wheels_dir:
+            binds.append(f"{state.wheels_dir}:{install.MACHINE_WHEELS}")
+        m.nspawn_pid = machine.launch(self.layout, m.name, state.bridge, binds, procs_files)
         self._save()
         step(f"systemd-nspawn started (pid {m.nspawn_pid})")
         m.init_pid = machine.find_init(
@@ -477,6 +499,11 @@ class Cluster:
         m.status = "running"
         m.boot_seconds = round(time.monotonic() - started, 3)
         self._save()
+        # Installed once per machine root: a restarted machine keeps its venv (and version).
+        root = self.layout.machine_root(m.name)
+        if state.wheel and not (root / install.MACHINE_VENV.lstrip("/") / "bin/fleetd").exists():
+            self._install_fleet(m, state.wheel)
+            step(f"fleet {m.fleet_version} installed from {state.wheel}")
         if state.fleetd:
             try:
                 status = self.start_fleetd(m)
@@ -663,9 +690,51 @@ class Cluster:
 
     def start_fleetd(self, m: MachineRef) -> FleetdStatus:
         target = self.machine(m)
-        # (Re)installed each time: a cluster booted by an older tool, or edited unit files.
-        install_units(self.layout.machine_root(target.name), self._require_state().venv)
         status = start_fleetd(target, settle=self.fleetd_settle)
+        target.fleetd = status.summary
+        self._save()
+        return status
+
+    def upgrade(
+        self, machines: Sequence[MachineRef] = (), *, wheel: str | Path | None = None
+    ) -> list[tuple[str, str, str]]:
+        """Roll fleet to `wheel` (default: built from this checkout), one machine at a time.
+
+        Each machine gets the wheel in its venv, then `systemctl restart fleet.service` (which
+        fleetd tells from a stop: its units keep running, its lease and placements stay) and
+        must be back active before the next one is touched; a machine whose fleetd does not
+        come back stops the roll there. New machines get the new wheel from then on.
+        Returns (machine, version before, version after) per machine.
+        """
+        state = self._require_state()
+        targets = [self.machine(r) for r in machines] or list(state.machines)
+        for target in targets:
+            machine.require_running(target)
+        with locked(self.layout):
+            info = self._stage_wheel(wheel)
+            assert state.wheel is not None
+            done: list[tuple[str, str, str]] = []
+            for target in targets:
+                before = target.fleet_version or "-"
+                started = time.monotonic()
+                self._install_fleet(target, state.wheel)
+                status = self.restart_fleetd(target)
+                took = time.monotonic() - started
+                self.progress(
+                    target.name, f"fleet {before} -> {info.version}: {status} ({took:.2f} s)"
+                )
+                if not status.ok:
+                    raise ClusterError(
+                        f"{target.name}: fleetd {info.version} did not come back after the "
+                        f"upgrade, the roll stops here:\n{status.detail}"
+                    )
+                done.append((target.name, before, info.version))
+        return done
+
+    def restart_fleetd(self, m: MachineRef) -> FleetdStatus:
+        """`systemctl restart fleet.service` (units stay up), or a start if it was not running."""
+        target = self.machine(m)
+        status = restart_fleetd(target, settle=self.fleetd_settle)
         target.fleetd = status.summary
         self._save()
         return status
@@ -696,6 +765,7 @@ class Cluster:
                 "partitioned": m.partitioned,
                 "metadata": m.metadata,
                 "boot_seconds": m.boot_seconds,
+                "fleet_version": m.fleet_version,
                 "systemd": "-",
                 "fleet": "-",
             }

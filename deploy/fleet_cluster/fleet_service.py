@@ -1,10 +1,10 @@
 """fleetd in a machine: its fleet.conf, and fleetd run as a real systemd service there.
 
-fleetd runs exactly as deployed: fleet.service (Type=notify, watchdog) and
-fleet.socket (the API on /var/run/fleet.sock, socket-activated) are installed in the machine's
-/etc/systemd/system from the fleetd package (`fleetd.deploy`, the same files a wheel installs),
-with /usr/local/bin/fleetd linking to the venv fleetd runs from. The machine's own systemd
-supervises, restarts and journals it.
+fleetd runs exactly as deployed: the machine installed fleet's wheel in its own venv
+(`install`), which put fleet.service (Type=notify, watchdog) and fleet.socket (the API on
+/var/run/fleet.sock, socket-activated) from the installed package in /etc/systemd/system and
+linked /usr/local/bin/fleetd to the venv. The machine's own systemd supervises, restarts and
+journals it.
 """
 
 from __future__ import annotations
@@ -12,11 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-from fleetd import deploy
-
-from . import rootfs
 from .errors import ClusterError
 from .machine import exec_in, require_running
 from .state import MachineState
@@ -24,8 +20,6 @@ from .state import MachineState
 FLEET_UNIT = "fleet.service"
 FLEET_SOCKET = "fleet.socket"
 FLEET_CONF = "etc/fleet/fleet.conf"
-UNIT_DIR = "etc/systemd/system"
-UNIT_FILES = deploy.UNIT_FILES
 
 
 def _quote(value: str) -> str:
@@ -119,28 +113,12 @@ def journal_tail(machine: MachineState, lines: int = 15) -> str:
     return done.stdout.strip()
 
 
-def install_units(root: Path, venv: str) -> None:
-    """Install fleet.service and fleet.socket exactly as deployed, into the machine's overlay.
-
-    `/usr/local/bin/fleetd` (the units' ExecStart) links to the host venv's fleetd, which runs
-    unchanged inside. Re-installing picks up edits of the unit files (after a daemon-reload).
-    """
-    for name in UNIT_FILES:
-        try:
-            text = deploy.text(name)
-        except OSError as e:
-            raise ClusterError(f"cannot read the deploy unit {name} of fleetd: {e}") from None
-        rootfs.write(root, f"{UNIT_DIR}/{name}", text)
-    rootfs.symlink(root, "usr/local/bin/fleetd", f"{venv}/bin/fleetd")
-
-
 def start_fleetd(machine: MachineState, *, settle: float = 0.5) -> FleetdStatus:
     """Start fleet.socket and fleet.service in `machine`, as `systemctl start` would on a host.
 
     fleet.service is Type=notify: `systemctl start` returns once fleetd said READY=1, so only a
     short `settle` check follows (that it did not crash right after). A fleetd that fails is
-    reported, not raised: the cluster is still useful. systemd restarts it (Restart=always);
-    starting it again picks up the checkout as it is then (it is bound in, not copied).
+    reported, not raised: the cluster is still useful. systemd restarts it (Restart=always).
     """
     init_pid = require_running(machine)
     props = unit_properties(machine)
@@ -157,13 +135,32 @@ def start_fleetd(machine: MachineState, *, settle: float = 0.5) -> FleetdStatus:
     return _watch(machine, settle)
 
 
-def _watch(machine: MachineState, settle: float) -> FleetdStatus:
+def restart_fleetd(machine: MachineState, *, settle: float = 0.5) -> FleetdStatus:
+    """`systemctl restart fleet.service`: what an upgrade does once the new fleetd is installed.
+
+    fleetd sees the pending restart job and exits leaving its units running and its lease
+    alive; the new process adopts both. The units are reloaded first (the new wheel's).
+    """
+    init_pid = require_running(machine)
+    reload = exec_in(init_pid, ["systemctl", "daemon-reload"], timeout=60)
+    if reload.returncode != 0:
+        return FleetdStatus(False, "not restarted", reload.stderr.strip())
+    exec_in(init_pid, ["systemctl", "reset-failed", FLEET_UNIT], timeout=10)
+    before = unit_properties(machine).get("NRestarts", "0")
+    done = exec_in(init_pid, ["systemctl", "restart", FLEET_UNIT], timeout=150)
+    if done.returncode != 0:
+        detail = f"{done.stderr.strip()}\n{journal_tail(machine)}".strip()
+        return FleetdStatus(False, f"failing ({fleetd_state(machine)})", detail)
+    return _watch(machine, settle, restarts=before)
+
+
+def _watch(machine: MachineState, settle: float, restarts: str = "0") -> FleetdStatus:
     """fleetd counts as up once it stays active/running, never restarted, for `settle` s."""
     deadline = time.monotonic() + settle
     while True:
         props = unit_properties(machine)
         state = f"{props.get('ActiveState', '?')}/{props.get('SubState', '?')}"
-        restarted = props.get("NRestarts", "0") not in ("", "0")
+        restarted = props.get("NRestarts", "0") not in ("", "0", restarts)
         if restarted or props.get("ActiveState") == "failed" or props.get("SubState") == "dead":
             return FleetdStatus(False, f"failing ({state})", journal_tail(machine))
         if time.monotonic() >= deadline:

@@ -21,8 +21,9 @@ from .state import Layout
 # Directories that must start empty in the machine rather than show the host's: nspawn sets up
 # /dev itself and refuses a populated one, /run and /tmp hold the host's runtime state (here
 # /run is even on the root file system, so it holds this very state directory), and the host's
-# enabled timers would run apt and man-db in every machine.
-OPAQUE_DIRS = ("dev", "run", "tmp", "etc/systemd/system/timers.target.wants")
+# enabled timers would run apt and man-db in every machine. /opt/fleet is where a machine
+# installs fleet from its wheel: the host's own install there (its venv) must never show.
+OPAQUE_DIRS = ("dev", "run", "tmp", "etc/systemd/system/timers.target.wants", "opt/fleet")
 MOUNT_SOURCE = "fleet-cluster"
 
 

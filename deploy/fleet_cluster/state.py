@@ -20,7 +20,7 @@ from typing import Any
 from .errors import NoSuchMachine, PrerequisiteError
 
 STATE_ROOT = Path("/run/fleet-cluster")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -38,6 +38,9 @@ class MachineState:
     partitioned: bool = False
     boot_seconds: float | None = None
     fleetd: str | None = None
+    # The fleet version installed in the machine's venv (from the cluster's wheel), if any.
+    fleet_version: str | None = None
+    fleet_wheel: str | None = None
 
     @property
     def short(self) -> str:
@@ -69,8 +72,10 @@ class ClusterState:
     agent_ttl: str | None
     etcd_key_prefix: str
     fleetd: bool
-    venv: str
     binds: list[str]
+    # The wheel new machines get (a file name in wheels_dir), or None: fleet not installed.
+    wheel: str | None = None
+    wheels_dir: str | None = None
     etcd_members: list[EtcdState] = field(default_factory=list)
     machines: list[MachineState] = field(default_factory=list)
     version: int = FORMAT_VERSION
@@ -91,6 +96,7 @@ class ClusterState:
         if members is None:
             members = [single] if single else []
         machines = raw.pop("machines", [])
+        raw.pop("venv", None)  # format 1: machines ran the host's venv
         return cls(
             **raw,
             etcd_members=[EtcdState(**m) for m in members],
@@ -128,6 +134,11 @@ class Layout:
     @property
     def known_hosts(self) -> Path:
         return self.root / "known_hosts"
+
+    @property
+    def wheels_dir(self) -> Path:
+        """fleet's wheel(s) and their dependencies, bound into every machine read-only."""
+        return self.root / "wheels"
 
     @property
     def etcd_dir(self) -> Path:

@@ -9,6 +9,10 @@ failure and Ctrl-C too. Override its shape per test module with indirect paramet
 Each session names its cluster and picks its subnet from its pid, so two test sessions on one
 host do not collide; FLEET_TEST_CLUSTER_NAME and FLEET_TEST_SUBNET override that, and
 FLEET_TEST_NO_FLEETD=1 boots the machines without fleetd.
+
+fleet runs in the machines as users run it: the session builds the wheel from the checkout once
+(`fleet_wheel`) and every cluster of the session installs it in each machine's own venv
+(FLEET_CLUSTER_WHEEL, which a developer may point at a wheel of their own instead).
 """
 
 from __future__ import annotations
@@ -19,8 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_fixture import free_subnet, progress_printer, require_cluster_host, session_name
+from cluster_fixture import (
+    cluster_unavailable_reason,
+    free_subnet,
+    progress_printer,
+    require_cluster_host,
+    session_name,
+)
 from fleet_cluster import Cluster
+from fleet_cluster.install import CHECKOUT, build_wheel
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,6 +41,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.functional)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fleet_wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path | None]:
+    """The wheel of this checkout, built once; what every cluster of the session installs."""
+    if cluster_unavailable_reason() is not None:
+        yield None
+        return
+    given = os.environ.get("FLEET_CLUSTER_WHEEL")
+    wheel = Path(given) if given else build_wheel(CHECKOUT, tmp_path_factory.mktemp("wheel"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLEET_CLUSTER_WHEEL", str(wheel))
+        yield wheel
 
 
 @pytest.fixture(scope="session")

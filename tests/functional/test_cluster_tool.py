@@ -73,7 +73,7 @@ def test_each_machine_reaches_etcd_at_the_bridge_address(cluster: Cluster) -> No
     assert cluster.state.bridge_ip in url
     fetch = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=5).read())"
     for m in cluster.machines:
-        done = cluster.exec(m, [sys.executable, "-c", fetch], check=True)
+        done = cluster.exec(m, ["python3", "-c", fetch], check=True)
         assert '"health":"true"' in done.stdout, f"{m.name}: {done.stdout}"
 
 
@@ -85,6 +85,26 @@ def test_fleet_conf_and_fleetctl_are_in_place(cluster: Cluster) -> None:
         assert 'agent_ttl="3s"' in conf
         which = cluster.exec(m, ["sh", "-c", "command -v fleetctl"], check=True).stdout
         assert which.strip() == "/usr/local/bin/fleetctl"
+
+
+def test_fleet_runs_from_the_wheel_in_each_machines_own_venv(cluster: Cluster) -> None:
+    where = "import fleetd, sys; print(fleetd.__file__); print(sys.prefix)"
+    for m in cluster.machines:
+        assert m.fleet_version is not None
+        assert m.fleet_wheel is not None
+        assert m.fleet_wheel.startswith(f"fleet_py-{m.fleet_version}-")
+        links = cluster.exec(m, ["readlink", "-f", "/usr/local/bin/fleetd"], check=True)
+        assert links.stdout.strip() == "/opt/fleet/venv/bin/fleetd"
+        done = cluster.exec(m, ["/opt/fleet/venv/bin/python", "-c", where], check=True)
+        module, prefix = done.stdout.split()
+        assert module.startswith("/opt/fleet/venv/lib/python3"), module  # not the checkout
+        assert prefix == "/opt/fleet/venv"
+        # The daemon that runs is that one: fleet.service's main process in that venv.
+        pid = cluster.exec(m, ["systemctl", "show", "-P", "MainPID", "fleet.service"])
+        cmdline = cluster.exec(m, ["cat", f"/proc/{pid.stdout.strip()}/cmdline"], check=True)
+        assert "/opt/fleet/venv/bin/" in cmdline.stdout, cmdline.stdout
+        version = cluster.exec(m, ["fleetd", "--version"], check=True).stdout
+        assert version.split()[-1] == m.fleet_version
 
 
 def test_sshd_accepts_the_cluster_key(cluster: Cluster) -> None:

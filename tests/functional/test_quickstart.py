@@ -2,7 +2,9 @@
 and walks through list-machines, start hello.service and list-units. Always torn down after.
 
 The cluster is named `qs<pid>` and gets a free subnet, so it never meets the session's cluster
-or another developer's; FLEET_VENV is this venv, so setup.sh's `pip install -e` is quick.
+or another developer's; FLEET_VENV is this venv, so setup.sh's `pip install -e` is quick. The
+session's wheel is not passed on: the script builds the wheel the machines install, as it does
+for a user.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def test_quickstart_walkthrough_then_down_leaves_nothing() -> None:
         "FLEET_CLUSTER_SUBNET": free_subnet(offset=25),
         "FLEET_VENV": sys.prefix,
     }
-    for key in [k for k in env if k.startswith("FLEETCTL_")]:
-        del env[key]  # only what the script sets up itself
+    for key in [k for k in env if k.startswith("FLEETCTL_") or k == "FLEET_CLUSTER_WHEEL"]:
+        del env[key]  # only what the script sets up itself (it builds the wheel itself too)
     state_file = Path("/run/fleet-cluster", name, "state.json")
     state: dict[str, object] = {}
     try:

@@ -1,17 +1,17 @@
 """DBusUnitManager against real systemd, inside one throw-away systemd-nspawn machine.
 
-The machine is a one-machine `fleet_cluster` without fleetd (so nothing else touches
-/run/fleet/units in it): the host's OS on an overlay root, booting real systemd with its own
-cgroups. systemd_dbus_probe.py runs inside it with this venv's python, drives the manager on
-the machine's system bus (and on root's user bus), and prints what it saw as JSON; the
-assertions are here. The cluster is always torn down, and the teardown is checked.
+The machine is a one-machine `fleet_cluster` with fleet installed from its wheel but fleetd
+not started (so nothing else touches /run/fleet/units in it): the host's OS on an overlay root,
+booting real systemd with its own cgroups. systemd_dbus_probe.py (bound in) runs inside it with
+the machine's venv python, drives the installed fleetd's manager on the machine's system bus
+(and on root's user bus), and prints what it saw as JSON; the assertions are here. The cluster
+is always torn down, and the teardown is checked.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from cluster_fixture import cluster_unavailable_reason, free_subnet, progress_printer, session_name
 from fleet_cluster import Cluster
+from fleet_cluster.install import MACHINE_VENV
 
 _reason = cluster_unavailable_reason()
 pytestmark = [
@@ -39,7 +40,13 @@ def machine() -> Iterator[tuple[Cluster, str]]:
     """(cluster, machine name): one machine, no fleetd; its own name and subnet."""
     name = session_name("d")
     cluster = Cluster(
-        name=name, n=1, fleetd=False, subnet=free_subnet(1), progress=progress_printer(name)
+        name=name,
+        n=1,
+        fleetd=False,
+        install_fleet=True,
+        binds=[str(PROBE.parent)],
+        subnet=free_subnet(1),
+        progress=progress_printer(name),
     )
     with cluster:
         booted = cluster.machines[0]
@@ -62,7 +69,7 @@ def _assert_nothing_left(cluster: Cluster, pids: list[int | None]) -> None:
 
 def _probe(machine: tuple[Cluster, str], *args: str, env: tuple[str, ...] = ()) -> dict[str, Any]:
     cluster, name = machine
-    argv = ["env", *env, sys.executable, str(PROBE), *args]
+    argv = ["env", *env, f"{MACHINE_VENV}/bin/python", str(PROBE), *args]
     done = cluster.exec(name, argv, timeout=240)
     if done.returncode != 0:
         pytest.fail(f"probe failed ({done.returncode}):\n{done.stderr}")

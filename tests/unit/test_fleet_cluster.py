@@ -6,13 +6,15 @@ Booting real clusters is tested in tests/functional/test_cluster_tool.py (root o
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
-from fleet_cluster import Cluster, ClusterError, NoSuchMachine, PrerequisiteError, prereqs
+from fleet_cluster import Cluster, ClusterError, NoSuchMachine, PrerequisiteError, install, prereqs
 from fleet_cluster.cluster import parse_machine_metadata
-from fleet_cluster.fleet_service import fleet_conf, install_units, parse_metadata
+from fleet_cluster.fleet_service import fleet_conf, parse_metadata
 from fleet_cluster.network import bridge_address, bridge_mac, machine_address, parse_subnet
 from fleet_cluster.ssh import known_hosts_line
 from fleet_cluster.state import ClusterState, EtcdState, MachineState
@@ -69,17 +71,65 @@ def test_fleet_conf_leaves_out_unset_options() -> None:
     assert "etcd_key_prefix" not in text
 
 
-def test_install_units_copies_the_deploy_units_and_links_fleetd(tmp_path: Path) -> None:
-    (tmp_path / "usr/local/bin").mkdir(parents=True)
-    (tmp_path / "usr/local/bin/fleetd").write_text("an older copy")
-    install_units(tmp_path, "/some/venv")
-    for name in ("fleet.service", "fleet.socket"):
-        installed = tmp_path / "etc/systemd/system" / name
-        assert installed.read_text() == deploy.text(name)
-    service = (tmp_path / "etc/systemd/system/fleet.service").read_text()
-    assert "ExecStart=/usr/local/bin/fleetd" in service
-    assert "Type=notify" in service
-    assert os.readlink(tmp_path / "usr/local/bin/fleetd") == "/some/venv/bin/fleetd"
+def _wheel(path: Path, metadata: str) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("fleet_py-9.1.0.dist-info/METADATA", metadata)
+        archive.writestr("fleetd/__init__.py", "")
+    return path
+
+
+def test_wheel_info_reads_name_version_and_runtime_requirements(tmp_path: Path) -> None:
+    metadata = (
+        "Metadata-Version: 2.1\nName: fleet-py\nVersion: 9.1.0\n"
+        "Requires-Dist: click>=8.1\nRequires-Dist: aiohttp>=3.9\n"
+        'Requires-Dist: pytest>=8; extra == "dev"\n'
+    )
+    info = install.wheel_info(_wheel(tmp_path / "fleet_py-9.1.0-py3-none-any.whl", metadata))
+    assert (info.name, info.version) == ("fleet-py", "9.1.0")
+    assert info.requires == ("aiohttp>=3.9", "click>=8.1")  # the dev extra left out
+
+
+def test_wheel_info_refuses_what_is_not_a_wheel(tmp_path: Path) -> None:
+    (tmp_path / "x.whl").write_text("not a zip")
+    with pytest.raises(ClusterError, match="not a readable wheel"):
+        install.wheel_info(tmp_path / "x.whl")
+    with pytest.raises(ClusterError, match="is not a wheel file"):
+        install.wheel_info(tmp_path / "missing.whl")
+    other = _wheel(tmp_path / "other-1.0-py3-none-any.whl", "Name: other\nVersion: 1.0\n")
+    with pytest.raises(ClusterError, match="not of fleet-py"):
+        install.resolve_wheel(other, tmp_path)
+
+
+def test_install_script_installs_offline_into_the_machines_venv() -> None:
+    script = install.install_script("fleet_py-9.1.0-py3-none-any.whl")
+    assert "/usr/bin/python3 -m venv /opt/fleet/venv" in script
+    # Only the bound folder: machines have no index to reach.
+    assert script.count("--no-index --find-links /opt/fleet/wheels") == 2
+    assert "ln -sf /opt/fleet/venv/bin/fleetd /opt/fleet/venv/bin/fleetctl /usr/local/bin/" in (
+        script
+    )
+    # The units come from the installed package, not from this checkout.
+    assert "import fleetd.deploy" in script
+    assert set(deploy.UNIT_FILES) <= set(script.replace('"', " ").replace("/", " ").split())
+
+
+def test_state_of_format_1_loads(tmp_path: Path) -> None:
+    raw = {
+        "name": "old",
+        "state_dir": str(tmp_path),
+        "subnet": "10.77.0.0/24",
+        "bridge": "oldbr0",
+        "bridge_ip": "10.77.0.1",
+        "prefixlen": 24,
+        "agent_ttl": None,
+        "etcd_key_prefix": "/fleet/",
+        "fleetd": True,
+        "venv": "/opt/fleet/venv",
+        "binds": [],
+        "version": 1,
+    }
+    state = ClusterState.from_json(json.dumps(raw))
+    assert (state.wheel, state.wheels_dir) == (None, None)
 
 
 def test_addresses() -> None:
@@ -121,8 +171,9 @@ def test_state_round_trips_and_resolves_machine_references() -> None:
         agent_ttl="3s",
         etcd_key_prefix="/fleet/",
         fleetd=True,
-        venv="/work/venv",
         binds=["/work/main"],
+        wheel="fleet_py-0.2.0-py3-none-any.whl",
+        wheels_dir="/run/fleet-cluster/fleet/wheels",
         etcd_members=[EtcdState(pid=10, client_port=2379, peer_port=2380)],
         machines=[
             MachineState("fleet1", 1, "10.77.0.11", "a" * 32, {"region": "east"}),
