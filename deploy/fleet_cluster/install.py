@@ -180,9 +180,10 @@ def stage(info: WheelInfo, wheels_dir: Path, cache_root: Path = CACHE_ROOT) -> s
     wheels_dir.mkdir(parents=True, exist_ok=True)
     for source in [*deps.glob("*.whl"), info.path]:
         target = wheels_dir / source.name
-        if target.exists() and source != info.path:
-            continue
+        if target.exists() and (source != info.path or os.path.samefile(source, target)):
+            continue  # a rebuilt wheel of the same name replaces the staged one, below
         tmp = target.with_name(f".{target.name}.tmp")
+        tmp.unlink(missing_ok=True)
         try:
             os.link(source, tmp)
         except OSError:  # another file system

@@ -100,6 +100,23 @@ def test_wheel_info_refuses_what_is_not_a_wheel(tmp_path: Path) -> None:
         install.resolve_wheel(other, tmp_path)
 
 
+def test_staging_a_wheel_twice_or_rebuilt_replaces_it(tmp_path: Path) -> None:
+    if not Path(install.MACHINE_PYTHON).exists():
+        pytest.skip(f"{install.MACHINE_PYTHON} is missing")
+    built = tmp_path / "dist" / "fleet_py-9.1.0-py3-none-any.whl"
+    built.parent.mkdir()
+    _wheel(built, "Name: fleet-py\nVersion: 9.1.0\n")
+    info = install.wheel_info(built)
+    staged = tmp_path / "cluster" / "wheels"
+    for _ in range(2):  # the same file again (an upgrade to what is installed) is no error
+        assert install.stage(info, staged, tmp_path / "cache") == built.name
+    built.unlink()
+    _wheel(built, "Name: fleet-py\nVersion: 9.1.0\nSummary: rebuilt\n")
+    install.stage(info, staged, tmp_path / "cache")
+    assert (staged / built.name).read_bytes() == built.read_bytes()
+    assert sorted(p.name for p in staged.iterdir()) == [built.name]  # no temporary left
+
+
 def test_install_script_installs_offline_into_the_machines_venv() -> None:
     script = install.install_script("fleet_py-9.1.0-py3-none-any.whl")
     assert "/usr/bin/python3 -m venv /opt/fleet/venv" in script
