@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -39,6 +41,10 @@ API_PATH = "fleet/v1/"
 # fleet's clients stop after this many pages; a server that keeps answering with tokens is
 # broken, and following it forever would hang the command.
 MAX_PAGES = 10_000
+
+# stdlib logging, as in fleetctl/ssh.py: records show only once fleetctl's main() set up
+# logging (and only with --debug); fleetctl used as a library stays silent.
+log = logging.getLogger(__name__)
 
 
 class ApiError(FleetError):
@@ -115,6 +121,7 @@ class ApiClient:
         extra: dict[str, Any] = {}
         if self._server_hostname is not None:
             extra["server_hostname"] = self._server_hostname
+        started = time.perf_counter()
         try:
             async with session.request(
                 method, self.base + path, params=query, data=data, headers=headers, **extra
@@ -123,7 +130,10 @@ class ApiClient:
                 status = response.status
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             where = self._unix_socket or self.base
+            log.debug("api_request method=%s path=%s error=%s", method, path, e)
             raise RegistryUnavailable(f"unable to reach the fleet API at {where}: {e}") from e
+        ms = round((time.perf_counter() - started) * 1000, 2)
+        log.debug("api_request method=%s path=%s status=%s ms=%s", method, path, status, ms)
         decoded = _decode(text)
         if status < 300 or status == 404:
             return status, decoded

@@ -11,6 +11,7 @@ Tests replace `make_client` (monkeypatch `fleetctl.client.make_client`) to hand 
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -25,6 +26,8 @@ from fleetctl.settings import Driver, Settings, Target, select_target
 from fleetd import __version__
 from fleetd.errors import FleetError, InvalidInput
 from fleetd.model import TargetState
+from fleetd.registry.instrumented import InstrumentedKV
+from fleetd.registry.kv import KV
 from fleetd.registry.registry import Registry
 from fleetd.unitfile import UnitFile, UnitNameInfo
 from fleetd.views import (
@@ -164,6 +167,21 @@ async def _warn_if_outdated(registry: Registry) -> None:
 
 # ---- the factory ---------------------------------------------------------------------------
 
+# stdlib logging, as in fleetctl/ssh.py: records show only once fleetctl's main() set up
+# logging (and only with --debug); fleetctl used as a library stays silent.
+log = logging.getLogger(__name__)
+
+
+class _DebugObserver:
+    """--debug: one event per etcd request fleetctl makes, with its duration."""
+
+    def started(self, kind: str) -> None:
+        del kind
+
+    def finished(self, kind: str, seconds: float | None, failed: bool) -> None:
+        ms = None if seconds is None else round(seconds * 1000, 2)
+        log.debug("etcd_request kind=%s ms=%s failed=%s", kind, ms, failed)
+
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext:
     """Verify the server (with --ca-file, else the system CAs), and present --cert-file and
@@ -212,8 +230,11 @@ async def _open(settings: Settings, target: Target, stack: AsyncExitStack) -> Cl
             password=settings.etcd_password or None,
             request_timeout=settings.request_timeout,
         )
-        kv = EtcdKV(config)
-        stack.push_async_callback(kv.close)
+        etcd = EtcdKV(config)
+        stack.push_async_callback(etcd.close)
+        kv: KV = etcd
+        if settings.debug:
+            kv = InstrumentedKV(etcd, _DebugObserver())
         registry = Registry(kv, settings.etcd_key_prefix)
         await _warn_if_outdated(registry)
         return RegistryClient(registry)
@@ -246,13 +267,23 @@ async def _open(settings: Settings, target: Target, stack: AsyncExitStack) -> Cl
 @asynccontextmanager
 async def _make_client(settings: Settings) -> AsyncIterator[ClusterClient]:
     async with AsyncExitStack() as stack:
+        target: Target | None = None
         try:
             target = select_target(settings)
             if target.warning:
                 click.echo(f"WARNING: {target.warning}", err=True)
+            log.debug(
+                "endpoint_selected driver=%s endpoints=%s%s",
+                target.driver.value,
+                ",".join(target.endpoints),
+                f" ({target.defaulted})" if target.defaulted else "",
+            )
             client = await _open(settings, target, stack)
         except (FleetError, OSError, ValueError) as e:
-            raise CommandFailed(f"Unable to initialize client: {e}") from e
+            message = f"Unable to initialize client: {e}"
+            if target is not None and target.defaulted:
+                message += f"\n{target.defaulted}; point it at the cluster with --endpoint"
+            raise CommandFailed(message) from e
         yield client
 
 

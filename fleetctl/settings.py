@@ -75,6 +75,9 @@ class Target:
     driver: Driver
     endpoints: tuple[str, ...]  # API: exactly one URL; etcd: every member's URL
     warning: str = ""  # something to tell the user on stderr (e.g. endpoints ignored)
+    # Why this target, when fleetctl chose it rather than being told (no --endpoint): said in
+    # --debug and in the error when nothing answers there.
+    defaulted: str = ""
 
     @property
     def unix_socket(self) -> str | None:
@@ -116,12 +119,19 @@ def select_target(
     """Where to talk to; raises ConfigError (shown as `Unable to initialize client: ...`)."""
     explicit = Driver.parse(settings.driver) if settings.driver else None
     if not settings.endpoint:
+        unset = "no --endpoint or FLEETCTL_ENDPOINT was given"
         if explicit is Driver.ETCD:
-            return Target(Driver.ETCD, (DEFAULT_ETCD_ENDPOINT,))
+            why = f"{unset}, so fleetctl used etcd's default {DEFAULT_ETCD_ENDPOINT}"
+            return Target(Driver.ETCD, (DEFAULT_ETCD_ENDPOINT,), defaulted=why)
         # Through a tunnel the socket that matters is the tunnel host's, as in fleet.
         if explicit is Driver.API or settings.tunnel or socket_exists(DEFAULT_SOCKET):
-            return Target(Driver.API, (DEFAULT_API_ENDPOINT,))
-        return Target(Driver.ETCD, (DEFAULT_ETCD_ENDPOINT,))
+            why = f"{unset}, so fleetctl used fleetd's API on {DEFAULT_SOCKET}"
+            return Target(Driver.API, (DEFAULT_API_ENDPOINT,), defaulted=why)
+        why = (
+            f"{unset} and there is no fleetd socket {DEFAULT_SOCKET} here, "
+            f"so fleetctl fell back to etcd at {DEFAULT_ETCD_ENDPOINT}"
+        )
+        return Target(Driver.ETCD, (DEFAULT_ETCD_ENDPOINT,), defaulted=why)
     endpoints = _split(settings.endpoint)
     if not endpoints:
         raise ConfigError("URL scheme undefined")

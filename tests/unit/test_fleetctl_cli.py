@@ -91,6 +91,16 @@ def test_select_target_checks_the_default_socket_path() -> None:
     assert seen == [DEFAULT_SOCKET]
 
 
+def test_a_chosen_default_endpoint_says_why_a_given_one_does_not() -> None:
+    fallback = select_target(Settings(), _never)
+    assert fallback.endpoints == ("http://127.0.0.1:2379",)
+    assert "no --endpoint or FLEETCTL_ENDPOINT was given" in fallback.defaulted
+    assert f"no fleetd socket {DEFAULT_SOCKET}" in fallback.defaulted
+    assert "fell back to etcd at http://127.0.0.1:2379" in fallback.defaulted
+    assert DEFAULT_SOCKET in select_target(Settings(), _always).defaulted
+    assert select_target(Settings(endpoint="http://10.0.0.1:2379"), _never).defaulted == ""
+
+
 def test_api_driver_uses_first_endpoint_and_says_so() -> None:
     target = select_target(Settings(endpoint="http://a:80,http://b:80"), _never)
     assert target.endpoints == ("http://a:80",)

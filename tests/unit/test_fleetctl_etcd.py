@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,6 +79,38 @@ def test_unreachable_etcd_fails_fast() -> None:
     )
     assert result.exit_code == 1
     assert result.stderr.startswith("Unable to initialize client: ")
+
+
+def test_unreachable_default_endpoint_says_fleetctl_chose_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETCTL_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "fleetctl", "--request-timeout=0.5", "--debug", "list-units"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if Path("/var/run/fleet.sock").exists() or done.returncode == 0:
+        pytest.skip("this host runs fleetd or etcd on the default endpoints")
+    assert done.returncode == 1
+    assert "Unable to initialize client: " in done.stderr
+    assert "fell back to etcd at http://127.0.0.1:2379" in done.stderr
+    assert "endpoint_selected" in done.stderr  # --debug names the choice before trying it
+
+
+def test_debug_shows_fleetctls_requests_not_the_hpack_decoder(etcd_server: EtcdServer) -> None:
+    asyncio.run(_register(etcd_server, __version__))
+    argv = [sys.executable, "-m", "fleetctl", "--driver=etcd", "--etcd-key-prefix=/t/"]
+    argv += [f"--endpoint={etcd_server.client_url}", "--debug", "list-machines"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("MACHINE")  # the table alone on stdout
+    requests = [line for line in done.stderr.splitlines() if "etcd_request" in line]
+    assert requests, done.stderr
+    assert all("kind=" in line and "ms=" in line for line in requests), requests
+    assert "hpack" not in done.stderr.lower()
 
 
 def test_etcd_through_a_tunnel(etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> None:
