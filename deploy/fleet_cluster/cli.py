@@ -112,6 +112,12 @@ def main() -> None:
     help="fleet's wheel to install in every machine (default: built from this checkout).",
 )
 @click.option(
+    "--cloud-config",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="User-data for cloud-init in every machine (e.g. deploy/cloud-config.yaml): etcd "
+    "and fleet come up as the file says, etcd found through a local discovery service.",
+)
+@click.option(
     "--bind-ro",
     "binds",
     multiple=True,
@@ -132,6 +138,7 @@ def up(
     etcd_members: str,
     no_fleetd: bool,
     wheel: Path | None,
+    cloud_config: Path | None,
     binds: tuple[str, ...],
     boot_timeout: float,
     keep_on_failure: bool,
@@ -151,6 +158,7 @@ def up(
         etcd_members=int(etcd_members),
         binds=list(binds),
         wheel=wheel,
+        cloud_config=cloud_config,
         state_root=state_root,
         progress=_progress,
         boot_timeout=boot_timeout,

@@ -25,6 +25,7 @@ from typing import Any
 
 from . import (
     cgroups,
+    cloud,
     etcd,
     install,
     machine,
@@ -85,6 +86,7 @@ class Cluster:
         binds: Sequence[str] = (),
         wheel: str | Path | None = None,
         install_fleet: bool | None = None,
+        cloud_config: str | Path | None = None,
         state_root: Path = STATE_ROOT,
         progress: Progress | None = None,
         boot_timeout: float = 60.0,
@@ -120,6 +122,14 @@ class Cluster:
         # fleet is installed from its wheel in each machine when fleetd runs there, or on
         # request (a machine with fleet installed but fleetd not started).
         self.install_fleet = fleetd if install_fleet is None else install_fleet
+        self.cloud_config = Path(cloud_config) if cloud_config is not None else None
+        if self.cloud_config is not None:
+            if not self.cloud_config.is_file():
+                raise ClusterError(f"no cloud-config file {self.cloud_config}")
+            if etcd_members != 1:
+                raise ClusterError("a cloud-config cluster's etcd runs in its machines")
+            # The user-data installs and starts fleet; the wheels must be there for it.
+            self.install_fleet = True
         self.layout = Layout(state_root / name)
         self.progress: Progress = progress or _quiet
         self.boot_timeout = boot_timeout
@@ -133,6 +143,7 @@ class Cluster:
         self._save_lock = threading.Lock()
         self._cancel = threading.Event()
         self._hierarchies: cgroups.Hierarchies | None = None
+        self._cloud_debs: list[Path] | None = None
 
     @classmethod
     def attach(
@@ -181,8 +192,13 @@ class Cluster:
 
     @property
     def etcd_endpoints(self) -> list[str]:
-        """Every etcd member's client URL on the bridge (what fleetd's etcd_servers lists)."""
+        """Every etcd member's client URL on the bridge (what fleetd's etcd_servers lists).
+
+        In a cloud-config cluster, the members in the machines (on fleet's port 2379).
+        """
         state = self._require_state()
+        if state.cloud_config:
+            return [f"http://{m.ip}:2379" for m in state.machines]
         if not state.etcd_members:
             raise ClusterError(f"cluster {self.name!r} has no etcd")
         return [f"http://{state.bridge_ip}:{m.client_port}" for m in state.etcd_members]
@@ -255,6 +271,7 @@ class Cluster:
             fleetd=self.fleetd,
             binds=self.binds,
             machines=[self._new_machine(i) for i in range(1, self.n + 1)],
+            cloud_config=str(self.cloud_config) if self.cloud_config else None,
         )
         with locked(self.layout):
             self._save()  # first thing: `down` can find whatever follows
@@ -263,6 +280,8 @@ class Cluster:
             network.create_bridge(self.bridge, bridge_ip, self.subnet.prefixlen)
             self.progress("network", f"bridge {self.bridge} {bridge_ip}/{self.subnet.prefixlen}")
             self._start_etcd(str(bridge_ip))
+            if self.cloud_config is not None:
+                self._prepare_cloud(self.cloud_config)
             ssh.ensure_user_key(self.layout, self.name)
             self._parallel(self._prepare, self.state.machines)
             self._write_known_hosts()
@@ -270,6 +289,17 @@ class Cluster:
         took = time.monotonic() - started
         boots = ", ".join(f"{m.name} {m.boot_seconds:.2f} s" for m in self.state.machines)
         self.progress("cluster", f"{self.n} machine(s) up in {took:.2f} s (boot: {boots})")
+
+    def _prepare_cloud(self, source: Path) -> None:
+        """A discovery token on the host's etcd and the user-data that names it."""
+        state = self._require_state()
+        member = state.etcd_members[0]
+        path = cloud.new_discovery(etcd.local_url(member), len(state.machines))
+        state.discovery_url = f"http://{state.bridge_ip}:{member.client_port}{path}"
+        self.layout.user_data.write_text(cloud.user_data(source.read_text(), state.discovery_url))
+        self._cloud_debs = cloud.debs()
+        self._save()
+        self.progress("cluster", f"cloud-init seed ready (discovery {state.discovery_url})")
 
     def _stage_wheel(self, wheel: str | Path | None) -> install.WheelInfo:
         """Put fleet's wheel (given, or built from this checkout) and its dependencies in the
@@ -349,7 +379,12 @@ class Cluster:
         chosen = [m for m in self._etcd_members(members) if not etcd.running(m, self.layout)]
         for member in chosen:
             member.pid = etcd.start(
-                self.layout, self.name, state.bridge_ip, member, state.etcd_members
+                self.layout,
+                self.name,
+                state.bridge_ip,
+                member,
+                state.etcd_members,
+                discovery=state.cloud_config is not None,
             )
             self._save()
         for member in chosen:
@@ -418,18 +453,23 @@ class Cluster:
         rootfs.write(root, "etc/machine-id", m.machine_id + "\n", 0o444)
         rootfs.write(root, "etc/hostname", m.name + "\n")
         self._write_hosts(m)
-        rootfs.write(
-            root,
-            FLEET_CONF,
-            fleet_conf(
-                machine=m.name,
-                etcd_servers=self.etcd_endpoints,
-                public_ip=m.ip,
-                metadata=m.metadata,
-                agent_ttl=state.agent_ttl,
-                etcd_key_prefix=state.etcd_key_prefix,
-            ),
-        )
+        if state.cloud_config:
+            # fleet.conf, etcd and fleet itself are the user-data's doing.
+            cloud.unpack(root, self._cloud_debs or cloud.debs())
+            cloud.seed(root, m.name, self.layout.user_data.read_text())
+        else:
+            rootfs.write(
+                root,
+                FLEET_CONF,
+                fleet_conf(
+                    machine=m.name,
+                    etcd_servers=self.etcd_endpoints,
+                    public_ip=m.ip,
+                    metadata=m.metadata,
+                    agent_ttl=state.agent_ttl,
+                    etcd_key_prefix=state.etcd_key_prefix,
+                ),
+            )
         for relative in ssh.HOST_KEYS_TO_HIDE:
             rootfs.remove(root, relative)
         ssh.keygen(root / ssh.HOST_KEY, f"root@{m.name}")
@@ -499,6 +539,9 @@ class Cluster:
         m.status = "running"
         m.boot_seconds = round(time.monotonic() - started, 3)
         self._save()
+        if state.cloud_config:
+            self._run_cloud_init(m, step)
+            return
         # Installed once per machine root: a restarted machine keeps its venv (and version).
         root = self.layout.machine_root(m.name)
         if state.wheel and not (root / install.MACHINE_VENV.lstrip("/") / "bin/fleetd").exists():
@@ -512,6 +555,28 @@ class Cluster:
                 m.fleetd = status.summary
             detail = "\n".join(status.detail.splitlines()[-8:])
             step(f"fleetd {status.summary}" + ("" if status.ok else f"\n{detail}"))
+
+    def _run_cloud_init(self, m: MachineState, step: Callable[[str], None]) -> None:
+        """cloud-init's stages, then what they started: etcd's member, fleetd.
+
+        A machine booted again (same root) has run its user-data already: cloud-init skips
+        the per-instance modules, and the services the user-data enabled are started as a
+        full boot would (these machines boot basic.target, which does not want them).
+        """
+        assert m.init_pid is not None
+        ran_before = (self.layout.machine_root(m.name) / "var/lib/cloud/instance").exists()
+        m.fleetd = "cloud-init running"
+        self._save()
+        status = cloud.run(m.init_pid, timeout=max(300.0, self.boot_timeout))
+        step(f"cloud-init {status}")
+        if ran_before:
+            argv = ["systemctl", "start", "etcd.service", "fleet.socket", "fleet.service"]
+            machine.exec_in(m.init_pid, argv, timeout=150)
+        version = machine.exec_in(m.init_pid, ["fleetd", "--version"], timeout=30)
+        m.fleet_version = version.stdout.strip().rsplit(" ", 1)[-1] or None
+        m.fleetd = fleetd_state(m)
+        self._save()
+        step(f"fleetd {m.fleetd} (fleet {m.fleet_version})")
 
     def _wait_etcd_reachable(self, m: MachineState) -> None:
         """Wait until the machine reaches a running etcd member (any, if all are down)."""
@@ -626,6 +691,11 @@ class Cluster:
         machine that fails to boot stays in the state, so `down` removes it too.
         """
         state = self._require_state()
+        if state.cloud_config:
+            raise ClusterError(
+                "a cloud-config cluster's etcd members found each other through discovery, "
+                "which only bootstraps; adding a machine needs `etcdctl member add` first"
+            )
         prereqs.check_host()
         self._cancel.clear()
         with locked(self.layout):

@@ -31,6 +31,8 @@ def command(
     bridge_ip: str,
     member: EtcdState,
     peers: Sequence[EtcdState],
+    *,
+    discovery: bool = False,
 ) -> list[str]:
     # Clients: the bridge address for the machines, loopback for the host's tools. Peers:
     # loopback only (a single member never talks to a peer, but etcd insists on the flags).
@@ -53,14 +55,22 @@ def command(
         f"--initial-cluster-token=fleet-cluster-{cluster}",
         "--initial-cluster-state=new",
         "--logger=zap",
+        # The v2 API is what etcd's discovery protocol speaks (cloud-config clusters).
+        *(["--enable-v2=true"] if discovery else []),
     ]
 
 
 def start(
-    layout: Layout, cluster: str, bridge_ip: str, member: EtcdState, peers: Sequence[EtcdState]
+    layout: Layout,
+    cluster: str,
+    bridge_ip: str,
+    member: EtcdState,
+    peers: Sequence[EtcdState],
+    *,
+    discovery: bool = False,
 ) -> int:
     layout.etcd_dir.mkdir(parents=True, exist_ok=True)
-    argv = command(layout, cluster, bridge_ip, member, peers)
+    argv = command(layout, cluster, bridge_ip, member, peers, discovery=discovery)
     return procs.spawn_detached(
         argv,
         log_path=layout.etcd_member_log(member.index),

@@ -76,6 +76,10 @@ class ClusterState:
     # The wheel new machines get (a file name in wheels_dir), or None: fleet not installed.
     wheel: str | None = None
     wheels_dir: str | None = None
+    # Machines configured by cloud-init from this user-data (a copy in the state directory);
+    # their etcd members are fleet's etcd, the host's etcd only their discovery service.
+    cloud_config: str | None = None
+    discovery_url: str | None = None
     etcd_members: list[EtcdState] = field(default_factory=list)
     machines: list[MachineState] = field(default_factory=list)
     version: int = FORMAT_VERSION
@@ -134,6 +138,10 @@ class Layout:
     @property
     def known_hosts(self) -> Path:
         return self.root / "known_hosts"
+
+    @property
+    def user_data(self) -> Path:
+        return self.root / "user-data"
 
     @property
     def wheels_dir(self) -> Path:

@@ -12,7 +12,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from fleet_cluster import Cluster, ClusterError, NoSuchMachine, PrerequisiteError, install, prereqs
+from fleet_cluster import (
+    Cluster,
+    ClusterError,
+    NoSuchMachine,
+    PrerequisiteError,
+    cloud,
+    install,
+    prereqs,
+)
 from fleet_cluster.cluster import parse_machine_metadata
 from fleet_cluster.fleet_service import fleet_conf, parse_metadata
 from fleet_cluster.network import bridge_address, bridge_mac, machine_address, parse_subnet
@@ -128,6 +136,32 @@ def test_install_script_installs_offline_into_the_machines_venv() -> None:
     # The units come from the installed package, not from this checkout.
     assert "import fleetd.deploy" in script
     assert set(deploy.UNIT_FILES) <= set(script.replace('"', " ").replace("/", " ").split())
+
+
+def test_user_data_gets_the_local_discovery_url_and_nothing_else() -> None:
+    original = (Path(install.CHECKOUT) / "deploy/cloud-config.yaml").read_text()
+    url = "http://10.77.0.1:2379/v2/keys/_etcd/registry/abc"
+    replaced = cloud.user_data(original, url)
+    changed = [
+        (a, b) for a, b in zip(original.splitlines(), replaced.splitlines(), strict=True) if a != b
+    ]
+    assert changed == [(changed[0][0], f'      ETCD_DISCOVERY="{url}"')]
+    assert "discovery.etcd.io" in changed[0][0]
+
+
+def test_user_data_without_cloud_config_marker_or_discovery_is_refused() -> None:
+    with pytest.raises(ClusterError, match="#cloud-config"):
+        cloud.user_data("write_files: []\n", "http://x")
+    with pytest.raises(ClusterError, match="ETCD_DISCOVERY"):
+        cloud.user_data("#cloud-config\nruncmd: [true]\n", "http://x")
+
+
+def test_the_deployed_cloud_config_never_listens_on_all_addresses() -> None:
+    text = (Path(install.CHECKOUT) / "deploy/cloud-config.yaml").read_text()
+    listens = [line for line in text.splitlines() if "ETCD_LISTEN_" in line]
+    assert len(listens) == 2
+    assert not [line for line in listens if "0.0.0.0" in line]
+    assert "SECURITY" in text  # and says why it is plaintext
 
 
 def test_state_of_format_1_loads(tmp_path: Path) -> None:
