@@ -28,6 +28,7 @@ from fleetd.errors import FleetError, InvalidInput
 from fleetd.model import TargetState
 from fleetd.registry.instrumented import InstrumentedKV
 from fleetd.registry.kv import KV
+from fleetd.registry.migrations import version_key
 from fleetd.registry.registry import Registry
 from fleetd.unitfile import UnitFile, UnitNameInfo
 from fleetd.views import (
@@ -136,24 +137,15 @@ recommended to upgrade fleetctl to prevent incompatibility issues.
 ####################################################################"""
 
 
-def _version_key(version: str) -> tuple[int, ...] | None:
-    """The numeric core of a semver ("v1.2.3-rc1+x" -> (1, 2, 3)); None if not semver-like."""
-    core = version.lstrip("v").split("+", 1)[0].split("-", 1)[0]
-    try:
-        return tuple(int(part) for part in core.split("."))
-    except ValueError:
-        return None
-
-
 def version_warning(ours: str, versions: Iterable[str]) -> str:
     """The banner if some registered fleetd is newer than this fleetctl, else ""."""
-    mine = _version_key(ours)
+    mine = version_key(ours)
     newest = max(
-        (v for v in versions if _version_key(v) is not None),
-        key=lambda v: _version_key(v) or (),
+        (v for v in versions if version_key(v) is not None),
+        key=lambda v: version_key(v) or (),
         default=None,
     )
-    if mine is None or newest is None or (_version_key(newest) or ()) <= mine:
+    if mine is None or newest is None or (version_key(newest) or ()) <= mine:
         return ""
     return OLD_VERSION_WARNING.format(ours=ours, theirs=newest)
 

@@ -28,7 +28,9 @@ from fleetd.errors import Compacted, FleetError, NotLeader, RegistryUnavailable
 from fleetd.model import Unit
 from fleetd.registry import codec
 from fleetd.registry.codec import CorruptValue
+from fleetd.registry.keys import SCHEMA_VERSION
 from fleetd.registry.kv import EventType, Op, WatchEvent
+from fleetd.registry.migrations import migrate
 from fleetd.registry.registry import LeaderToken, Registry, acceptable_name
 from fleetd.watching import Backoff, follow, sleep_or_stop
 
@@ -122,11 +124,19 @@ class Engine:
                 stop_task.cancel()
 
     async def _lead(self, token: LeaderToken, stop: asyncio.Event) -> None:
+        # The leader, and only it, moves an older layout forward (migrations.py).
+        # A step waits while a machine runs an older release; machine changes retry it.
+        schema = await self.registry.ensure_schema()
+        if schema < SCHEMA_VERSION:
+            schema = await migrate(self.registry, schema)
         revision = await self._load()
         await self._plan_and_apply(token)
         prefixes = [self.keys.units, self.keys.machines, self.keys.machine_meta, self.keys.leader]
 
         async def plan() -> None:
+            nonlocal schema
+            if self._changed and schema < SCHEMA_VERSION:
+                schema = await migrate(self.registry, schema)
             if self._changed:
                 await self._plan_and_apply(token)
 

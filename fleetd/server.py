@@ -34,6 +34,7 @@ from fleetd.notify import Notifier
 from fleetd.presence import Presence
 from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.registry.instrumented import InstrumentedKV
+from fleetd.registry.migrations import SchemaTooNew
 from fleetd.registry.registry import Registry
 from fleetd.systemd.dbus import DBusUnitManager
 from fleetd.systemd.manager import UnitManager
@@ -146,8 +147,17 @@ class Server:
         )
         await self._api.start()
         # ---- end API ----
-        with contextlib.suppress(FleetError):
+        try:
             await self.registry.ensure_schema()
+        except SchemaTooNew as e:
+            # A newer release's layout: acting on it could corrupt it. Refuse, leaving the
+            # units running; systemd retries, and the upgrade of this machine fixes it.
+            log.error("schema_too_new", error=str(e))
+            self.keep_units = True
+            await self._shutdown(agent, [])
+            return 1
+        except FleetError:
+            pass  # etcd unreachable at start: the components wait for it themselves
         tasks: list[asyncio.Future[None]] = [
             asyncio.ensure_future(self.presence.run(self.stop)),
             asyncio.ensure_future(agent.run(self.stop)),
@@ -211,9 +221,10 @@ class Server:
             log.info("fleetd_graceful_stop", detail="handing units over")
         if self._api is not None:  # ---- API (fleetd/api): no new requests from here on ----
             await self._api.stop()
-        _, pending = await asyncio.wait(tasks, timeout=10)
-        for t in pending:
-            t.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=10)
+            for t in pending:
+                t.cancel()
         if not self.keep_units:
             await agent.purge()
             await self.presence.release()

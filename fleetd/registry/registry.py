@@ -14,7 +14,6 @@ import structlog
 
 from fleetd.errors import (
     Conflict,
-    InvalidInput,
     InvalidUnitName,
     NotFound,
     NotLeader,
@@ -44,6 +43,7 @@ from fleetd.registry.kv import (
     TxnResult,
     WatchEvent,
 )
+from fleetd.registry.migrations import SchemaTooNew
 from fleetd.unitfile import UnitFile, parse_unit, validate_name
 from fleetd.unitfile import requirements as parse_requirements
 
@@ -94,21 +94,26 @@ class Registry:
 
     # ---- schema -------------------------------------------------------------------------
 
-    async def ensure_schema(self) -> None:
-        """Create the schema version key, or refuse a keyspace written by a newer release."""
+    async def ensure_schema(self) -> int:
+        """The keyspace's schema version, written first if the keyspace has none.
+
+        Raises SchemaTooNew for a keyspace of a newer release (or one this release cannot
+        read); an older version is returned for the engine leader to migrate (migrations.py).
+        """
         key = self.keys.schema
         result = await self.kv.txn(
             [Compare(key, "version", "==", 0)], [Put(key, str(SCHEMA_VERSION))]
         )
         if result.succeeded:
-            return
+            return SCHEMA_VERSION
         current = await self.kv.get(key)
         found = current.value if current else "?"
-        if found != str(SCHEMA_VERSION):
-            raise InvalidInput(
-                f"etcd keyspace {self.keys.prefix} has schema version {found}; "
-                f"this release understands {SCHEMA_VERSION}"
+        if not found.isdigit() or int(found) > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"etcd keyspace {self.keys.prefix} has schema version {found}, newer than "
+                f"this release understands ({SCHEMA_VERSION}): upgrade fleet on this machine"
             )
+        return int(found)
 
     # ---- unit bodies ----------------------------------------------------------------------
 

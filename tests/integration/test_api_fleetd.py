@@ -16,6 +16,8 @@ import pytest
 from fleetctl.api_client import ApiClient
 from fleetd.config import Config
 from fleetd.model import TargetState
+from fleetd.registry.etcd import EtcdConfig, EtcdKV
+from fleetd.registry.kv import Put
 from fleetd.server import Server
 from fleetd.systemd.fake import FakeUnitManager
 from fleetd.unitfile import parse_unit
@@ -84,3 +86,30 @@ async def test_fleetd_serves_the_api(
         server.stop.set()
         assert await asyncio.wait_for(running, 30) == 0
     assert not socket_path.exists()
+
+
+async def test_fleetd_refuses_a_keyspace_of_a_newer_release(
+    etcd_server: EtcdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("LISTEN_PID", raising=False)
+    monkeypatch.setattr(Server, "_install_signals", lambda self: None)
+    kv = EtcdKV(EtcdConfig(endpoints=etcd_server.endpoints))
+    try:
+        await kv.txn([], [Put("/fleet/schema", "99")])
+        config = replace(
+            Config(),
+            etcd_servers=tuple(etcd_server.endpoints),
+            machine_id=M1,
+            public_ip="10.0.0.1",
+            state_dir=str(tmp_path / "state"),
+            api_socket=str(tmp_path / "fleet.sock"),
+            api_socket_group="",
+        )
+        server = Server(config, manager=FakeUnitManager(tmp_path / "units"))
+        # Refused: exits non-zero at once, having written nothing (no machine key, no leader).
+        assert await asyncio.wait_for(server.run(), timeout=30) == 1
+        keys, _ = await kv.range("/fleet/")
+        assert [(k.key, k.value) for k in keys] == [("/fleet/schema", "99")]
+    finally:
+        await kv.close()
