@@ -81,6 +81,7 @@ class ApiClient:
         self._server_hostname = server_hostname
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        self.server = ""  # the last answer's Server header: `fleetd/<version>`
 
     def _open(self) -> aiohttp.ClientSession:
         # Created on first use: an aiohttp session belongs to the running event loop.
@@ -128,6 +129,7 @@ class ApiClient:
             ) as response:
                 text = await response.text()
                 status = response.status
+                self.server = response.headers.get("Server", "")
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             where = self._unix_socket or self.base
             log.debug("api_request method=%s path=%s error=%s", method, path, e)
@@ -175,6 +177,11 @@ class ApiClient:
 
     async def machines(self) -> list[MachineView]:
         return await self._list("machines", "machines", machine_from_api)
+
+    async def fleetd_versions(self) -> dict[str, str]:
+        await self._request("GET", "machines")
+        name, _, found = self.server.partition("/")
+        return {"": found} if name == "fleetd" and found else {}
 
     async def units(self) -> list[UnitView]:
         return await self._list("units", "units", unit_from_api)

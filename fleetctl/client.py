@@ -49,6 +49,11 @@ class ClusterClient(Protocol):
         """Registered machines, sorted by id."""
         ...
 
+    async def fleetd_versions(self) -> dict[str, str]:
+        """machine id -> its fleetd's version; the API driver knows only the fleetd that
+        answers it, under the id ""."""
+        ...
+
     async def units(self) -> list[UnitView]:
         """Every unit, sorted by name."""
         ...
@@ -97,6 +102,9 @@ class RegistryClient:
 
     async def machines(self) -> list[MachineView]:
         return await load_machine_views(self.registry)
+
+    async def fleetd_versions(self) -> dict[str, str]:
+        return {m.id: m.version for m in await self.registry.list_machines()}
 
     async def units(self) -> list[UnitView]:
         return await load_unit_views(self.registry, self._bodies)

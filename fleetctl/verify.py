@@ -2,21 +2,78 @@
 
 from __future__ import annotations
 
+import json
+from collections import defaultdict
+
 import click
 
-from fleetctl.command import FleetCommand
+from fleetctl.client import ClusterClient
+from fleetctl.command import FleetCommand, run
 from fleetctl.errors import CommandFailed
 from fleetd import __version__
+from fleetd.errors import FleetError
+from fleetd.registry.migrations import version_key
 
 
 def version_line() -> str:
     return f"fleetctl version {__version__}"
 
 
-@click.command(cls=FleetCommand, short_help="Print the version and exit.")
-def version() -> None:
-    """Print the version and exit."""
-    click.echo(version_line())
+@click.command(cls=FleetCommand, short_help="Print fleetctl's and the cluster's versions.")
+@click.option(
+    "-o",
+    "--output-format",
+    "output_format",
+    type=click.Choice(["table", "json"], case_sensitive=False),
+    default="table",
+    show_default=True,
+    help="table: lines; json: one object.",
+)
+def version(output_format: str) -> None:
+    """Print fleetctl's version, then the fleetd versions of the cluster where it answers.
+
+    The first line is fleet's own output. Through etcd every registered machine's version is
+    known; through the API, that of the fleetd serving it. An unreachable cluster is said on
+    stderr and the exit status stays 0, as the client's version was printed.
+    """
+
+    async def work(client: ClusterClient) -> int:
+        try:
+            versions = await client.fleetd_versions()
+            error = ""
+        except FleetError as e:
+            versions, error = {}, str(e)
+        by_version: dict[str, list[str]] = defaultdict(list)
+        for machine, found in sorted(versions.items()):
+            by_version[found or "unknown"].append(machine)
+        ordered = sorted(by_version, key=lambda v: (version_key(v) or (), v))
+        if output_format.lower() == "json":
+            fleetd = [{"version": v, "machines": by_version[v]} for v in ordered]
+            body = {"fleetctl": __version__, "fleetd": fleetd, "error": error or None}
+            click.echo(json.dumps(body, indent=2))
+            return 0
+        click.echo(version_line())
+        for found in ordered:
+            machines = [m for m in by_version[found] if m]
+            if not machines:  # the API driver: the answering fleetd only
+                click.echo(f"fleetd version {found} (the fleetd serving the API)")
+                continue
+            listed = ", ".join(m[:8] for m in machines[:5]) + (", ..." if machines[5:] else "")
+            count = f"{len(machines)} machine{'s' if len(machines) != 1 else ''}"
+            click.echo(f"fleetd version {found} ({count}: {listed})")
+        if error:
+            click.echo(f"fleetd version unknown: {error}", err=True)
+        return 0
+
+    try:
+        run(work)
+    except CommandFailed as e:  # no client at all (e.g. nothing answers where it looked)
+        if output_format.lower() == "json":
+            body = {"fleetctl": __version__, "fleetd": [], "error": str(e)}
+            click.echo(json.dumps(body, indent=2))
+        else:
+            click.echo(version_line())
+            click.echo(f"fleetd version unknown: {e}", err=True)
 
 
 @click.command(cls=FleetCommand, deprecated="No longer works.", short_help="DEPRECATED")

@@ -20,6 +20,7 @@ from click.testing import Result
 from test_fleetctl_harness import GLOBAL, HELLO, HELLO_TEMPLATE, M1, M2, Cluster
 
 from fleetctl import client as client_module
+from fleetd import __version__
 from fleetd.api.context import ApiContext
 from fleetd.api.server import ApiServer
 from fleetd.config import Config
@@ -185,3 +186,12 @@ def test_fleetctl_over_tls_with_a_client_certificate(
             "list-machines",
         )
         assert refused.exit_code != 0
+
+
+def test_version_through_the_api_names_the_fleetd_serving_it(served: ServedCluster) -> None:
+    result = served.via_api("version")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        f"fleetctl version {__version__}\n"
+        f"fleetd version {__version__} (the fleetd serving the API)\n"
+    )

@@ -3,15 +3,18 @@ exit codes and usage errors (fleet's §9 quirks fixed), help, version, shell com
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_fleetctl_harness import HELLO_TEMPLATE, Cluster
+from click.testing import CliRunner
+from test_fleetctl_harness import HELLO_TEMPLATE, M1, M2, Cluster
 
 from fleetctl import client as client_module
+from fleetctl.cli import cli
 from fleetctl.settings import (
     DEFAULT_API_ENDPOINT,
     DEFAULT_ETCD_ENDPOINT,
@@ -353,11 +356,43 @@ def test_no_units_given_is_a_usage_error(cluster: Cluster, command: str) -> None
     assert f"Usage: fleetctl {command}" in result.stderr
 
 
-def test_version(cluster: Cluster) -> None:
-    for args in (["--version"], ["-v"], ["version"]):
+def test_version_flag_prints_the_client_only(cluster: Cluster) -> None:
+    for args in (["--version"], ["-v"]):
         result = cluster.invoke(*args)
         assert (result.exit_code, result.stdout) == (0, f"fleetctl version {__version__}\n")
-    assert cluster.settings == []  # no client for version
+    assert cluster.settings == []  # no client for the flag
+
+
+def test_version_command_adds_the_clusters_fleetd_versions(cluster: Cluster) -> None:
+    cluster.add_machine(M1, "10.0.0.1")
+    cluster.add_machine(M2, "10.0.0.2")
+    result = cluster.invoke("version")
+    assert result.exit_code == 0, result.output
+    # fleet's own line first, then one line per fleetd version (the harness registers 0.1.0)
+    assert result.stdout == (
+        f"fleetctl version {__version__}\nfleetd version 0.1.0 (2 machines: {M1[:8]}, {M2[:8]})\n"
+    )
+    as_json = json.loads(cluster.invoke("version", "-o", "json").stdout)
+    assert as_json == {
+        "fleetctl": __version__,
+        "fleetd": [{"version": "0.1.0", "machines": sorted([M1, M2])}],
+        "error": None,
+    }
+
+
+def test_version_command_without_a_cluster_still_prints_the_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("FLEETCTL_ENDPOINT", raising=False)
+    args = ["--driver=etcd", "--endpoint=http://127.0.0.1:9", "--request-timeout=0.5", "version"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0
+    assert result.stdout == f"fleetctl version {__version__}\n"
+    assert "fleetd version unknown: Unable to initialize client" in result.stderr
+    result = CliRunner().invoke(cli, [*args, "-o", "json"])
+    body = json.loads(result.stdout)
+    assert (body["fleetctl"], body["fleetd"]) == (__version__, [])
+    assert "Unable to initialize client" in body["error"]
 
 
 def test_help(cluster: Cluster) -> None:
