@@ -139,6 +139,17 @@ def list_options(default_fields: str, valid: str) -> Callable[[F], F]:
             show_default=True,
             help=f"Columns to print, comma-separated; valid: {valid}.",
         )(func)
+        return output_format_option(
+            "table: fleet's tab-aligned table; json: a JSON array (full values)."
+        )(func)
+
+    return decorate
+
+
+def output_format_option(help_text: str) -> Callable[[F], F]:
+    """`-o/--output-format table|json` (into `output_format`)."""
+
+    def decorate(func: F) -> F:
         return click.option(
             "-o",
             "--output-format",
@@ -146,7 +157,7 @@ def list_options(default_fields: str, valid: str) -> Callable[[F], F]:
             type=click.Choice(["table", "json"], case_sensitive=False),
             default="table",
             show_default=True,
-            help="table: fleet's tab-aligned table; json: a JSON array (full values).",
+            help=help_text,
         )(func)
 
     return decorate

@@ -8,7 +8,7 @@ from collections import defaultdict
 import click
 
 from fleetctl.client import ClusterClient
-from fleetctl.command import FleetCommand, run
+from fleetctl.command import FleetCommand, output_format_option, run
 from fleetctl.errors import CommandFailed
 from fleetd import __version__
 from fleetd.errors import FleetError
@@ -20,15 +20,7 @@ def version_line() -> str:
 
 
 @click.command(cls=FleetCommand, short_help="Print fleetctl's and the cluster's versions.")
-@click.option(
-    "-o",
-    "--output-format",
-    "output_format",
-    type=click.Choice(["table", "json"], case_sensitive=False),
-    default="table",
-    show_default=True,
-    help="table: lines; json: one object.",
-)
+@output_format_option("table: lines; json: one object.")
 def version(output_format: str) -> None:
     """Print fleetctl's version, then the fleetd versions of the cluster where it answers.
 
