@@ -15,12 +15,13 @@ from typing import Any, cast
 
 import pytest
 
-from fleetd.errors import InvalidInput, NotFound, NotLeader
+from fleetd.errors import NotFound, NotLeader
 from fleetd.model import Machine, TargetState, Unit, UnitState
 from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.keys import SCHEMA_VERSION
 from fleetd.registry.kv import KV, Put
+from fleetd.registry.migrations import SchemaTooNew
 from fleetd.registry.registry import Registry
 from fleetd.unitfile import parse_unit
 from tests.integration.etcd_fixture import EtcdServer
@@ -82,8 +83,11 @@ async def test_schema_version_created_once_and_newer_refused(backend: Backend) -
     assert kv is not None
     assert kv.value == str(SCHEMA_VERSION)
     await backend.kv.txn([], [Put(reg.keys.schema, str(SCHEMA_VERSION + 1))])
-    with pytest.raises(InvalidInput, match="schema version"):
+    with pytest.raises(SchemaTooNew, match="schema version"):
         await reg.ensure_schema()
+    # An older layout is reported for the leader to migrate, not refused nor rewritten.
+    await backend.kv.txn([], [Put(reg.keys.schema, "0")])
+    assert await reg.ensure_schema() == 0
 
 
 async def test_units_are_content_addressed_and_create_is_cas(backend: Backend) -> None:
