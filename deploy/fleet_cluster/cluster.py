@@ -126,8 +126,23 @@ class Cluster:
         if self.cloud_config is not None:
             if not self.cloud_config.is_file():
                 raise ClusterError(f"no cloud-config file {self.cloud_config}")
-            if etcd_members != 1:
-                raise ClusterError("a cloud-config cluster's etcd runs in its machines")
+            # What the user-data's own files decide is not the tool's to set; said, not ignored.
+            given = [
+                flag
+                for flag, used in (
+                    ("--etcd-members", etcd_members != 1),
+                    ("--agent-ttl", agent_ttl is not None),
+                    ("--metadata", bool(metadata)),
+                    ("--etcd-key-prefix", etcd_key_prefix != "/fleet/"),
+                    ("--no-fleetd", not fleetd),
+                )
+                if used
+            ]
+            if given:
+                raise ClusterError(
+                    f"{', '.join(given)} cannot be combined with --cloud-config: the user-data "
+                    "configures etcd and fleet (edit its /etc/default/etcd and fleet.conf)"
+                )
             # The user-data installs and starts fleet; the wheels must be there for it.
             self.install_fleet = True
         self.layout = Layout(state_root / name)

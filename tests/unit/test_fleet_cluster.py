@@ -156,6 +156,14 @@ def test_user_data_without_cloud_config_marker_or_discovery_is_refused() -> None
         cloud.user_data("#cloud-config\nruncmd: [true]\n", "http://x")
 
 
+def test_options_the_user_data_decides_are_refused_with_cloud_config() -> None:
+    user_data = Path(install.CHECKOUT) / "deploy/cloud-config.yaml"
+    with pytest.raises(ClusterError, match="--agent-ttl, --metadata cannot be combined"):
+        Cluster("c", cloud_config=user_data, agent_ttl="3s", metadata={"*": {"a": "b"}})
+    with pytest.raises(ClusterError, match="no cloud-config file"):
+        Cluster("c", cloud_config=user_data.with_name("missing.yaml"))
+
+
 def test_the_deployed_cloud_config_never_listens_on_all_addresses() -> None:
     text = (Path(install.CHECKOUT) / "deploy/cloud-config.yaml").read_text()
     listens = [line for line in text.splitlines() if "ETCD_LISTEN_" in line]
