@@ -20,6 +20,7 @@ import click
 from fleetctl.cat import cat
 from fleetctl.command import interspersed, normalize_bool_flags, takes_value
 from fleetctl.lists import list_machines, list_unit_files, list_units
+from fleetctl.migrate import migrate_from_fleet
 from fleetctl.remote import fd_forward, journal, ssh, status
 from fleetctl.settings import DEFAULT_KNOWN_HOSTS, Settings
 from fleetctl.units import destroy, load, restart, start, stop, submit, unload
@@ -282,6 +283,7 @@ for _command in (
     list_unit_files,
     list_units,
     load,
+    migrate_from_fleet,
     restart,
     ssh,
     start,

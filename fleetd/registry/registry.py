@@ -317,6 +317,16 @@ class Registry:
             machines.append(machine)
         return machines
 
+    async def dynamic_metadata(self) -> dict[str, dict[str, str]]:
+        """Metadata set through the API (machine-meta/), by machine id, whether or not the
+        machine is registered; without the machines' own (config) metadata."""
+        meta_kvs, _ = await self.kv.range(self.keys.machine_meta)
+        out: dict[str, dict[str, str]] = {}
+        for kv in meta_kvs:
+            machine_id, _, key = self.keys.tail(kv.key, self.keys.machine_meta).partition("/")
+            out.setdefault(machine_id, {})[key] = kv.value
+        return out
+
     async def set_machine_metadata(self, machine_id: str, key: str, value: str | None) -> None:
         meta_key = self.keys.machine_meta_key(machine_id, key)
         op: Op = Delete(meta_key) if value is None else Put(meta_key, value)
