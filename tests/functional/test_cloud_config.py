@@ -33,7 +33,7 @@ AGENT_TTL = 30.0
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     require_cluster_host()
-    name = session_name("c")
+    name = session_name("s")
     booted = Cluster(
         name=name,
         n=3,
