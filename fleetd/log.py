@@ -3,14 +3,14 @@
 Output goes to stderr (journald adds its own metadata). On a TTY it is structlog's console
 renderer; otherwise (the daemon under systemd) one JSON object per line::
 
-    {"event": "unit_started", "unit": "hello.service", "level": "info",
+    {"event": "unit_start_fenced", "unit": "hello.service", "level": "info",
      "logger": "fleetd.agent", "timestamp": "2024-05-01T12:00:00.000000Z"}
 
 Event-name convention, so logs can be grepped and alerted on across releases:
 
 - the event is a stable ``snake_case`` name, ``<subject>_<past-tense verb or state>``:
-  ``unit_started``, ``machine_lease_expired``, ``engine_leader_acquired``,
-  ``config_warning``; never an interpolated sentence;
+  ``engine_leadership_acquired``, ``state_publish_failed``, ``schema_too_new``; never an
+  interpolated sentence (docs/troubleshooting.md lists the ones operators meet);
 - variable parts go in key/value fields (``unit=``, ``machine=``, ``error=``), never in the
   event; the same field name always means the same thing (``machine`` is a machine ID);
 - renaming an event is a breaking change: add the new name and keep the old one for a release.
