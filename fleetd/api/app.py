@@ -119,7 +119,7 @@ _TOP = {"/": ROOT, "/metrics": METRICS, "/health": HEALTH}
 def route_table(prefix: str = PREFIXES[0]) -> list[tuple[str, Resource]]:
     """Every path `resolve` serves under `prefix` (and at the top level), an item as `{}`:
     what the OpenAPI document must describe (tests/unit/test_api_openapi.py)."""
-    table = list(_TOP.items()) + [(prefix, ROOT)]
+    table = [*_TOP.items(), (prefix, ROOT)]
     table += [(f"{prefix}/{name}", resource) for name, resource in _FIXED.items()]
     table += [(f"{prefix}/{name}/{{}}", resource) for name, resource in _ITEMS.items()]
     return table
