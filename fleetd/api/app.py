@@ -10,6 +10,7 @@ than to coax out of a router. Resources are mounted under `/fleet/v1` and `/v1-a
 | --- | --- | --- |
 | `` (the prefix itself), and `/` | none | 405 |
 | `/discovery`, `/discovery.json` (ours) | GET | 405 (fleet: 400) |
+| `/openapi.json` (ours: fleetd/api/openapi.json) | GET | 405 |
 | `/units` | GET | 405 |
 | `/units/<name>` | GET PUT DELETE | 405 |
 | `/state` | GET | 405 |
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from fleetd.api import discovery, machines, state, units
+from fleetd.api import discovery, machines, openapi, state, units
 from fleetd.api.context import ApiContext
 from fleetd.api.errors import ApiError, error_response, json_bytes, method_not_allowed
 from fleetd.errors import RegistryUnavailable
@@ -85,6 +86,7 @@ _ONLY_GET = "only GET supported against this resource"
 DISCOVERY = Resource(
     "discovery", {"GET": discovery.get_discovery}, "only HTTP GET supported against this resource"
 )
+OPENAPI = Resource("openapi", {"GET": openapi.get_openapi}, _ONLY_GET)
 UNITS = Resource("units", {"GET": units.list_units}, _ONLY_GET)
 UNIT = Resource(
     "unit",
@@ -106,8 +108,21 @@ HEALTH = Resource("health", {"GET": _health, "HEAD": _health}, "only GET support
 
 _COLLECTIONS = {"units": UNITS, "state": STATES, "machines": MACHINES}
 _ITEMS = {"units": UNIT, "state": STATE}
-_FIXED = {"discovery": DISCOVERY, "discovery.json": DISCOVERY} | _COLLECTIONS
+_FIXED = {
+    "discovery": DISCOVERY,
+    "discovery.json": DISCOVERY,
+    "openapi.json": OPENAPI,
+} | _COLLECTIONS
 _TOP = {"/": ROOT, "/metrics": METRICS, "/health": HEALTH}
+
+
+def route_table(prefix: str = PREFIXES[0]) -> list[tuple[str, Resource]]:
+    """Every path `resolve` serves under `prefix` (and at the top level), an item as `{}`:
+    what the OpenAPI document must describe (tests/unit/test_api_openapi.py)."""
+    table = [*_TOP.items(), (prefix, ROOT)]
+    table += [(f"{prefix}/{name}", resource) for name, resource in _FIXED.items()]
+    table += [(f"{prefix}/{name}/{{}}", resource) for name, resource in _ITEMS.items()]
+    return table
 
 
 def resolve(path: str) -> Route:

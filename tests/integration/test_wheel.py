@@ -100,6 +100,8 @@ def test_wheel_carries_every_package_the_units_and_the_etcd_messages(built: Buil
         assert f"fleetd/registry/etcdpb/{generated}" in names
     for unit in ("fleet.service", "fleet.socket"):
         assert f"fleetd/deploy/{unit}" in names
+    # The OpenAPI document fleetd serves at /fleet/v1/openapi.json (package data).
+    assert "fleetd/api/openapi.json" in names
     # Every subpackage of the source tree made it (the bug this guards against).
     for base, package in ((".", "fleetd"), (".", "fleetctl"), ("deploy", "fleet_cluster")):
         top = install.CHECKOUT / base
