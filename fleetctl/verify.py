@@ -60,6 +60,8 @@ def version(output_format: str) -> None:
     try:
         run(work)
     except CommandFailed as e:  # no client at all (e.g. nothing answers where it looked)
+        if e.exit_code != 1:  # Ctrl-C (130) and the like are not "unreachable"
+            raise
         if output_format.lower() == "json":
             body = {"fleetctl": __version__, "fleetd": [], "error": str(e)}
             click.echo(json.dumps(body, indent=2))

@@ -30,7 +30,7 @@ from fleetd.registry import codec
 from fleetd.registry.codec import CorruptValue
 from fleetd.registry.keys import SCHEMA_VERSION
 from fleetd.registry.kv import EventType, Op, WatchEvent
-from fleetd.registry.migrations import migrate
+from fleetd.registry.migrations import SchemaTooNew, migrate
 from fleetd.registry.registry import LeaderToken, Registry, acceptable_name
 from fleetd.watching import Backoff, follow, sleep_or_stop
 
@@ -94,6 +94,15 @@ class Engine:
                     self.token = token
                     log.info("engine_leadership_acquired", machine=self.machine_id)
                     await self._lead(token, stop)
+            except SchemaTooNew as e:
+                # A newer release's layout: give the lead up at once (another machine may run
+                # that release) and let fleetd stop on it, rather than hold the key until the
+                # lease expires.
+                log.error("schema_too_new", error=str(e))
+                if self.token is not None:
+                    with contextlib.suppress(FleetError):
+                        await self.registry.resign(self.token)
+                raise
             except NotLeader as e:
                 log.warning("engine_leadership_lost", reason=str(e))
             except (RegistryUnavailable, Compacted) as e:

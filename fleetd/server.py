@@ -38,6 +38,7 @@ from fleetd.registry.migrations import SchemaTooNew
 from fleetd.registry.registry import Registry
 from fleetd.systemd.dbus import DBusUnitManager
 from fleetd.systemd.manager import UnitManager
+from fleetd.watching import Backoff, sleep_or_stop
 
 log = structlog.get_logger("fleetd.server")
 
@@ -157,7 +158,11 @@ class Server:
             await self._shutdown(agent, [])
             return 1
         except FleetError:
-            pass  # etcd unreachable at start: the components wait for it themselves
+            # etcd unreachable at start: the components wait for it themselves, and the check
+            # is retried beside them until etcd answers (a newer layout then stops fleetd).
+            schema_pending = True
+        else:
+            schema_pending = False
         tasks: list[asyncio.Future[None]] = [
             asyncio.ensure_future(self.presence.run(self.stop)),
             asyncio.ensure_future(agent.run(self.stop)),
@@ -166,6 +171,8 @@ class Server:
         ]
         if engine is not None:
             tasks.append(asyncio.ensure_future(engine.run(self.stop)))
+        if schema_pending:
+            tasks.append(asyncio.ensure_future(self._check_schema_when_reachable()))
         self.notifier.ready(f"machine {self.machine_id}: registering in etcd")
         failure = await self._until_stop_or_failure(tasks)
         if failure is not None:
@@ -183,6 +190,21 @@ class Server:
         self.notifier.stopping()
         await self._shutdown(agent, tasks)
         return 0 if failure is None else 1
+
+    async def _check_schema_when_reachable(self) -> None:
+        """ensure_schema, retried until etcd answers; SchemaTooNew ends fleetd (units kept)."""
+        backoff = Backoff()
+        while not self.stop.is_set():
+            try:
+                await self.registry.ensure_schema()
+                return
+            except SchemaTooNew as e:
+                log.error("schema_too_new", error=str(e))
+                raise
+            except FleetError as e:
+                wait = backoff.next()
+                log.info("schema_check_waiting", error=str(e), retry_in=wait)
+                await sleep_or_stop(self.stop, wait)
 
     async def _until_stop_or_failure(
         self, tasks: list[asyncio.Future[None]]

@@ -12,6 +12,7 @@ it could not remove.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import re
 import subprocess
@@ -775,6 +776,11 @@ class Cluster:
 
     def start_fleetd(self, m: MachineRef) -> FleetdStatus:
         target = self.machine(m)
+        if self._require_state().wheel is None:
+            raise ClusterError(
+                f"cluster {self.name!r} was booted with --no-fleetd: fleet is not installed in "
+                f"{target.name} (boot the cluster without --no-fleetd)"
+            )
         status = start_fleetd(target, settle=self.fleetd_settle)
         target.fleetd = status.summary
         self._save()
@@ -800,10 +806,19 @@ class Cluster:
             assert state.wheel is not None
             done: list[tuple[str, str, str]] = []
             for target in targets:
+                init_pid = machine.require_running(target)
+                if machine.exec_in(init_pid, ["test", "-d", install.MACHINE_WHEELS]).returncode:
+                    raise ClusterError(
+                        f"{target.name} booted without fleet's wheel folder "
+                        f"({install.MACHINE_WHEELS}: a --no-fleetd cluster, or one made by an "
+                        f"older fleet-cluster); `fleet-cluster restart {target.name}` first"
+                    )
                 before = target.fleet_version or "-"
                 started = time.monotonic()
                 self._install_fleet(target, state.wheel)
                 status = self.restart_fleetd(target)
+                if status.ok:
+                    status = self._wait_serving(target, info.version)
                 took = time.monotonic() - started
                 self.progress(
                     target.name, f"fleet {before} -> {info.version}: {status} ({took:.2f} s)"
@@ -815,6 +830,29 @@ class Cluster:
                     )
                 done.append((target.name, before, info.version))
         return done
+
+    def _wait_serving(self, m: MachineState, version: str, timeout: float = 60.0) -> FleetdStatus:
+        """Until the machine's fleetd of `version` answers its API, which it does only once
+        registered in etcd: systemd calls it active earlier (READY=1 comes before that)."""
+        init_pid = machine.require_running(m)
+        argv = ["fleetctl", "--driver=api", "--endpoint=unix:///var/run/fleet.sock"]
+        argv += ["version", "-o", "json"]
+
+        def serving() -> bool | None:
+            done = machine.exec_in(init_pid, argv, timeout=30)
+            try:
+                found = json.loads(done.stdout or "{}").get("fleetd") or []
+            except ValueError:
+                return None
+            return True if [v["version"] for v in found] == [version] else None
+
+        try:
+            procs.wait_for(
+                serving, timeout, f"fleetd {version} on {m.name} to register", interval=0.25
+            )
+        except ClusterError as exc:
+            return FleetdStatus(False, "not registered", str(exc))
+        return FleetdStatus(True, f"active/running, registered as {version}")
 
     def restart_fleetd(self, m: MachineRef) -> FleetdStatus:
         """`systemctl restart fleet.service` (units stay up), or a start if it was not running."""

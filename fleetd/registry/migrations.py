@@ -78,7 +78,10 @@ async def migrate(
     while current < target:
         step = steps.get(current)
         if step is None:
-            raise FleetError(f"no migration from etcd schema version {current} to {current + 1}")
+            # A layout older than any this release can migrate (hand-edited, or a release
+            # skipped): lead on as it is rather than crash every leader in turn.
+            log.error("schema_migration_missing", frm=current, to=current + 1)
+            return current
         machines = await registry.list_machines()
         versions = {m.id: m.version for m in machines}
         waiting = blocking_machines(current + 1, versions, since)
@@ -96,8 +99,16 @@ async def migrate(
         moved = await registry.kv.txn(
             [Compare(key, "value", "==", str(current))], [Put(key, str(current + 1))]
         )
-        log.info("schema_migrated", frm=current, to=current + 1, by_us=moved.succeeded)
-        current += 1
+        if moved.succeeded:
+            log.info("schema_migrated", frm=current, to=current + 1)
+            current += 1
+            continue
+        # Someone else moved it (a leader before us): go on from what is stored now.
+        stored = await registry.kv.get(key)
+        value = stored.value if stored else ""
+        if not value.isdecimal() or int(value) > target:
+            raise SchemaTooNew(f"etcd schema version {value or '?'} appeared while migrating")
+        current = int(value)
     return current
 
 

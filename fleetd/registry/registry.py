@@ -108,7 +108,12 @@ class Registry:
             return SCHEMA_VERSION
         current = await self.kv.get(key)
         found = current.value if current else "?"
-        if not found.isdigit() or int(found) > SCHEMA_VERSION:
+        if not found.isdecimal():
+            raise SchemaTooNew(
+                f"etcd keyspace {self.keys.prefix} has an unreadable schema version {found!r} "
+                f"(this release writes {SCHEMA_VERSION}): refusing to act on it"
+            )
+        if int(found) > SCHEMA_VERSION:
             raise SchemaTooNew(
                 f"etcd keyspace {self.keys.prefix} has schema version {found}, newer than "
                 f"this release understands ({SCHEMA_VERSION}): upgrade fleet on this machine"

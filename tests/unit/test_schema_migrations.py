@@ -10,6 +10,7 @@ import asyncio
 
 import pytest
 
+from fleetd.engine import Engine
 from fleetd.model import Machine
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.keys import SCHEMA_VERSION
@@ -40,11 +41,19 @@ async def test_a_fresh_keyspace_gets_this_releases_version_once() -> None:
     assert (again.value, again.mod_revision) == (str(SCHEMA_VERSION), first.mod_revision)
 
 
-@pytest.mark.parametrize("written", [str(NEXT), "7", "two"])
-async def test_a_newer_or_unreadable_layout_is_refused(written: str) -> None:
+@pytest.mark.parametrize(
+    ("written", "message"),
+    [
+        (str(NEXT), f"schema version {NEXT}, newer than"),
+        ("7", "schema version 7, newer than"),
+        ("two", "unreadable schema version 'two'"),
+        ("²", "unreadable schema version '²'"),
+    ],
+)
+async def test_a_newer_or_unreadable_layout_is_refused(written: str, message: str) -> None:
     registry = Registry(FakeKV())
     await registry.kv.txn([], [Put(registry.keys.schema, written)])
-    with pytest.raises(SchemaTooNew, match=f"schema version {written}, newer than"):
+    with pytest.raises(SchemaTooNew, match=message):
         await registry.ensure_schema()
     stored = await registry.kv.get(registry.keys.schema)
     assert stored is not None
@@ -116,10 +125,26 @@ async def test_two_leaders_racing_bump_the_version_once() -> None:
     assert (stored.value, stored.version) == (str(NEXT), 2)  # created, then bumped once
 
 
-def test_a_missing_step_is_an_error_not_a_skip() -> None:
-    registry = Registry(FakeKV())
-    with pytest.raises(Exception, match="no migration from etcd schema version 1 to 2"):
-        asyncio.run(migrate(registry, 1, target=2, steps={}))
+async def test_a_missing_step_leaves_the_layout_as_it_is() -> None:
+    registry = await _registry_with({"aaaa1111": "0.3.0"})
+    revision = await registry.kv.current_revision()
+    # No step from 1: the leader leads on the old layout (logged) instead of crashing.
+    assert await migrate(registry, 1, target=2, steps={}) == 1
+    assert await registry.kv.current_revision() == revision
+
+
+async def test_a_leader_that_finds_a_newer_layout_gives_the_lead_up() -> None:
+    registry = await _registry_with({})
+    lease = await registry.kv.grant(60)
+    await registry.kv.txn([], [Put(registry.keys.schema, str(NEXT))])
+
+    async def current_lease() -> int:
+        return lease
+
+    engine = Engine(registry, "m1", current_lease)
+    with pytest.raises(SchemaTooNew):
+        await asyncio.wait_for(engine.run(asyncio.Event()), timeout=10)
+    assert await registry.kv.get(registry.keys.leader) is None  # resigned, not held
 
 
 def test_which_machines_block_a_step() -> None:
