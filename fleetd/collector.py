@@ -12,7 +12,7 @@ and freed by reference counting; the collector is only there for the rare cycle.
 imported modules, classes and functions, which live as long as the process), so collections
 are rarer, and scans of the oldest generation skip what can never be garbage. In one
 `python -m benchmarks place failover` run the collector took 7.3 s by default and 1.1 s
-with a 50,000-object young generation (docs/scaling.md, "Garbage collection").
+with a 50,000-object young generation (CHANGELOG.md, 0.1.0, "Performance work").
 """
 
 from __future__ import annotations
