@@ -31,30 +31,10 @@ def version(output_format: str) -> None:
 
     async def work(client: ClusterClient) -> int:
         try:
-            versions = await client.fleetd_versions()
-            error = ""
+            versions, error = await client.fleetd_versions(), ""
         except FleetError as e:
             versions, error = {}, str(e)
-        by_version: dict[str, list[str]] = defaultdict(list)
-        for machine, found in sorted(versions.items()):
-            by_version[found or "unknown"].append(machine)
-        ordered = sorted(by_version, key=lambda v: (version_key(v) or (), v))
-        if output_format.lower() == "json":
-            fleetd = [{"version": v, "machines": by_version[v]} for v in ordered]
-            body = {"fleetctl": __version__, "fleetd": fleetd, "error": error or None}
-            click.echo(json.dumps(body, indent=2))
-            return 0
-        click.echo(version_line())
-        for found in ordered:
-            machines = [m for m in by_version[found] if m]
-            if not machines:  # the API driver: the answering fleetd only
-                click.echo(f"fleetd version {found} (the fleetd serving the API)")
-                continue
-            listed = ", ".join(m[:8] for m in machines[:5]) + (", ..." if machines[5:] else "")
-            count = f"{len(machines)} machine{'s' if len(machines) != 1 else ''}"
-            click.echo(f"fleetd version {found} ({count}: {listed})")
-        if error:
-            click.echo(f"fleetd version unknown: {error}", err=True)
+        _print_versions(versions, error, as_json=output_format.lower() == "json")
         return 0
 
     try:
@@ -62,12 +42,32 @@ def version(output_format: str) -> None:
     except CommandFailed as e:  # no client at all (e.g. nothing answers where it looked)
         if e.exit_code != 1:  # Ctrl-C (130) and the like are not "unreachable"
             raise
-        if output_format.lower() == "json":
-            body = {"fleetctl": __version__, "fleetd": [], "error": str(e)}
-            click.echo(json.dumps(body, indent=2))
-        else:
-            click.echo(version_line())
-            click.echo(f"fleetd version unknown: {e}", err=True)
+        _print_versions({}, str(e), as_json=output_format.lower() == "json")
+
+
+def _print_versions(versions: dict[str, str], error: str, *, as_json: bool) -> None:
+    """fleetctl's line, then one per fleetd version (machine id -> version), and why the
+    cluster's versions are unknown if they are (`error`: on stderr, or in the JSON)."""
+    by_version: dict[str, list[str]] = defaultdict(list)
+    for machine, found in sorted(versions.items()):
+        by_version[found or "unknown"].append(machine)
+    ordered = sorted(by_version, key=lambda v: (version_key(v) or (), v))
+    if as_json:
+        fleetd = [{"version": v, "machines": by_version[v]} for v in ordered]
+        body = {"fleetctl": __version__, "fleetd": fleetd, "error": error or None}
+        click.echo(json.dumps(body, indent=2))
+        return
+    click.echo(version_line())
+    for found in ordered:
+        machines = [m for m in by_version[found] if m]
+        if not machines:  # the API driver: the answering fleetd only
+            click.echo(f"fleetd version {found} (the fleetd serving the API)")
+            continue
+        listed = ", ".join(m[:8] for m in machines[:5]) + (", ..." if machines[5:] else "")
+        count = f"{len(machines)} machine{'s' if len(machines) != 1 else ''}"
+        click.echo(f"fleetd version {found} ({count}: {listed})")
+    if error:
+        click.echo(f"fleetd version unknown: {error}", err=True)
 
 
 @click.command(cls=FleetCommand, deprecated="No longer works.", short_help="DEPRECATED")

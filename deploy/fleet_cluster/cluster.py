@@ -159,7 +159,6 @@ class Cluster:
         self._save_lock = threading.Lock()
         self._cancel = threading.Event()
         self._hierarchies: cgroups.Hierarchies | None = None
-        self._cloud_debs: list[Path] | None = None
 
     @classmethod
     def attach(
@@ -313,7 +312,7 @@ class Cluster:
         path = cloud.new_discovery(etcd.local_url(member), len(state.machines))
         state.discovery_url = f"http://{state.bridge_ip}:{member.client_port}{path}"
         self.layout.user_data.write_text(cloud.user_data(source.read_text(), state.discovery_url))
-        self._cloud_debs = cloud.debs()
+        cloud.debs()  # downloaded here, once, before the machines are prepared in parallel
         self._save()
         self.progress("cluster", f"cloud-init seed ready (discovery {state.discovery_url})")
 
@@ -471,7 +470,7 @@ class Cluster:
         self._write_hosts(m)
         if state.cloud_config:
             # fleet.conf, etcd and fleet itself are the user-data's doing.
-            cloud.unpack(root, self._cloud_debs or cloud.debs())
+            cloud.unpack(root, cloud.debs())
             cloud.seed(root, m.name, self.layout.user_data.read_text())
         else:
             rootfs.write(
@@ -589,7 +588,7 @@ class Cluster:
             argv = ["systemctl", "start", "etcd.service", "fleet.socket", "fleet.service"]
             machine.exec_in(m.init_pid, argv, timeout=150)
         version = machine.exec_in(m.init_pid, ["fleetd", "--version"], timeout=30)
-        m.fleet_version = version.stdout.strip().rsplit(" ", 1)[-1] or None
+        m.fleet_version = install.version_of(version.stdout) or None
         m.fleetd = fleetd_state(m)
         self._save()
         step(f"fleetd {m.fleetd} (fleet {m.fleet_version})")

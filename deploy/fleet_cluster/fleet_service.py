@@ -120,19 +120,10 @@ def start_fleetd(machine: MachineState, *, settle: float = 0.5) -> FleetdStatus:
     short `settle` check follows (that it did not crash right after). A fleetd that fails is
     reported, not raised: the cluster is still useful. systemd restarts it (Restart=always).
     """
-    init_pid = require_running(machine)
     props = unit_properties(machine)
     if props.get("ActiveState") in ("active", "activating", "reloading"):
         return FleetdStatus(True, f"already {fleetd_state(machine)}")
-    exec_in(init_pid, ["systemctl", "reset-failed", FLEET_UNIT, FLEET_SOCKET], timeout=10)
-    reload = exec_in(init_pid, ["systemctl", "daemon-reload"], timeout=60)
-    if reload.returncode != 0:
-        return FleetdStatus(False, "not started", reload.stderr.strip())
-    done = exec_in(init_pid, ["systemctl", "start", FLEET_SOCKET, FLEET_UNIT], timeout=150)
-    if done.returncode != 0:
-        detail = f"{done.stderr.strip()}\n{journal_tail(machine)}".strip()
-        return FleetdStatus(False, f"failing ({fleetd_state(machine)})", detail)
-    return _watch(machine, settle)
+    return _systemctl_then_watch(machine, "start", (FLEET_SOCKET, FLEET_UNIT), settle)
 
 
 def restart_fleetd(machine: MachineState, *, settle: float = 0.5) -> FleetdStatus:
@@ -141,21 +132,29 @@ def restart_fleetd(machine: MachineState, *, settle: float = 0.5) -> FleetdStatu
     fleetd sees the pending restart job and exits leaving its units running and its lease
     alive; the new process adopts both. The units are reloaded first (the new wheel's).
     """
+    return _systemctl_then_watch(machine, "restart", (FLEET_UNIT,), settle)
+
+
+def _systemctl_then_watch(
+    machine: MachineState, verb: str, units: tuple[str, ...], settle: float
+) -> FleetdStatus:
+    """daemon-reload (the unit files may be new), `systemctl VERB UNITS`, then `_watch`."""
     init_pid = require_running(machine)
+    exec_in(init_pid, ["systemctl", "reset-failed", *units], timeout=10)
     reload = exec_in(init_pid, ["systemctl", "daemon-reload"], timeout=60)
     if reload.returncode != 0:
-        return FleetdStatus(False, "not restarted", reload.stderr.strip())
-    exec_in(init_pid, ["systemctl", "reset-failed", FLEET_UNIT], timeout=10)
+        return FleetdStatus(False, f"not {verb}ed", reload.stderr.strip())
     before = unit_properties(machine).get("NRestarts", "0")
-    done = exec_in(init_pid, ["systemctl", "restart", FLEET_UNIT], timeout=150)
+    done = exec_in(init_pid, ["systemctl", verb, *units], timeout=150)
     if done.returncode != 0:
         detail = f"{done.stderr.strip()}\n{journal_tail(machine)}".strip()
         return FleetdStatus(False, f"failing ({fleetd_state(machine)})", detail)
     return _watch(machine, settle, restarts=before)
 
 
-def _watch(machine: MachineState, settle: float, restarts: str = "0") -> FleetdStatus:
-    """fleetd counts as up once it stays active/running, never restarted, for `settle` s."""
+def _watch(machine: MachineState, settle: float, restarts: str) -> FleetdStatus:
+    """fleetd counts as up once it stays active/running, not restarted since the count was
+    `restarts`, for `settle` s."""
     deadline = time.monotonic() + settle
     while True:
         props = unit_properties(machine)

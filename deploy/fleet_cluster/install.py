@@ -221,8 +221,13 @@ def install_in(init_pid: int, wheel_name: str) -> str:
         raise ClusterError(
             f"installing {wheel_name} failed ({done.returncode}):\n{done.stderr.strip()[-2000:]}"
         )
-    # `fleetd version X` on the last line.
-    return done.stdout.strip().splitlines()[-1].rsplit(" ", 1)[-1]
+    return version_of(done.stdout)
+
+
+def version_of(output: str) -> str:
+    """X of `fleetd version X` (`fleetd --version`), on the last line of `output`; "" if none."""
+    lines = output.strip().splitlines()
+    return lines[-1].rsplit(" ", 1)[-1] if lines else ""
 
 
 def resolve_wheel(wheel: str | Path | None, out_dir: Path) -> WheelInfo:

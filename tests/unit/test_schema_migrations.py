@@ -71,13 +71,18 @@ class Step:
         await registry.kv.txn([], [Put(f"{registry.keys.prefix}added-by-2", "yes")])
 
 
+async def _migrate_to_next(registry: Registry, step: Step) -> int:
+    """migrate() from this release's version to NEXT with `step`, NEXT known since 0.3.0."""
+    return await migrate(
+        registry, SCHEMA_VERSION, target=NEXT, steps={SCHEMA_VERSION: step}, since={NEXT: "0.3.0"}
+    )
+
+
 async def test_an_older_layout_is_migrated_once_when_every_machine_knows_the_new_one() -> None:
     registry = await _registry_with({"aaaa1111": "0.3.0", "bbbb2222": "0.3.1"})
     await registry.kv.txn([], [Put(registry.keys.schema, str(SCHEMA_VERSION))])
     step = Step()
-    reached = await migrate(
-        registry, SCHEMA_VERSION, target=NEXT, steps={SCHEMA_VERSION: step}, since={NEXT: "0.3.0"}
-    )
+    reached = await _migrate_to_next(registry, step)
     assert (reached, step.runs) == (NEXT, 1)
     stored = await registry.kv.get(registry.keys.schema)
     assert stored is not None
@@ -93,9 +98,7 @@ async def test_an_older_layout_is_migrated_once_when_every_machine_knows_the_new
 async def test_migration_waits_while_a_machine_runs_an_older_release() -> None:
     registry = await _registry_with({"aaaa1111": "0.3.0", "bbbb2222": "0.2.0"})
     step = Step()
-    reached = await migrate(
-        registry, SCHEMA_VERSION, target=NEXT, steps={SCHEMA_VERSION: step}, since={NEXT: "0.3.0"}
-    )
+    reached = await _migrate_to_next(registry, step)
     assert (reached, step.runs) == (SCHEMA_VERSION, 0)
     stored = await registry.kv.get(registry.keys.schema)
     assert stored is not None
@@ -107,18 +110,7 @@ async def test_two_leaders_racing_bump_the_version_once() -> None:
     step = Step()
     # A deposed leader and its successor both run the (idempotent) step; the version key's
     # compare-and-swap on the old value lets exactly one of them move it.
-    results = await asyncio.gather(
-        *(
-            migrate(
-                registry,
-                SCHEMA_VERSION,
-                target=NEXT,
-                steps={SCHEMA_VERSION: step},
-                since={NEXT: "0.3.0"},
-            )
-            for _ in range(2)
-        )
-    )
+    results = await asyncio.gather(*(_migrate_to_next(registry, step) for _ in range(2)))
     assert results == [NEXT, NEXT]
     stored = await registry.kv.get(registry.keys.schema)
     assert stored is not None
