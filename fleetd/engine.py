@@ -9,6 +9,14 @@ machine-meta/; after each burst of events, plan and apply. The idle timer plans 
 view changed since the last plan (a pure planner on an unchanged, applied view writes
 nothing), and reads nothing from etcd, so an idle cluster costs only keepalives, in etcd and
 in CPU.
+
+Grace: an etcd-side fault is not a machine failure. When etcd stalls past agent_ttl it expires
+every lease at once as it resumes; every machine then re-registers within a second, units
+still running. So for one `grace` (agent_ttl) after etcd answers well again (as this fleetd's
+presence sees it, and after this fleetd's own start, when it cannot know), and after losing
+more than half the machines at once (Kubernetes' node controller stops evicting then too), the
+engine holds the units of absent machines where they are (engineplan.plan's `held`). A
+machine that dies while etcd is healthy is not held: its units move as soon as its lease ends.
 """
 
 from __future__ import annotations
@@ -24,7 +32,14 @@ import structlog
 
 from fleetd import engineplan
 from fleetd.engineplan import EngineView, Write
-from fleetd.errors import Compacted, FleetError, NotLeader, RegistryUnavailable
+from fleetd.errors import (
+    Compacted,
+    ConfigError,
+    FleetError,
+    LeaseNotFound,
+    NotLeader,
+    RegistryUnavailable,
+)
 from fleetd.model import Unit
 from fleetd.registry import codec
 from fleetd.registry.codec import CorruptValue
@@ -49,6 +64,7 @@ class EngineStats:
     plans: int = 0
     writes: int = 0
     last_plan_seconds: float = 0.0
+    grace_holds: int = 0  # plans that held absent machines' units (etcd-side fault)
 
 
 class Engine:
@@ -59,7 +75,13 @@ class Engine:
         lease: Callable[[], Awaitable[int]],
         *,
         safety_interval: float = 30.0,
+        grace: float = 0.0,
+        settled_since: Callable[[], float | None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`grace` (agent_ttl) and `settled_since` (presence's view of etcd's health: since
+        when etcd answers well, None while it does not) enable the grace after etcd-side
+        faults; without them absent machines' units move at once, as in fleet."""
         self.registry = registry
         self.keys = registry.keys
         self.machine_id = machine_id
@@ -76,10 +98,21 @@ class Engine:
         # applied result, so re-planning an unchanged view can write nothing: the idle safety
         # pass skips it (a full plan of 10,000 units on 1,000 machines costs ~1 s of CPU).
         self._changed = True
+        self.grace = grace
+        self._settled_since = settled_since
+        self.clock = clock
+        self._grace_until = 0.0  # the engine's own reasons: etcd errors, mass machine loss
+        self._holding: frozenset[str] = frozenset()  # machines the last plan held
+        self._planned_machines: frozenset[str] = frozenset()
 
     @property
     def is_leader(self) -> bool:
         return self.token is not None
+
+    @property
+    def holding(self) -> frozenset[str]:
+        """Absent machines whose units the last plan held (the grace is on)."""
+        return self._holding
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
@@ -103,11 +136,24 @@ class Engine:
                     with contextlib.suppress(FleetError):
                         await self.registry.resign(self.token)
                 raise
-            except NotLeader as e:
+            except (NotLeader, LeaseNotFound) as e:
+                # LeaseNotFound: etcd expired our lease (and with it the lead) before presence
+                # noticed; campaign again once presence has registered a new one.
                 log.warning("engine_leadership_lost", reason=str(e))
+                await sleep_or_stop(stop, backoff.next())
+            except ConfigError:
+                raise  # etcd refused our credentials: fleetd stops with the reason
             except (RegistryUnavailable, Compacted) as e:
+                if isinstance(e, RegistryUnavailable):
+                    self._extend_grace()
                 wait = backoff.next()
                 log.warning("engine_registry_error", error=str(e), retry_in=wait)
+                await sleep_or_stop(stop, wait)
+            except FleetError as e:
+                # Any other error etcd answered (a refused request, a value we cannot read):
+                # never fatal to fleetd; retry from a fresh snapshot.
+                wait = backoff.next()
+                log.error("engine_error", error=str(e), retry_in=wait)
                 await sleep_or_stop(stop, wait)
             finally:
                 if self.token is not None and stop.is_set():
@@ -146,7 +192,7 @@ class Engine:
             nonlocal schema
             if self._changed and schema < SCHEMA_VERSION:
                 schema = await migrate(self.registry, schema)
-            if self._changed:
+            if self._changed or (self._holding and not self._in_grace()):
                 await self._plan_and_apply(token)
 
         await follow(
@@ -156,9 +202,56 @@ class Engine:
             stop,
             on_event=self._on_event,
             act=plan,
-            idle_interval=self.safety_interval,  # the safety pass reads nothing from etcd
+            idle_interval=self._idle_interval,  # the safety pass reads nothing from etcd
             batch_window=self._batch_window,
         )
+
+    # ---- grace after etcd-side faults ---------------------------------------------------
+
+    def _extend_grace(self) -> None:
+        if self.grace > 0:
+            self._grace_until = max(self._grace_until, self.clock() + self.grace)
+
+    def grace_ends(self) -> float | None:
+        """Clock time the current grace ends, None when there is none (or while etcd is in
+        trouble as presence sees it: then it ends one grace after etcd recovers)."""
+        if self.grace <= 0:
+            return 0.0
+        settled = self._settled_since() if self._settled_since is not None else 0.0
+        if settled is None:
+            return None
+        return max(self._grace_until, settled + self.grace)
+
+    def _in_grace(self) -> bool:
+        ends = self.grace_ends()
+        return ends is None or self.clock() < ends
+
+    def _idle_interval(self) -> float:
+        """The safety pass's period; while units are held, wake when the grace ends."""
+        if not self._holding:
+            return self.safety_interval
+        ends = self.grace_ends()
+        if ends is None:
+            return min(self.safety_interval, 1.0)
+        return min(self.safety_interval, max(0.05, ends - self.clock() + 0.01))
+
+    def _held(self, view: EngineView) -> frozenset[str]:
+        """Absent machines whose units stay put, because the grace is on."""
+        if self.grace <= 0:
+            return frozenset()
+        present = frozenset(view.machines)
+        before = self._planned_machines
+        self._planned_machines = present
+        lost = before - present
+        if len(lost) >= 2 and 2 * len(lost) > len(before):
+            # Most machines gone at once: far likelier a fault between them and etcd than
+            # that many machines dying together.
+            log.warning("engine_mass_machine_loss", lost=len(lost), of=len(before))
+            self._extend_grace()
+        absent = engineplan.held_machines(view)
+        if not absent or not self._in_grace():
+            return frozenset()
+        return absent
 
     def _batch_window(self) -> float:
         return min(max(BATCH_WINDOW, self.stats.last_plan_seconds), MAX_BATCH_WINDOW)
@@ -201,6 +294,7 @@ class Engine:
         }
         view.placements = await registry.placements()
         self.view = view
+        self._planned_machines = frozenset(view.machines)
         self._needs_body = set(units)
         self._machines_dirty = False
         log.info(
@@ -251,7 +345,21 @@ class Engine:
             globals=view.globals,
             placements=view.placements,
         )
-        writes, reasons = engineplan.plan(plannable)
+        held = self._held(view)
+        if held != self._holding:
+            if held:
+                log.warning(
+                    "engine_grace_holding",
+                    machines=sorted(held),
+                    until_in=_seconds_left(self.grace_ends(), self.clock()),
+                    reason="etcd-side fault: absent machines get a grace to re-register",
+                )
+            else:
+                log.info("engine_grace_ended", released=sorted(self._holding - held))
+            self._holding = held
+        if held:
+            self.stats.grace_holds += 1
+        writes, reasons = engineplan.plan(plannable, held)
         self.stats.plans += 1
         self.stats.last_plan_seconds = time.perf_counter() - started
         if not writes:
@@ -291,6 +399,10 @@ class Engine:
                 case engineplan.DeleteGlobal(name):
                     first += r.op_unglobal(name)
         return first, ops
+
+
+def _seconds_left(ends: float | None, now: float) -> float | None:
+    return None if ends is None else round(max(0.0, ends - now), 3)
 
 
 def _log_write(w: Write, reasons: dict[str, str]) -> None:

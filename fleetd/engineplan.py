@@ -85,8 +85,22 @@ class EngineView:
                     self.globals.pop(name, None)
 
 
-def plan(view: EngineView) -> tuple[list[Write], dict[str, str]]:
+def held_machines(view: EngineView) -> frozenset[str]:
+    """Machines the schedule names that are not registered now: the ones a grace holds."""
+    return frozenset(
+        s.machine_id for s in view.schedule.values() if s.machine_id not in view.machines
+    )
+
+
+def plan(
+    view: EngineView, held: frozenset[str] = frozenset()
+) -> tuple[list[Write], dict[str, str]]:
     """The writes that bring etcd in line with the desired state, and a reason per move.
+
+    `held` names absent machines whose units are left exactly as they are (schedule and
+    placement), during the engine's grace after an etcd-side fault: the machine is expected
+    back, so its units are neither moved nor re-planned. Nothing new can land on a held
+    machine, since the scheduler only places on registered ones.
 
     Returned writes are ordered deletes-before-puts per unit, so an agent never sees a unit
     scheduled on two machines by the same engine.
@@ -96,12 +110,15 @@ def plan(view: EngineView) -> tuple[list[Write], dict[str, str]]:
     is_global = {n: (r := requirements.get(n)) is not None and r.is_global for n in view.units}
     _plan_globals(view, is_global, writes)
 
-    local = {n: u for n, u in view.units.items() if not is_global[n]}
-    current = {n: s.machine_id for n, s in view.schedule.items()}
+    frozen = {n for n, s in view.schedule.items() if s.machine_id in held} if held else set()
+    local = {n: u for n, u in view.units.items() if not is_global[n] and n not in frozen}
+    current = {n: s.machine_id for n, s in view.schedule.items() if n not in frozen}
     decided = plan_schedule(local, view.requirements, view.machines, current)
 
     reasons: dict[str, str] = {}
     for name, scheduled in view.schedule.items():
+        if name in frozen:
+            continue
         target = decided.assignments.get(name)
         if target != scheduled.machine_id:
             why = decided.reasons.get(name, "") or _why_gone(name, view, target)
@@ -130,7 +147,7 @@ def plan(view: EngineView) -> tuple[list[Write], dict[str, str]]:
 
     placed_or_explained = decided.assignments.keys() | decided.unplaced.keys()
     for name in sorted(view.placements):
-        if name not in placed_or_explained:
+        if name not in placed_or_explained and name not in frozen:
             writes.append(DeletePlacement(name))
     return writes, reasons
 

@@ -31,6 +31,10 @@ class NotFound(FleetError, LookupError):
     """The named unit, machine or state does not exist."""
 
 
+class LeaseNotFound(NotFound):
+    """A write named a lease etcd no longer has (it expired or was revoked): re-register."""
+
+
 class Conflict(FleetError):
     """A compare-and-swap lost: someone else changed the key first."""
 

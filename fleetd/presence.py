@@ -6,7 +6,14 @@ agent_ttl and the engine reschedules at once.
 
 The lease id is kept in a file under /run so that a restarted fleetd adopts its old lease while
 it is alive: the restart then looks like nothing happened (no reschedule, no state churn). A
-second machine claiming the same id has no such file, so it is refused loudly.
+second machine claiming the same id has no such file, so it is refused loudly. The file names
+the machine id too: a fleetd restarted under a new id releases the old registration at once
+instead of leaving it listed until its lease runs out.
+
+Presence is also the machine's etcd health probe. A keepalive that fails, answers late, or finds
+the lease gone is *etcd trouble*; `settled_since` says since when etcd has answered well again.
+The engine reads it to tell an etcd-side fault (leases lost because etcd stalled: move nothing
+yet) from a machine that really died while etcd was healthy (move its units at once).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from pathlib import Path
 
 import structlog
 
-from fleetd.errors import FleetError, RegistryUnavailable
+from fleetd.errors import ConfigError, FleetError, LeaseNotFound, RegistryUnavailable
 from fleetd.model import Machine
 from fleetd.registry.registry import Registry
 from fleetd.watching import StopWaiter, grid_delay
@@ -47,6 +54,39 @@ class Presence:
         self._lease_changed: list[Callable[[int], None]] = []
         self.refused_duplicate = False
         self._registered_as: Machine | None = None
+        # etcd health as seen from here (see settled_since): None until the first answer.
+        self.in_trouble = False
+        self._settled_at: float | None = None
+
+    @property
+    def slow_answer(self) -> float:
+        """A keepalive slower than this counts as etcd trouble.
+
+        A stall that can expire the lease of a machine renewing on time lasts at least
+        TTL - TTL/3; it then overlaps one of our own renewals (every TTL/3) by at least
+        TTL/3, so half of that catches every such stall, and is far above any round trip
+        a working etcd takes (milliseconds).
+        """
+        return self.ttl / 6
+
+    def settled_since(self) -> float | None:
+        """Clock time since which etcd has answered this machine well; None while it does not
+        (or before the first answer). A fleetd that just started knows etcd only since its
+        registration, so the engine's grace covers a cold start too."""
+        return None if self.in_trouble else self._settled_at
+
+    def _trouble(self, what: str, error: str) -> None:
+        if not self.in_trouble:
+            log.warning("etcd_trouble", what=what, error=error)
+        self.in_trouble = True
+
+    def _answered(self) -> None:
+        now = self.clock()
+        if self.in_trouble or self._settled_at is None:
+            if self.in_trouble:
+                log.info("etcd_recovered", machine=self._machine().id)
+            self._settled_at = now
+        self.in_trouble = False
 
     def on_lease_changed(self, callback: Callable[[int], None]) -> None:
         self._lease_changed.append(callback)
@@ -83,8 +123,20 @@ class Presence:
                     # simulator) share wakeups; at most TIMER_GRID later than TTL/3.
                     now = self.clock()
                     wait = grid_delay(now, now + self.renew_interval)
-            except RegistryUnavailable as e:
-                # Keep trying; never touch units because etcd is unreachable.
+            except ConfigError:
+                raise  # etcd refused our credentials: nothing a retry fixes
+            except LeaseNotFound as e:
+                # etcd expired the lease between our keepalive and a write on it: register
+                # again at once on a new lease, same machine id.
+                self._trouble("lease", str(e))
+                self._lost_lease()
+                wait = min(backoff, self.renew_interval)
+                backoff = min(backoff * 2, 60.0)
+            except FleetError as e:
+                # Keep trying; never touch units because etcd is unreachable or answers
+                # errors (a quota alarm, a refused request): fleetd stays up.
+                if not self.refused_duplicate:
+                    self._trouble("keepalive", str(e))
                 log.warning("presence_registry_unavailable", error=str(e))
                 # Retry at least ten times a TTL: with PartitionPolicy=stop the agent fences at
                 # 2/3 TTL, and a renewal landing before 1 TTL still saves the lease.
@@ -93,8 +145,9 @@ class Presence:
             await waiter.sleep(wait)
 
     async def _register(self) -> None:
-        lease, adopted = await self._adopt_or_grant()
         machine = self._machine()
+        await self._release_other_id(machine.id)
+        lease, adopted = await self._adopt_or_grant()
         if not await self.registry.register_machine(machine, lease):
             if not adopted:
                 with contextlib.suppress(FleetError):
@@ -111,21 +164,42 @@ class Presence:
         self._registered_as = machine
         self._set_lease(lease)
         self.last_renewed = self.clock()
+        self._answered()
         self.registered.set()
         log.info("machine_registered", machine=machine.id, lease=lease, ttl=self.ttl)
 
     async def _adopt_or_grant(self) -> tuple[int, bool]:
         """A lease to register on, and whether it is one adopted from before a restart."""
-        old = self._read_lease_file()
+        old, _ = self._read_lease_file()
         if old and await self.registry.kv.keepalive(old) > 0:
             log.info("lease_adopted", lease=old)
             return old, True
         return await self.registry.kv.grant(self.ttl), False
 
+    async def _release_other_id(self, machine_id: str) -> None:
+        """The lease file names another machine id (the machine id changed across a restart):
+        revoke that lease now, so the old registration, its unit states and any engine lead
+        on it go at once instead of after agent_ttl (or never, had we adopted the lease)."""
+        old, old_id = self._read_lease_file()
+        if not old or old_id is None or old_id == machine_id:
+            return
+        await self.registry.kv.revoke(old)  # a lease already gone is fine (no error)
+        log.info("old_registration_released", old_machine=old_id, lease=old, machine=machine_id)
+        self._write_lease_file(0)
+
+    def _lost_lease(self) -> None:
+        self.lease = 0
+        self.registered.clear()
+
     async def _renew(self) -> None:
+        sent = self.clock()
         remaining = await self.registry.kv.keepalive(self.lease)
+        took = self.clock() - sent
+        if took > self.slow_answer:
+            self._trouble("keepalive", f"etcd took {took:.1f}s to answer a keepalive")
         if remaining > 0:
             self.last_renewed = self.clock()
+            self._answered()
             machine = self._machine()
             if machine != self._registered_as:
                 # Its content changed (SIGHUP reloaded metadata or public_ip): re-put it.
@@ -133,9 +207,11 @@ class Presence:
                 await self.registry.register_machine(machine, self.lease)
                 self._registered_as = machine
             return
+        # Gone: etcd expired it (a stall longer than the TTL does that to every machine at
+        # once) or it was revoked. Register again under the same id; the units keep running.
         log.warning("lease_expired", lease=self.lease)
-        self.lease = 0
-        self.registered.clear()
+        self._trouble("lease", "the lease expired")
+        self._lost_lease()
         await self._register()
 
     def _set_lease(self, lease: int) -> None:
@@ -146,20 +222,23 @@ class Presence:
             for callback in self._lease_changed:
                 callback(lease)
 
-    def _read_lease_file(self) -> int:
+    def _read_lease_file(self) -> tuple[int, str | None]:
+        """(lease, machine id it was registered for); the id is None in a file written by
+        fleetd 0.2.0 and older (the lease alone), which is adopted as before."""
         if self.lease_file is None:
-            return 0
+            return 0, None
         try:
-            return int(self.lease_file.read_text().strip())
-        except (OSError, ValueError):
-            return 0
+            fields = self.lease_file.read_text().split()
+            return int(fields[0]), (fields[1] if len(fields) > 1 else None)
+        except (OSError, ValueError, IndexError):
+            return 0, None
 
     def _write_lease_file(self, lease: int) -> None:
         if self.lease_file is None:
             return
         with contextlib.suppress(OSError):
             self.lease_file.parent.mkdir(parents=True, exist_ok=True)
-            self.lease_file.write_text(f"{lease}\n")
+            self.lease_file.write_text(f"{lease} {self._machine().id}\n")
 
     async def release(self) -> None:
         """Graceful stop: end the lease now so the engine reschedules without waiting."""

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from fleetd.agent import Agent
 from fleetd.api import ApiContext, ApiServer, Metrics
 from fleetd.config import Config, detect_public_ip, load_config, read_machine_id
 from fleetd.engine import Engine
-from fleetd.errors import FleetError
+from fleetd.errors import ConfigError, FleetError
 from fleetd.log import configure_logging
 from fleetd.model import Machine
 from fleetd.notify import Notifier
@@ -67,6 +68,34 @@ def own_unit_name() -> str | None:
         if leaf.endswith(".service"):
             return leaf
     return None
+
+
+async def supervise(
+    name: str,
+    run: Callable[[asyncio.Event], Awaitable[None]],
+    stop: asyncio.Event,
+    backoff: Backoff | None = None,
+) -> None:
+    """Run a component until stop; if it fails, log it and run it again after a backoff.
+
+    Each component already retries what etcd does to it (unreachable, slow, lease gone,
+    errors answered); this is the net under that: an error nobody foresaw costs that
+    component a restart from a fresh read of etcd, never fleetd (whose exit would turn a
+    fault in etcd into a machine failure). Only what a retry cannot fix ends fleetd: etcd
+    refusing our credentials (ConfigError) and a newer release's layout (SchemaTooNew).
+    """
+    backoff = backoff or Backoff(initial=1.0, ceiling=30.0)
+    while not stop.is_set():
+        try:
+            await run(stop)
+            return
+        except (ConfigError, SchemaTooNew):
+            raise
+        except Exception as e:
+            wait = backoff.next()
+            log.error("component_failed", component=name, error=repr(e), exc_info=e)
+            log.info("component_restarting", component=name, retry_in=wait)
+            await sleep_or_stop(stop, wait)
 
 
 class Server:
@@ -128,6 +157,9 @@ class Server:
                 self.machine_id,
                 self.presence.current_lease,
                 safety_interval=max(self.config.engine_reconcile_interval * 5, 10.0),
+                grace=self.presence.ttl,
+                settled_since=self.presence.settled_since,
+                clock=self.presence.clock,
             )
         self._install_signals()
         log.info("fleetd_starting", version=__version__, machine=self.machine_id)
@@ -164,22 +196,22 @@ class Server:
         else:
             schema_pending = False
         tasks: list[asyncio.Future[None]] = [
-            asyncio.ensure_future(self.presence.run(self.stop)),
-            asyncio.ensure_future(agent.run(self.stop)),
+            asyncio.ensure_future(supervise("presence", self.presence.run, self.stop)),
+            asyncio.ensure_future(supervise("agent", agent.run, self.stop)),
             asyncio.ensure_future(self.notifier.watchdog(self.stop)),
             asyncio.ensure_future(self._report_registration()),
         ]
         if engine is not None:
-            tasks.append(asyncio.ensure_future(engine.run(self.stop)))
+            tasks.append(asyncio.ensure_future(supervise("engine", engine.run, self.stop)))
         if schema_pending:
             tasks.append(asyncio.ensure_future(self._check_schema_when_reachable()))
         self.notifier.ready(f"machine {self.machine_id}: registering in etcd")
         failure = await self._until_stop_or_failure(tasks)
         if failure is not None:
-            # A component died (e.g. etcd refused our credentials: ConfigError). Before this,
-            # fleetd went on running without it, unregistered, silently. Exit non-zero with
-            # the reason instead, as on a restart: units keep running, the lease is kept, and
-            # systemd (Restart=) or the operator brings fleetd back once the cause is fixed.
+            # A failure no retry fixes (etcd refused our credentials: ConfigError; a newer
+            # layout: SchemaTooNew; other errors restart their component in _supervise).
+            # Exit non-zero with the reason, as on a restart: units keep running, the lease
+            # is kept, and the operator (or systemd) brings fleetd back once it is fixed.
             # Units must not stop merely because etcd refused us.
             if isinstance(failure, FleetError):
                 log.error("fleetd_failed", error=str(failure))

@@ -99,7 +99,13 @@ class SimCluster:
         presence.on_lease_changed(lambda _lease: agent.republish_all())
         engine = (
             Engine(
-                registry, machine.id, presence.current_lease, safety_interval=self.safety_interval
+                registry,
+                machine.id,
+                presence.current_lease,
+                safety_interval=self.safety_interval,
+                grace=presence.ttl,
+                settled_since=presence.settled_since,
+                clock=presence.clock,
             )
             if with_engine
             else None

@@ -69,12 +69,14 @@ async def follow(
     *,
     on_event: Callable[[WatchEvent], None],
     act: Callable[[], Awaitable[None]],
-    idle_interval: float,
+    idle_interval: float | Callable[[], float],
     batch_window: Callable[[], float],
     interrupt: asyncio.Event | None = None,
 ) -> None:
     """Until `stop`: absorb events (waiting `batch_window()` for a burst to finish), then
     `act()`; with no event for `idle_interval` seconds, `act()` anyway (the safety pass).
+    A callable `idle_interval` is asked before each wait (the engine shortens it to end a
+    grace on time).
 
     When `interrupt` is set, clear it and return: the caller resyncs from a fresh snapshot."""
     queue: asyncio.Queue[Item] = asyncio.Queue()
@@ -99,7 +101,9 @@ async def follow(
                 return
             getter = asyncio.ensure_future(queue.get())
             done, _ = await asyncio.wait(
-                {getter, *waited}, timeout=idle_interval, return_when=asyncio.FIRST_COMPLETED
+                {getter, *waited},
+                timeout=idle_interval() if callable(idle_interval) else idle_interval,
+                return_when=asyncio.FIRST_COMPLETED,
             )
             if interrupt is not None and interrupt.is_set():
                 getter.cancel()

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from fleetd.errors import Compacted, ConfigError, NotFound, RegistryUnavailable
+from fleetd.errors import Compacted, ConfigError, LeaseNotFound, NotFound, RegistryUnavailable
 from fleetd.registry.etcdpb import Event, rpc
 from fleetd.registry.kv import (
     MAX_TXN_OPS,
@@ -287,7 +287,7 @@ def _map_error(e: RpcError, what: str, config: EtcdConfig) -> Exception:
     if config.username is None and _is_stale_token(e):
         return ConfigError(f"etcd requires authentication: set username and password ({details})")
     if code == StatusCode.NOT_FOUND and "lease not found" in details:
-        return NotFound(f"etcd {what}: {details}")
+        return LeaseNotFound(f"etcd {what}: {details}")
     if code == StatusCode.OUT_OF_RANGE:
         # Compacting a revision etcd has not reached yet.
         return ValueError(f"etcd refused the {what} request: {details}")

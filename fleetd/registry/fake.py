@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from fleetd.errors import Compacted, NotFound, RegistryUnavailable
+from fleetd.errors import Compacted, LeaseNotFound, RegistryUnavailable
 from fleetd.registry.kv import (
     Compare,
     Delete,
@@ -164,6 +164,8 @@ class FakeKV:
         self._fail_next = 0
         self._fail_after_apply = False
         self._unavailable = False
+        self._resumed: asyncio.Event | None = None  # set while paused (see pause)
+        self._pause_timeout = 1.0
         self._closed = False
         self.stats: Counter[str] = Counter()
 
@@ -204,6 +206,20 @@ class FakeKV:
         if unavailable:
             self._break_watches(RegistryUnavailable("fake etcd is unavailable"))
 
+    def pause(self, request_timeout: float = 1.0) -> None:
+        """Stall like a SIGSTOPped etcd: requests hang (each gives up after
+        `request_timeout`, as the client's deadline does), watches go silent, and no lease
+        expires until `resume`, when every lease whose TTL ran out meanwhile expires at once."""
+        if self._resumed is None:
+            self._resumed = asyncio.Event()
+        self._pause_timeout = request_timeout
+
+    def resume(self) -> None:
+        if self._resumed is not None:
+            self._resumed.set()
+            self._resumed = None
+        self.expire_leases()
+
     @property
     def revision(self) -> int:
         return self._revision
@@ -232,6 +248,14 @@ class FakeKV:
         # callers interleave here as they would against etcd.
         await asyncio.sleep(0)
         self.stats[kind] += 1
+        resumed = self._resumed
+        if resumed is not None:
+            try:
+                await asyncio.wait_for(resumed.wait(), self._pause_timeout)
+            except TimeoutError:
+                raise RegistryUnavailable(
+                    f"fake etcd {kind}: no answer within {self._pause_timeout:g}s (paused)"
+                ) from None
         if self._closed:
             raise RegistryUnavailable("fake etcd client is closed")
         if self._unavailable:
@@ -310,7 +334,7 @@ class FakeKV:
         ops = success if succeeded else failure
         for op in ops:
             if isinstance(op, Put) and op.lease and op.lease not in self._leases:
-                raise NotFound(f"etcd txn: requested lease not found: {op.lease}")
+                raise LeaseNotFound(f"etcd txn: requested lease not found: {op.lease}")
         self._apply(ops)
         if fail_after:
             raise self._lost_answer("txn")
