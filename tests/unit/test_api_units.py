@@ -596,7 +596,7 @@ async def test_state_change_of_a_unit_destroyed_meanwhile_is_404(
         ("nul%00.service", 400, "invalid character '\\x00' in unit name"),
         # aiohttp's route pattern ".*" stops at a newline: its own 404, before fleet's checks
         ("new%0Aline.service", 404, "Not Found"),
-        ("x" * 300 + ".service", 400, "unit name exceeds maximum length (256)"),
+        ("x" * 300 + ".service", 400, "unit name exceeds maximum length (255)"),
         ("caf%C3%A9.service", 400, "invalid character '\u00e9' in unit name"),
     ],
 )

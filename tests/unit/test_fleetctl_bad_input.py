@@ -39,7 +39,7 @@ def store(cluster: Cluster) -> dict[str, str]:
 BAD_NAME_ARGS = [
     ("nul\x00.service", "invalid character '\\x00' in unit name"),
     ("new\nline.service", "invalid character '\\n' in unit name"),
-    ("x" * 300 + ".service", "unit name exceeds maximum length (256)"),
+    ("x" * 300 + ".service", "unit name exceeds maximum length (255)"),
     ("/", "invalid character '/' in unit name"),  # fleet's mangling makes "/.service"
     ("units/..", 'unit name cannot start in "."'),  # base name "...service"
     ("../.hidden.service", 'unit name cannot start in "."'),
