@@ -1,8 +1,10 @@
 """From command-line arguments to units: local files, templates, names and globs.
 
-`lazy_create_units` is fleet's lazyCreateUnits (reference §1.4), used by submit, load and
-start: a unit argument names a unit already in the cluster, a local unit file, or an
-instance (`hello@3.service`) of a template found in the cluster or beside the argument.
+`plan_units` is fleet's lazyCreateUnits (reference §1.4), used by submit, load and start: a
+unit argument names a unit already in the cluster, a local unit file, or an instance
+(`hello@3.service`) of a template found in the cluster or beside the argument. Every
+argument is read and checked before anything is written; the command layer
+(fleetctl/units.py) then writes the plan with `write_step` and prints its lines.
 
 `find_units` resolves arguments to existing units for stop, unload, destroy, restart and
 status. Beyond fleet: an argument may be a glob (Go `path.Match`, as in [X-Fleet]: `*` does not
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from fleetctl.client import ClusterClient
+from fleetctl.client import ClusterClient, RegistryClient
 from fleetctl.errors import CommandFailed
 from fleetd.errors import FleetError, UnitFileError
 from fleetd.model import TargetState
@@ -25,6 +27,8 @@ from fleetd.unitfile import (
     MAX_UNIT_BYTES,
     UnitFile,
     UnitNameInfo,
+    UnknownXFleetOption,
+    check_requirements,
     glob_match,
     mangle_name,
     maybe_append_default_type,
@@ -73,6 +77,41 @@ class Created:
     replaced: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One argument of submit/load/start, decided but not yet carried out.
+
+    `body` is what to write (None: nothing), with `state` the desired state to keep for a
+    replacement (None: inactive); `warning` (lines) goes to stderr before the write, `done`
+    to stdout after it.
+    """
+
+    name: str
+    body: UnitFile | None = None
+    state: TargetState | None = None
+    warning: str = ""
+    done: str = ""
+    skipped: bool = False
+
+
+@dataclass
+class Plan:
+    """Every step of one command, all of them checked before anything is written."""
+
+    steps: list[Step] = field(default_factory=list)
+
+    def created(self) -> Created:
+        created = Created()
+        for step in self.steps:
+            if step.skipped:
+                created.skipped.append(step.name)
+                continue
+            created.names.append(step.name)
+            if step.body is not None and step.state not in (None, TargetState.INACTIVE):
+                created.replaced[step.name] = step.body.hash
+        return created
+
+
 def check_names(args: Sequence[str], activate: bool) -> None:
     """Refuse bad names (and activating templates) before anything is written."""
     for arg in args:
@@ -96,20 +135,26 @@ def _read_local(path: str, what: str) -> UnitFile | None:
         raise CommandFailed(f"Error creating units: failed getting {what} from file: {e}") from e
 
 
-async def _local_body(client: ClusterClient, arg: str, name: str) -> UnitFile:
+async def _local_body(
+    client: ClusterClient, arg: str, name: str, planned: dict[str, UnitFile]
+) -> tuple[UnitFile, str]:
     """The body for `name`, in fleet's order: the file `arg`; for an instance, its template
-    from the cluster, else the template file beside `arg`."""
+    from the cluster (or created earlier by this same command: `planned`), else the
+    template file beside `arg`. Also says where it came from, for error messages."""
     body = _read_local(arg, f"Unit({name})")
     if body is not None:
-        return body
+        return body, ""
     info = UnitNameInfo.parse(name)
     if info is None or not info.is_instance:
         raise CommandFailed(
             f"Error creating units: unable to find Unit({name}) in Registry or on filesystem"
         )
+    source = f" (from template {info.template})"
+    if info.template in planned:
+        return planned[info.template], source
     template = await client.unit(info.template)
     if template is not None:
-        return template.unit_file
+        return template.unit_file, source
     path = os.path.join(os.path.dirname(arg), info.template)
     body = _read_local(path, f"template Unit({info.template})")
     if body is None:
@@ -117,101 +162,145 @@ async def _local_body(client: ClusterClient, arg: str, name: str) -> UnitFile:
             f"Error creating units: unable to find Unit({name}) or template "
             f"Unit({info.template}) in Registry or on filesystem"
         )
-    return body
+    return body, source
 
 
-def _warn_if_different(arg: str, existing: UnitView) -> None:
-    """Without --replace, say when the local file (or template) differs from the cluster's."""
+def _difference_warning(arg: str, existing: UnitView) -> str:
+    """Without --replace, the warning when the local file (or template) differs from the
+    cluster's, or ""."""
     if os.path.exists(arg):
         try:
             local = read_unit_file(arg)
         except (OSError, FleetError):
-            return
+            return ""
         if local.hash != existing.hash:
-            click.echo(
+            return (
                 f"WARNING: Unit {existing.name} in registry differs from local unit file {arg}."
-                " Add --replace to override.",
-                err=True,
+                " Add --replace to override."
             )
-        return
+        return ""
     info = UnitNameInfo.parse(existing.name)
     if info is None or not info.is_instance:
-        return
+        return ""
     path = os.path.join(os.path.dirname(arg), info.template)
     try:
         template = read_unit_file(path)
     except (OSError, FleetError):
-        return
+        return ""
     if template.hash != existing.hash:
-        click.echo(
+        return (
             f"WARNING: Unit {existing.name} in registry differs from local template unit file"
-            f" {info.template}. Add --replace to override.",
-            err=True,
+            f" {info.template}. Add --replace to override."
         )
+    return ""
 
 
-async def _create(
-    client: ClusterClient, name: str, body: UnitFile, state: TargetState | None
-) -> None:
-    """fleet's createUnit: validate on the client, warn on unknown [X-Fleet] keys, write."""
+def _check_body(
+    client: ClusterClient, name: str, body: UnitFile, source: str, allow_unknown: bool
+) -> str:
+    """Everything a body to be written must pass, before the command writes anything:
+    fleet's ValidateOptions (its messages unchanged), then the stricter [X-Fleet] checks.
+    Returns fleet's warning lines for the unknown options --allow-unknown-options let in."""
     try:
         validate_options(body)
     except FleetError as e:
         raise CommandFailed(f"Error creating units: {e}") from e
-    for key in unknown_xfleet_keys(body):
-        click.echo(
-            f'WARNING: Unit {name}: unrecognized requirement in [X-Fleet] section: "{key}"',
-            err=True,
-        )
+    # The API refuses unknown options whatever fleetctl says, so with --driver api the flag
+    # cannot help: refuse here, before anything is written, rather than halfway through.
+    lenient = allow_unknown and isinstance(client, RegistryClient)
     try:
-        await client.create_unit(name, body, state)
+        check_requirements(body, name, allow_unknown=lenient)
+    except UnknownXFleetOption as e:
+        hint = (
+            "; --allow-unknown-options does not apply with --driver api (the API refuses"
+            " unknown options)"
+            if allow_unknown
+            else "; add --allow-unknown-options to submit it anyway"
+        )
+        raise CommandFailed(f"Error creating units: unit {name}{source}: {e}{hint}") from e
     except FleetError as e:
-        raise CommandFailed(f"Error creating units: failed creating unit {name}: {e}") from e
+        raise CommandFailed(f"Error creating units: unit {name}{source}: {e}") from e
+    return "\n".join(
+        f'WARNING: Unit {name}: unrecognized requirement in [X-Fleet] section: "{key}"'
+        for key in unknown_xfleet_keys(body)
+    )
 
 
-async def lazy_create_units(
-    client: ClusterClient, args: Sequence[str], *, command: str, replace: bool
-) -> Created:
-    """Make sure every argument names a unit in the cluster (reference §1.4).
+async def plan_units(
+    client: ClusterClient,
+    args: Sequence[str],
+    *,
+    command: str,
+    replace: bool,
+    allow_unknown: bool = False,
+) -> Plan:
+    """fleet's lazyCreateUnits, decided for every argument before anything is written.
 
-    New units are created `inactive` and reported as `Unit <n> inactive`, as fleet does. With
-    --replace, a changed unit is overwritten *keeping its desired state*, so the agent swaps
-    it in place (fleet reset it to inactive, stopping and rescheduling it first).
+    Reads every file and template and checks every body to be written (parse, size,
+    options); the first problem is a CommandFailed and the cluster is left as it was. Unlike
+    fleet, which wrote unit by unit and so left the units before a bad one created.
     """
-    created = Created()
+    plan = Plan()
+    seen: set[str] = set()
+    planned: dict[str, UnitFile] = {}  # bodies this command will create, by name
     for raw in args:
         arg = maybe_append_default_type(raw)
         name = mangle_name(arg)
-        if name in created.names or name in created.skipped:
+        if name in seen:
             continue
+        seen.add(name)
         existing = await client.unit(name)
         if existing is None:
-            body = await _local_body(client, arg, name)
-            await _create(client, name, body, None)
-            click.echo(f"Unit {name} inactive")
+            body, source = await _local_body(client, arg, name, planned)
+            warning = _check_body(client, name, body, source, allow_unknown)
+            planned[name] = body
+            plan.steps.append(Step(name, body, warning=warning, done=f"Unit {name} inactive"))
         elif not replace:
-            _warn_if_different(arg, existing)
+            plan.steps.append(Step(name, warning=_difference_warning(arg, existing)))
         else:
-            body = await _local_body(client, arg, name)
-            if body.hash == existing.hash:
-                click.echo(f"Found same Unit({name}) in Registry, nothing to do")
-            elif TargetState(existing.desired_state) not in REPLACEABLE[command]:
-                click.echo(
-                    f"Warning: can not replace Unit({name}) in state"
-                    f" '{existing.desired_state}', use the appropriate command",
-                    err=True,
-                )
-                created.skipped.append(name)
-                continue
-            else:
-                state = TargetState(existing.desired_state)
-                await _create(client, name, body, state)
-                if state is TargetState.INACTIVE:
-                    click.echo(f"Unit {name} inactive")
-                else:
-                    created.replaced[name] = body.hash
-        created.names.append(name)
-    return created
+            plan.steps.append(
+                await _replacement(client, arg, name, existing, command, planned, allow_unknown)
+            )
+    return plan
+
+
+async def _replacement(
+    client: ClusterClient,
+    arg: str,
+    name: str,
+    existing: UnitView,
+    command: str,
+    planned: dict[str, UnitFile],
+    allow_unknown: bool,
+) -> Step:
+    """--replace on an existing unit: nothing to do, refused for its state, or overwrite it
+    keeping its desired state (the agent then swaps it in place; fleet reset it to inactive,
+    stopping and rescheduling it first)."""
+    body, source = await _local_body(client, arg, name, planned)
+    if body.hash == existing.hash:
+        return Step(name, done=f"Found same Unit({name}) in Registry, nothing to do")
+    state = TargetState(existing.desired_state)
+    if state not in REPLACEABLE[command]:
+        return Step(
+            name,
+            warning=f"Warning: can not replace Unit({name}) in state"
+            f" '{existing.desired_state}', use the appropriate command",
+            skipped=True,
+        )
+    warning = _check_body(client, name, body, source, allow_unknown)
+    planned[name] = body
+    done = f"Unit {name} inactive" if state is TargetState.INACTIVE else ""
+    return Step(name, body, state, warning=warning, done=done)
+
+
+async def write_step(client: ClusterClient, step: Step) -> None:
+    """Carry out one planned step's write (fleet's createUnit, after the checks)."""
+    if step.body is None:
+        return
+    try:
+        await client.create_unit(step.name, step.body, step.state)
+    except FleetError as e:
+        raise CommandFailed(f"Error creating units: failed creating unit {step.name}: {e}") from e
 
 
 @dataclass

@@ -7,7 +7,8 @@ fleetctl/README-deviations.md; the ones that change what a script sees are marke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import click
 
@@ -15,7 +16,7 @@ from fleetctl.client import ClusterClient
 from fleetctl.command import FleetCommand, block_options, replace_options, run
 from fleetctl.completion import complete_files, complete_units
 from fleetctl.errors import CommandFailed
-from fleetctl.unitargs import Created, check_names, find_units, lazy_create_units
+from fleetctl.unitargs import Created, check_names, find_units, plan_units, write_step
 from fleetctl.waiting import (
     NO_BLOCK,
     MachineCache,
@@ -62,6 +63,40 @@ def _split_global(views: Sequence[UnitView]) -> tuple[list[UnitView], list[UnitV
 
 # ---- submit / load / start -----------------------------------------------------------------
 
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def allow_unknown_option(func: F) -> F:
+    return click.option(
+        "--allow-unknown-options",
+        "allow_unknown",
+        is_flag=True,
+        help="Accept [X-Fleet] options fleet does not know (refused by default, as a typo"
+        " would silently drop a scheduling constraint). etcd driver only: the API refuses them.",
+    )(func)
+
+
+async def _create_units(
+    client: ClusterClient,
+    args: Sequence[str],
+    *,
+    command: str,
+    replace: bool,
+    allow_unknown: bool,
+) -> Created:
+    """fleet's lazyCreateUnits: check every argument first (a bad one writes nothing), then
+    write the new and replaced units in argument order, with fleet's output lines."""
+    plan = await plan_units(
+        client, args, command=command, replace=replace, allow_unknown=allow_unknown
+    )
+    for step in plan.steps:
+        if step.warning:
+            click.echo(step.warning, err=True)
+        await write_step(client, step)
+        if step.done:
+            click.echo(step.done)
+    return plan.created()
+
 
 async def _activate(
     client: ClusterClient,
@@ -71,10 +106,13 @@ async def _activate(
     target: TargetState,
     attempts: int,
     replace: bool,
+    allow_unknown: bool,
 ) -> int:
     """lazyCreateUnits, then desired state `target`, then wait (load and start)."""
     what = {"load": "loading", "start": "starting"}[command]
-    created: Created = await lazy_create_units(client, args, command=command, replace=replace)
+    created = await _create_units(
+        client, args, command=command, replace=replace, allow_unknown=allow_unknown
+    )
     views = await fetch_units(client, created.names)
     missing = [n for n in created.names if n not in views]
     if missing:
@@ -105,8 +143,9 @@ async def _activate(
 
 @click.command(cls=FleetCommand, short_help="Upload one or more units to the cluster.")
 @replace_options
+@allow_unknown_option
 @click.argument("units", nargs=-1, metavar="UNIT...", shell_complete=complete_files)
-def submit(units: tuple[str, ...], replace: bool, sign: bool) -> None:
+def submit(units: tuple[str, ...], replace: bool, sign: bool, allow_unknown: bool) -> None:
     """Upload one or more units to the cluster without starting them.
 
     UNIT is a unit file, or an instance (hello@1.service) of a template in the cluster or
@@ -116,7 +155,9 @@ def submit(units: tuple[str, ...], replace: bool, sign: bool) -> None:
     check_names(units, activate=False)
 
     async def work(client: ClusterClient) -> int:
-        created = await lazy_create_units(client, units, command="submit", replace=replace)
+        created = await _create_units(
+            client, units, command="submit", replace=replace, allow_unknown=allow_unknown
+        )
         return int(bool(created.skipped))
 
     run(work)
@@ -125,23 +166,37 @@ def submit(units: tuple[str, ...], replace: bool, sign: bool) -> None:
 @click.command(cls=FleetCommand, short_help="Schedule one or more units in the cluster.")
 @block_options
 @replace_options
+@allow_unknown_option
 @click.argument("units", nargs=-1, metavar="UNIT...", shell_complete=complete_files)
 def load(
-    units: tuple[str, ...], block_attempts_: int, no_block: bool, replace: bool, sign: bool
+    units: tuple[str, ...],
+    block_attempts_: int,
+    no_block: bool,
+    replace: bool,
+    sign: bool,
+    allow_unknown: bool,
 ) -> None:
     """Schedule units to machines and load them into systemd, without starting them.
 
     Submits the units first if needed. On a running unit, this stops it (as in fleet).
     """
-    _activate_command(units, "load", TargetState.LOADED, no_block, block_attempts_, replace)
+    _activate_command(
+        units, "load", TargetState.LOADED, no_block, block_attempts_, replace, allow_unknown
+    )
 
 
 @click.command(cls=FleetCommand, short_help="Instruct systemd to start one or more units.")
 @block_options
 @replace_options
+@allow_unknown_option
 @click.argument("units", nargs=-1, metavar="UNIT...", shell_complete=complete_files)
 def start(
-    units: tuple[str, ...], block_attempts_: int, no_block: bool, replace: bool, sign: bool
+    units: tuple[str, ...],
+    block_attempts_: int,
+    no_block: bool,
+    replace: bool,
+    sign: bool,
+    allow_unknown: bool,
 ) -> None:
     """Start units in the cluster, submitting and loading them first if needed.
 
@@ -149,7 +204,9 @@ def start(
     `Unit <name> launched on <machine>/<ip>`. A unit that cannot be placed is reported with
     the scheduler's reason, and the command fails after --block-attempts.
     """
-    _activate_command(units, "start", TargetState.LAUNCHED, no_block, block_attempts_, replace)
+    _activate_command(
+        units, "start", TargetState.LAUNCHED, no_block, block_attempts_, replace, allow_unknown
+    )
 
 
 def _activate_command(
@@ -159,6 +216,7 @@ def _activate_command(
     no_block: bool,
     block_attempts_: int,
     replace: bool,
+    allow_unknown: bool,
 ) -> None:
     """load and start: submit what is missing, set the target state, wait as asked."""
     _require(units)
@@ -167,7 +225,13 @@ def _activate_command(
 
     async def work(client: ClusterClient) -> int:
         return await _activate(
-            client, units, command=command, target=target, attempts=attempts, replace=replace
+            client,
+            units,
+            command=command,
+            target=target,
+            attempts=attempts,
+            replace=replace,
+            allow_unknown=allow_unknown,
         )
 
     run(work)

@@ -14,6 +14,7 @@ limit, the strict round-trip check in `validate_options`, the `PartitionPolicy` 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +36,8 @@ __all__ = [
     "UnitFile",
     "UnitNameInfo",
     "UnitOption",
+    "UnknownXFleetOption",
+    "check_requirements",
     "glob_match",
     "is_recognized_type",
     "make_instance_name",
@@ -57,8 +60,11 @@ __all__ = [
 LINE_MAX = 2048
 #: Beyond fleet: a unit body larger than this is refused before parsing (API bodies, etcd values).
 MAX_UNIT_BYTES = 1 << 20
-#: fleet's api.unitNameMax (systemd's UNIT_NAME_MAX).
-UNIT_NAME_MAX = 256
+#: The longest unit name, in bytes. systemd refuses a name of UNIT_NAME_MAX (256) or more and
+#: the unit is a file in the agent's units directory (NAME_MAX 255), so 255. Beyond fleet:
+#: its api.unitNameMax let a 256-byte name in, which no machine could then run. The agent's
+#: own check (fleetd.systemd.manager) imports this constant.
+UNIT_NAME_MAX = 255
 
 #: Types the API accepts (fleet api/units.go validUnitTypes).
 VALID_UNIT_TYPES = frozenset(
@@ -110,6 +116,7 @@ _KNOWN_XFLEET_KEYS = frozenset(
     }
 )
 _TRUTHY = frozenset({"true", "yes", "1", "on", "t"})
+_FALSY = frozenset({"false", "no", "0", "off", "f"})
 
 # Go's unicode.IsSpace set. strings.TrimSpace / strings.Fields in fleet use it; Python's
 # str.isspace differs (it also counts \x1c-\x1f), so it cannot be used for byte-exact trimming.
@@ -806,7 +813,8 @@ def requirements(unit: UnitFile, unit_name: str) -> Requirements:
     """The scheduling requirements of `unit` submitted as `unit_name`, specifiers expanded.
 
     Raises UnitFileError only for an invalid PartitionPolicy (fleet's own options never fail:
-    malformed ones are ignored, as fleet does).
+    malformed ones are ignored, as fleet does). Lenient on purpose: this reads stored bodies,
+    which may predate the input checks of `check_requirements`.
     """
     values = _xfleet(unit, unit_name)
     return Requirements(
@@ -821,12 +829,101 @@ def requirements(unit: UnitFile, unit_name: str) -> Requirements:
 
 
 def unknown_xfleet_keys(unit: UnitFile) -> list[str]:
-    """[X-Fleet] keys fleet does not know, in file order, for fleetctl's warning.
+    """[X-Fleet] keys fleet does not know, in file order.
 
-    fleetctl logs `Unit <n>: unrecognized requirement in [X-Fleet] section: "<k>"` and goes on.
+    fleet's fleetctl only warned about them; here `check_requirements` refuses them at the
+    input boundary, and `migrate-from-fleet` still only warns (fleet's stored units).
     """
     keys = (o.name for o in unit.options if o.section == XFLEET_SECTION)
     return [key for key in dict.fromkeys(keys) if key not in _KNOWN_XFLEET_KEYS]
+
+
+class UnknownXFleetOption(UnitFileError):
+    """An [X-Fleet] key fleet does not know (`check_requirements` without `allow_unknown`)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _suggestion(key: str) -> str:
+    """ " (did you mean X?)" for the known key closest to `key`, ignoring case, or ""."""
+    by_lower = {known.lower(): known for known in sorted(_KNOWN_XFLEET_KEYS)}
+    close = difflib.get_close_matches(key.lower(), list(by_lower), n=1)
+    return f" (did you mean {by_lower[close[0]]}?)" if close else ""
+
+
+def _is_bad_pattern(pattern: str) -> bool:
+    """Would Go's path.Match return ErrBadPattern? Matching "" walks the whole pattern."""
+    try:
+        _path_match(pattern.encode("utf-8", "surrogatepass"), b"")
+    except _BadPattern:
+        return True
+    return False
+
+
+def _metadata_problem(value: str) -> str:
+    parts = value.split("=")
+    if len(parts) == 2 and parts[0] and parts[1]:
+        return ""
+    problem = 'expected one key=value pair (a single "=", both sides non-empty)'
+    if len(parts) > 2 and any(ch in _GO_SPACE_SET for ch in value):
+        problem += '; for several pairs on one line quote each: "a=b" "c=d"'
+    return problem
+
+
+def _value_problem(key: str, value: str, unit_name: str) -> str:
+    """What is wrong with one (expanded) [X-Fleet] value, or "" if nothing."""
+    if key in _METADATA_KEYS:
+        return _metadata_problem(value)
+    if key == _GLOBAL_KEY:
+        if value.lower() in _TRUTHY or value.lower() in _FALSY:
+            return ""
+        return "expected a boolean: true, yes, 1, on, t or false, no, 0, off, f (any case)"
+    if key in _MACHINE_OF_KEYS and value == unit_name:
+        return "a unit cannot be a MachineOf peer of itself"
+    if key in (*_CONFLICTS_KEYS, _REPLACES_KEY):
+        for pattern in _go_fields(value):
+            if _is_bad_pattern(pattern):
+                return f"malformed glob pattern {_go_quote(pattern)}"
+        if key == _REPLACES_KEY and value == unit_name:
+            return "a unit cannot replace itself"
+    return ""
+
+
+def check_requirements(unit: UnitFile, unit_name: str, *, allow_unknown: bool = False) -> None:
+    """Beyond fleet: refuse [X-Fleet] options that fleet silently ignores or misreads.
+
+    An unknown key (fleet: ignored; fleetctl warned), a MachineMetadata value that is not one
+    key=value pair (fleet: no constraint at all), a Global that is not a boolean (fleet:
+    false), a malformed Conflicts or Replaces glob (fleet: matches nothing), a MachineOf or
+    Replaces naming the unit itself. Values are checked with the specifiers expanded for
+    `unit_name`, except for a template, whose values are only ever used expanded for an
+    instance (`MachineMetadata=rack=%i` is fine): its instances are checked when created.
+
+    Run at the input boundary only (fleetctl before it writes, the API's PUT), after
+    `validate_options`. `requirements` stays lenient, so a body stored by an older version
+    never stops the engine or an agent. Raises UnknownXFleetOption (unless `allow_unknown`)
+    or UnitFileError naming the option and the value.
+    """
+    if not allow_unknown:
+        for key in unknown_xfleet_keys(unit):
+            raise UnknownXFleetOption(
+                f"unknown option {_go_quote(key)} in [X-Fleet] section{_suggestion(key)}", key
+            )
+    raw = unit.contents.get(XFLEET_SECTION, {})
+    info = UnitNameInfo.parse(unit_name)
+    expanded = _xfleet(unit, None if info is not None and info.is_template else unit_name)
+    for key, values in expanded.items():
+        for written, value in zip(raw[key], values, strict=True):
+            problem = _value_problem(key, value, unit_name)
+            if problem:
+                shown = _go_quote(written)
+                if written != value:
+                    shown += f" (expanded: {_go_quote(value)})"
+                raise UnitFileError(
+                    f"invalid value {shown} for {key} in [X-Fleet] section: {problem}"
+                )
 
 
 def _check_roundtrip(unit: UnitFile) -> UnitFile:

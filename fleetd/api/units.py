@@ -7,7 +7,9 @@ with fleet's quirks fixed (reference §9.14):
   was stored, after which every read of that unit failed);
 - a replacement (existing unit, different options) is validated like a creation (fleet
   skipped ValidateOptions there);
-- a template cannot be created already loaded or launched (fleet only refused it on update).
+- a template cannot be created already loaded or launched (fleet only refused it on update);
+- [X-Fleet] options fleet silently ignored (unknown keys, malformed values, see
+  `fleetd.unitfile.check_requirements`) are a 400 naming the option.
 
 The decision is the pure `plan_put`; the handler only reads the body and applies the plan.
 """
@@ -35,7 +37,13 @@ from fleetd.api.pagination import find_page_token, page_of
 from fleetd.api.snapshots import encode_page
 from fleetd.errors import Conflict, InvalidInput, NotFound
 from fleetd.model import TargetState
-from fleetd.unitfile import UnitFile, UnitNameInfo, validate_name, validate_options
+from fleetd.unitfile import (
+    UnitFile,
+    UnitNameInfo,
+    check_requirements,
+    validate_name,
+    validate_options,
+)
 from fleetd.views import UnitView, load_unit_view, unit_to_api
 
 # A PUT body is the unit's options as JSON: each option costs ~40 bytes of framing
@@ -164,14 +172,18 @@ def parse_unit_request(data: bytes, item: str) -> UnitRequest:
     return UnitRequest(name, unit, desired)
 
 
-def check_new_unit(unit: UnitFile, max_bytes: int) -> None:
-    """What a unit must pass before it is stored: the size limit (413), then fleet's
-    ValidateOptions (400)."""
+def check_new_unit(name: str, unit: UnitFile, max_bytes: int) -> None:
+    """What a unit must pass before it is stored as `name`: the size limit (413), then
+    fleet's ValidateOptions and (beyond fleet) the [X-Fleet] input checks (400).
+
+    The API has no opt-out for unknown [X-Fleet] options (fleetctl's --allow-unknown-options
+    works with the etcd driver only): a client that misspells an option learns it here."""
     size = len(unit.serialize().encode("utf-8"))
     if size > max_bytes:
         raise ApiError(413, f"unit file too large: {size} bytes (max {max_bytes})")
     try:
         validate_options(unit)
+        check_requirements(unit, name)
     except InvalidInput as e:
         raise ApiError(400, str(e)) from None
 
@@ -221,7 +233,7 @@ async def put_unit(ctx: ApiContext, request: web.Request, item: str) -> web.Stre
         except Conflict as e:
             raise ApiError(409, str(e)) from None
         return web.Response(status=204)
-    await ctx.offload(check_new_unit, plan.unit, ctx.max_unit_bytes)
+    await ctx.offload(check_new_unit, name, plan.unit, ctx.max_unit_bytes)
     if not await ctx.registry.create_unit(name, plan.unit, plan.state, replace=plan.replace):
         # Only a create (not a replace) can lose: someone created the unit meanwhile.
         raise ApiError(409, f"unit {_q(name)} was created by another request meanwhile; retry")

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable
@@ -68,6 +69,7 @@ from fleetd.systemd.manager import (
     unit_object_path,
     unit_path,
 )
+from fleetd.unitfile import UNIT_NAME_MAX
 
 log = logging.getLogger(__name__)
 
@@ -596,10 +598,16 @@ def _short_args(body: list[Any]) -> str:
 def _write_atomically(path: Path, text: str) -> None:
     """Write `path` (0644) so systemd never reads half a file: temp file, then rename.
 
-    The temporary name starts with "." so `read_unit_files` never mistakes it for a unit.
+    The temporary name starts with "." so `read_unit_files` never mistakes it for a unit. A
+    name near UNIT_NAME_MAX (255 bytes, NAME_MAX) has no room for ".<name>.tmp": its
+    temporary file is named after a digest of the name instead.
     """
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp_name = f".{path.name}.tmp"
+    if len(tmp_name.encode("utf-8", "surrogateescape")) > UNIT_NAME_MAX:
+        digest = hashlib.sha1(path.name.encode("utf-8", "surrogateescape")).hexdigest()
+        tmp_name = f".{digest}.tmp"
+    tmp = path.with_name(tmp_name)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as f:

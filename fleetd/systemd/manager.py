@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from fleetd.errors import FleetError
+from fleetd.unitfile import UNIT_NAME_MAX  # 255 bytes: systemd's limit and NAME_MAX
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ RECOGNIZED_UNIT_TYPES = frozenset(
     {"service", "socket", "timer", "path", "device", "mount", "automount"}
 )
 DEFAULT_UNITS_DIR = Path("/run/fleet/units")
-# systemd's UNIT_NAME_MAX; also keeps us under NAME_MAX (255) for the temporary file.
-UNIT_NAME_MAX = 255
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 
 JOB_DONE = "done"
@@ -146,8 +145,9 @@ def check_unit_name(name: str) -> str:
     """
     if not isinstance(name, str) or not name:
         raise UnitManagerError("unit name must be a non-empty string")
-    if len(name) > UNIT_NAME_MAX:
-        raise UnitManagerError(f"unit name too long ({len(name)} > {UNIT_NAME_MAX} chars)")
+    length = len(name.encode("utf-8", "surrogatepass"))  # NAME_MAX counts bytes
+    if length > UNIT_NAME_MAX:
+        raise UnitManagerError(f"unit name too long ({length} > {UNIT_NAME_MAX} bytes)")
     if "/" in name or ".." in name or name.startswith("."):
         raise UnitManagerError(f"refusing unit name {name!r}: it could escape the units directory")
     if _CONTROL_CHARS.search(name):

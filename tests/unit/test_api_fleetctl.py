@@ -147,6 +147,33 @@ def test_commands_that_write_through_the_api(
     assert served.cluster.unit("new.service") is None
 
 
+def test_bad_units_through_the_api_write_nothing(
+    served: ServedCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API driver checks every argument first, like the etcd driver (same message), and
+    --allow-unknown-options is refused up front there: the API would refuse the option
+    after the units before it had been written."""
+    monkeypatch.chdir(tmp_path)
+    Path("good.service").write_text(HELLO.replace("Hello World", "Good"))
+    Path("bad.service").write_text(HELLO + "\n[X-Fleet]\nMachineMetadata=region\n")
+    Path("odd.service").write_text(HELLO + "\n[X-Fleet]\nMachineMetdata=region=east\n")
+    before = served.cluster.kv.dump("")
+    for command in ("submit", "start"):
+        by_api = served.via_api(command, "good.service", "bad.service")
+        by_etcd = served.via_etcd(monkeypatch, command, "good.service", "bad.service")
+        assert (by_api.exit_code, by_api.stderr) == (by_etcd.exit_code, by_etcd.stderr)
+        assert by_api.exit_code == 1
+        assert 'invalid value "region" for MachineMetadata' in by_api.stderr
+    result = served.via_api("submit", "--allow-unknown-options", "good.service", "odd.service")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        'Error creating units: unit odd.service: unknown option "MachineMetdata" in [X-Fleet]'
+        " section (did you mean MachineMetadata?); --allow-unknown-options does not apply"
+        " with --driver api (the API refuses unknown options)\n"
+    )
+    assert served.cluster.kv.dump("") == before
+
+
 def test_fleetctl_over_tls_with_a_client_certificate(
     tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

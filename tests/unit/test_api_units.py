@@ -430,6 +430,83 @@ EXISTING_REFUSALS = [
 ]
 
 
+# Beyond fleet (which ignored them): [X-Fleet] input checks, a 400 naming option and value.
+XFLEET_REFUSALS = [
+    (
+        "a.service",
+        [("MachineMetdata", "region=east")],
+        'unknown option "MachineMetdata" in [X-Fleet] section (did you mean MachineMetadata?)',
+    ),
+    ("a.service", [("Frobnicate", "1")], 'unknown option "Frobnicate" in [X-Fleet] section'),
+    (
+        "a.service",
+        [("MachineMetadata", "region")],
+        'invalid value "region" for MachineMetadata in [X-Fleet] section: expected one'
+        ' key=value pair (a single "=", both sides non-empty)',
+    ),
+    (
+        "a.service",
+        [("MachineMetadata", "=x")],
+        'invalid value "=x" for MachineMetadata in [X-Fleet] section: expected one'
+        ' key=value pair (a single "=", both sides non-empty)',
+    ),
+    (
+        "a.service",
+        [("Global", "perhaps")],
+        'invalid value "perhaps" for Global in [X-Fleet] section: expected a boolean: true,'
+        " yes, 1, on, t or false, no, 0, off, f (any case)",
+    ),
+    (
+        "a.service",
+        [("Conflicts", "[")],
+        'invalid value "[" for Conflicts in [X-Fleet] section: malformed glob pattern "["',
+    ),
+    (
+        "a.service",
+        [("MachineOf", "%n")],
+        'invalid value "%n" (expanded: "a.service") for MachineOf in [X-Fleet] section:'
+        " a unit cannot be a MachineOf peer of itself",
+    ),
+    (
+        "web@1.service",
+        [("Replaces", "%p@%i.service")],
+        'invalid value "%p@%i.service" (expanded: "web@1.service") for Replaces in [X-Fleet]'
+        " section: a unit cannot replace itself",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "message"), XFLEET_REFUSALS)
+async def test_put_bad_xfleet_options_are_400_and_change_nothing(
+    api: Api, name: str, options: list[tuple[str, str]], message: str
+) -> None:
+    await api.run_unit("running.service")  # so "nothing changed" is not an empty store
+    before = api.stored()
+    got = await api.error("PUT", unit_url(name), data=xfleet(*options), headers=JSON_HEADERS)
+    assert got == (400, message)
+    assert api.stored() == before
+
+
+async def test_put_replacement_with_bad_xfleet_options_keeps_the_stored_unit(api: Api) -> None:
+    await api.run_unit("a.service")
+    before = api.stored()
+    body = xfleet(("Global", "perhaps"))
+    got = await api.error("PUT", unit_url("a.service"), data=body, headers=JSON_HEADERS)
+    assert got[0] == 400
+    assert "Global" in got[1]
+    assert api.stored() == before
+    assert await desired(api, "a.service") == "launched"
+
+
+async def test_put_good_xfleet_options_and_template_specifiers_are_accepted(api: Api) -> None:
+    """The checks do not refuse what is fine: a template is checked unexpanded (rack=%i is
+    rack= only for the template itself), its instance expanded."""
+    options = [("MachineMetadata", "rack=%i"), ("Global", "OFF"), ("Conflicts", "%p@*.service")]
+    for name in ("web@.service", "web@1.service"):
+        status, _, _ = await api.call("PUT", unit_url(name), json.loads(xfleet(*options)))
+        assert status == 201, name
+
+
 @pytest.mark.parametrize(("body", "status", "message"), EXISTING_REFUSALS)
 async def test_put_refusals_on_an_existing_unit_change_nothing(
     api: Api, body: str, status: int, message: str
@@ -596,7 +673,7 @@ async def test_state_change_of_a_unit_destroyed_meanwhile_is_404(
         ("nul%00.service", 400, "invalid character '\\x00' in unit name"),
         # aiohttp's route pattern ".*" stops at a newline: its own 404, before fleet's checks
         ("new%0Aline.service", 404, "Not Found"),
-        ("x" * 300 + ".service", 400, "unit name exceeds maximum length (256)"),
+        ("x" * 300 + ".service", 400, "unit name exceeds maximum length (255)"),
         ("caf%C3%A9.service", 400, "invalid character '\u00e9' in unit name"),
     ],
 )

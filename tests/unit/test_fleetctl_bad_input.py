@@ -39,7 +39,7 @@ def store(cluster: Cluster) -> dict[str, str]:
 BAD_NAME_ARGS = [
     ("nul\x00.service", "invalid character '\\x00' in unit name"),
     ("new\nline.service", "invalid character '\\n' in unit name"),
-    ("x" * 300 + ".service", "unit name exceeds maximum length (256)"),
+    ("x" * 300 + ".service", "unit name exceeds maximum length (255)"),
     ("/", "invalid character '/' in unit name"),  # fleet's mangling makes "/.service"
     ("units/..", 'unit name cannot start in "."'),  # base name "...service"
     ("../.hidden.service", 'unit name cannot start in "."'),
@@ -141,3 +141,134 @@ def test_replace_with_a_bad_file_keeps_the_stored_unit(cluster: Cluster) -> None
     assert store(cluster) == before
     unit = cluster.unit("running.service")
     assert unit.target_state is TargetState.LAUNCHED
+
+
+# ---- [X-Fleet] options fleet would silently ignore (beyond fleet: refused) -----------------
+
+BAD_XFLEET = [
+    (
+        "MachineMetdata=region=east",
+        'unknown option "MachineMetdata" in [X-Fleet] section (did you mean MachineMetadata?);'
+        " add --allow-unknown-options to submit it anyway",
+    ),
+    ("MachineMetadata=region", 'invalid value "region" for MachineMetadata in [X-Fleet]'),
+    ("MachineMetadata==x", 'invalid value "=x" for MachineMetadata in [X-Fleet]'),
+    ("Global=perhaps", 'invalid value "perhaps" for Global in [X-Fleet] section: expected a'),
+    (
+        "Conflicts=[",
+        'invalid value "[" for Conflicts in [X-Fleet] section: malformed glob pattern "["',
+    ),
+    (
+        "MachineOf=%n",
+        'invalid value "%n" (expanded: "bad.service") for MachineOf in [X-Fleet] section:'
+        " a unit cannot be a MachineOf peer of itself",
+    ),
+    (
+        "Replaces=bad.service",
+        'invalid value "bad.service" for Replaces in [X-Fleet] section: a unit cannot replace'
+        " itself",
+    ),
+]
+
+
+@pytest.mark.parametrize("command", ["submit", "load", "start"])
+@pytest.mark.parametrize(("line", "message"), BAD_XFLEET)
+def test_bad_xfleet_options_are_refused_and_nothing_is_written(
+    cluster: Cluster, command: str, line: str, message: str
+) -> None:
+    """The good unit before the bad one is not created either: every argument is checked
+    before anything is written (fleet created good.service, then failed)."""
+    Path("good.service").write_text(HELLO)
+    Path("bad.service").write_text(HELLO + f"\n[X-Fleet]\n{line}\n")
+    before = store(cluster)
+    result = cluster.invoke(command, "good.service", "bad.service")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"Error creating units: unit bad.service: {message}")
+    assert result.stderr.count("\n") == 1
+    assert store(cluster) == before
+
+
+def test_an_instance_is_checked_with_its_template_named(cluster: Cluster) -> None:
+    cluster.add_unit("bad@.service", HELLO_TEMPLATE + "\n[X-Fleet]\nMachineOf=%p@%i.service\n")
+    before = store(cluster)
+    result = cluster.invoke("start", "running.service", "bad@1.service")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error creating units: unit bad@1.service (from template bad@.service): invalid value"
+        ' "%p@%i.service" (expanded: "bad@1.service") for MachineOf in [X-Fleet] section:'
+        " a unit cannot be a MachineOf peer of itself\n"
+    )
+    assert store(cluster) == before
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        # a file that does not parse, after a good one
+        {"good.service": HELLO, "bad.service": "[Unit\nDescription=x\n"},
+        # fleet's own combination check, after a good one
+        {"good.service": HELLO, "bad.service": "[X-Fleet]\nMachineID=abc\nGlobal=true\n"},
+        # an instance whose template is nowhere, after a good one
+        {"good.service": HELLO},
+    ],
+)
+@pytest.mark.parametrize("command", ["submit", "load", "start"])
+def test_a_failing_command_changes_nothing(
+    cluster: Cluster, command: str, files: dict[str, str]
+) -> None:
+    for name, text in files.items():
+        Path(name).write_text(text)
+    last = "bad.service" if "bad.service" in files else "nowhere@1.service"
+    before = store(cluster)
+    result = cluster.invoke(command, "good.service", "running.service", last)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("Error creating units: ")
+    assert store(cluster) == before
+
+
+def test_replace_with_bad_options_keeps_the_stored_unit(cluster: Cluster) -> None:
+    Path("running.service").write_text(HELLO + "\n[X-Fleet]\nGlobal=perhaps\n")
+    before = store(cluster)
+    result = cluster.invoke("start", "--replace", "running.service")
+    assert result.exit_code == 1
+    assert "for Global in [X-Fleet]" in result.stderr
+    assert store(cluster) == before
+
+
+def test_an_unused_local_file_is_not_checked(cluster: Cluster) -> None:
+    """Without --replace an existing unit is used as stored (fleet's rule): the local file is
+    only compared, so its problems are not the command's (it warns that it differs)."""
+    Path("running.service").write_text(HELLO + "\n[X-Fleet]\nGlobal=perhaps\n")
+    result = cluster.invoke("start", "--no-block", "running.service")
+    assert result.exit_code == 0
+    assert "differs from local unit file" in result.stderr
+
+
+def test_allow_unknown_options_accepts_unknown_keys_only(cluster: Cluster) -> None:
+    Path("odd.service").write_text(HELLO + "\n[X-Fleet]\nWeight=3\n")
+    Path("bad.service").write_text(HELLO + "\n[X-Fleet]\nWeight=3\nGlobal=perhaps\n")
+    before = store(cluster)
+    result = cluster.invoke("submit", "--allow-unknown-options", "odd.service", "bad.service")
+    assert result.exit_code == 1
+    assert "for Global in [X-Fleet]" in result.stderr
+    assert store(cluster) == before
+    result = cluster.invoke("submit", "--allow-unknown-options", "odd.service")
+    assert result.exit_code == 0
+    assert result.stdout == "Unit odd.service inactive\n"
+    assert result.stderr == (
+        'WARNING: Unit odd.service: unrecognized requirement in [X-Fleet] section: "Weight"\n'
+    )
+    assert cluster.unit("odd.service") is not None
+
+
+def test_a_template_submitted_with_its_instance_serves_it(cluster: Cluster) -> None:
+    """Nothing is in the cluster while the command is checked, yet the instance finds the
+    template given before it (fleet found it in the cluster, created a moment before)."""
+    Path("units").mkdir()
+    Path("units/t@.service").write_text(HELLO_TEMPLATE + "\n[X-Fleet]\nMachineMetadata=r=%i\n")
+    result = cluster.invoke("submit", "units/t@.service", "t@1.service")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "Unit t@.service inactive\nUnit t@1.service inactive\n"
+    assert cluster.unit("t@1.service").hash == cluster.unit("t@.service").hash

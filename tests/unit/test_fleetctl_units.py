@@ -131,10 +131,20 @@ def test_bad_name_is_refused_before_anything_is_written(cluster: Cluster) -> Non
     assert cluster.dump("units/") == {}
 
 
-def test_submit_warns_on_unknown_xfleet_keys(cluster: Cluster) -> None:
+def test_submit_refuses_unknown_xfleet_keys_unless_allowed(cluster: Cluster) -> None:
+    """fleet only warned; a typo would drop a constraint, so it is an error without the flag,
+    and with it fleet's warning and the unit as before."""
     write("odd.service", "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nFrobnicate=yes\n")
     result = cluster.invoke("submit", "odd.service")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        'Error creating units: unit odd.service: unknown option "Frobnicate" in [X-Fleet]'
+        " section; add --allow-unknown-options to submit it anyway\n"
+    )
+    assert cluster.dump("units/") == {}
+    result = cluster.invoke("submit", "--allow-unknown-options", "odd.service")
     assert result.exit_code == 0
+    assert result.stdout == "Unit odd.service inactive\n"
     assert result.stderr == (
         'WARNING: Unit odd.service: unrecognized requirement in [X-Fleet] section: "Frobnicate"\n'
     )

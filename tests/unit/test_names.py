@@ -12,8 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fleetd.errors import InvalidUnitName
+from fleetd.systemd.manager import UnitManagerError, check_unit_name
 from fleetd.unitfile import (
     RECOGNIZED_UNIT_TYPES,
+    UNIT_NAME_MAX,
     VALID_UNIT_TYPES,
     UnitNameInfo,
     is_recognized_type,
@@ -38,7 +40,7 @@ GOOD_NAMES = [
     "p@x.path",
     "g@x.target",
     "ALLCAPS.service",
-    "a" * 248 + ".service",  # exactly 256 bytes
+    "a" * 247 + ".service",  # exactly 255 bytes (systemd's and NAME_MAX's limit)
     *(f"x.{unit_type}" for unit_type in sorted(VALID_UNIT_TYPES)),
 ]
 
@@ -52,8 +54,8 @@ def test_good_names(name: str) -> None:
     ("name", "message"),
     [
         ("", "unit name cannot be empty"),
-        ("a" * 249 + ".service", "unit name exceeds maximum length (256)"),
-        ("\u00e9" * 125 + ".service", "unit name exceeds maximum length (256)"),  # bytes count
+        ("a" * 248 + ".service", "unit name exceeds maximum length (255)"),  # 256 bytes
+        ("\u00e9" * 124 + ".service", "unit name exceeds maximum length (255)"),  # bytes count
         ("fooservice", 'unit name must contain "."'),
         ("foo.service.", 'unit name cannot end in "."'),
         (".", 'unit name cannot end in "."'),
@@ -235,3 +237,16 @@ def test_recognized_types(name: str, recognized: bool) -> None:
 )
 def test_maybe_append_default_type(arg: str, expected: str) -> None:
     assert maybe_append_default_type(arg) == expected
+
+
+def test_the_agent_and_the_clients_share_one_name_limit() -> None:
+    """fleetctl and the API (validate_name) and the agent (check_unit_name) agree: the longest
+    name one accepts, the other accepts, and one byte more both refuse."""
+    longest = "a" * (UNIT_NAME_MAX - len(".service")) + ".service"
+    assert len(longest.encode()) == UNIT_NAME_MAX == 255
+    validate_name(longest)
+    assert check_unit_name(longest) == longest
+    with pytest.raises(InvalidUnitName, match=r"maximum length \(255\)"):
+        validate_name("a" + longest)
+    with pytest.raises(UnitManagerError, match="256 > 255 bytes"):
+        check_unit_name("a" + longest)

@@ -24,6 +24,7 @@ from fleetd.systemd.manager import (
     UnitManagerError,
     unit_object_path,
 )
+from fleetd.unitfile import UNIT_NAME_MAX, validate_name
 
 # Only fleetd.systemd.dbus imports dbus-fast; the tests borrow its import.
 MessageType = sd.MessageType  # type: ignore[attr-defined]
@@ -258,6 +259,17 @@ def test_write_atomically_0644_whatever_the_umask(tmp_path: Path) -> None:
     assert path.read_text() == "[Service]\n"
     assert path.stat().st_mode & 0o777 == 0o644
     assert sorted(os.listdir(path.parent)) == ["a.service"]  # no temporary file left
+
+
+def test_write_atomically_the_longest_valid_name(tmp_path: Path) -> None:
+    """A 255-byte name (UNIT_NAME_MAX, what fleetctl and the API accept) leaves no room for
+    ".<name>.tmp" under NAME_MAX: the write must still work, with no temporary file left."""
+    name = "a" * (UNIT_NAME_MAX - len(".service")) + ".service"
+    validate_name(name)  # the clients' check lets it in
+    path = tmp_path / "units" / name
+    sd._write_atomically(path, "[Service]\n")
+    assert path.read_text() == "[Service]\n"
+    assert os.listdir(path.parent) == [name]
 
 
 def test_write_atomically_replaces_a_symlink_instead_of_following_it(tmp_path: Path) -> None:

@@ -24,6 +24,8 @@ from fleetd.unitfile import (
     MAX_UNIT_BYTES,
     UnitFile,
     UnitOption,
+    UnknownXFleetOption,
+    check_requirements,
     glob_match,
     parse_multivalue,
     parse_unit,
@@ -581,6 +583,132 @@ def test_unknown_xfleet_keys() -> None:
     )
     assert unknown_xfleet_keys(parsed) == ["Weight", "Bogus"]
     assert unknown_xfleet_keys(parse_unit("[Service]\nBogus=1\n")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# check_requirements: the input-boundary checks (beyond fleet)
+# ---------------------------------------------------------------------------------------------
+
+_BOOLEAN = "expected a boolean: true, yes, 1, on, t or false, no, 0, off, f (any case)"
+_PAIR = 'expected one key=value pair (a single "=", both sides non-empty)'
+
+
+@pytest.mark.parametrize(
+    ("line", "name", "message"),
+    [
+        (
+            "MachineMetdata=region=east",
+            "x.service",
+            'unknown option "MachineMetdata" in [X-Fleet] section (did you mean MachineMetadata?)',
+        ),
+        (
+            "global=true",  # keys are case-sensitive, the suggestion is not
+            "x.service",
+            'unknown option "global" in [X-Fleet] section (did you mean Global?)',
+        ),
+        ("Weight=3", "x.service", 'unknown option "Weight" in [X-Fleet] section'),
+        ("MachineMetadata=region", "x.service", 'invalid value "region" for MachineMetadata'),
+        ("MachineMetadata==x", "x.service", '"=x" for MachineMetadata'),
+        ("MachineMetadata=a=", "x.service", '"a=" for MachineMetadata'),
+        ("X-ConditionMachineMetadata=a=b=c", "x.service", "X-ConditionMachineMetadata"),
+        (
+            "MachineMetadata=region=east disk=ssd",
+            "x.service",
+            f'"region=east disk=ssd" for MachineMetadata in [X-Fleet] section: {_PAIR};'
+            ' for several pairs on one line quote each: "a=b" "c=d"',
+        ),
+        (
+            'MachineMetadata="region=east" "disk"',
+            "x.service",
+            f'invalid value "disk" for MachineMetadata in [X-Fleet] section: {_PAIR}',
+        ),
+        (
+            "Global=perhaps",
+            "x.service",
+            f'invalid value "perhaps" for Global in [X-Fleet] section: {_BOOLEAN}',
+        ),
+        ("Global=", "x.service", f'invalid value "" for Global in [X-Fleet] section: {_BOOLEAN}'),
+        (
+            "Conflicts=[",
+            "x.service",
+            'invalid value "[" for Conflicts in [X-Fleet] section: malformed glob pattern "["',
+        ),
+        ("Conflicts=ok*.service [a-", "x.service", 'malformed glob pattern "[a-"'),
+        ("X-Conflicts=a\\ b", "x.service", 'malformed glob pattern "a\\\\"'),
+        ("Replaces=[^]", "x.service", "for Replaces in [X-Fleet] section: malformed glob"),
+        (
+            "MachineOf=x.service",
+            "x.service",
+            'invalid value "x.service" for MachineOf in [X-Fleet] section: a unit cannot be a'
+            " MachineOf peer of itself",
+        ),
+        (
+            "X-ConditionMachineOf=%p@%i.service",
+            "web@1.service",
+            'invalid value "%p@%i.service" (expanded: "web@1.service") for'
+            " X-ConditionMachineOf in [X-Fleet] section: a unit cannot be a MachineOf peer of"
+            " itself",
+        ),
+        (
+            "Replaces=%n",
+            "web@1.service",
+            'invalid value "%n" (expanded: "web@1.service") for Replaces in [X-Fleet] section:'
+            " a unit cannot replace itself",
+        ),
+    ],
+)
+def test_check_requirements_refuses(line: str, name: str, message: str) -> None:
+    parsed = xfleet(line)
+    with pytest.raises(UnitFileError) as caught:
+        check_requirements(parsed, name)
+    assert message in str(caught.value)
+    # Stored bodies stay readable: the engine's and agents' reading never raises for these.
+    requirements(parsed, name)
+
+
+@pytest.mark.parametrize(
+    ("lines", "name"),
+    [
+        ([], "x.service"),
+        (["MachineMetadata=region=east", 'MachineMetadata="disk=ssd" "rack=1"'], "x.service"),
+        (["Global=TRUE", "Global=no", "Global=t", "Global=Off", "Global=0"], "x.service"),
+        (["Conflicts=web@*.service other.service", "Conflicts="], "web@1.service"),
+        (["Replaces=web@*.service"], "web@1.service"),  # a glob that also matches itself
+        (["MachineOf=db.service", "MachineID=", "PartitionPolicy=stop"], "x.service"),
+        # A template is checked unexpanded: "rack=%i" is "rack=" only for the template.
+        (["MachineMetadata=rack=%i", "MachineOf=%p-db@%i.service"], "web@.service"),
+        (["MachineMetadata=rack=%i"], "web@3.service"),
+    ],
+)
+def test_check_requirements_accepts(lines: list[str], name: str) -> None:
+    check_requirements(xfleet(*lines), name)
+
+
+def test_check_requirements_expands_specifiers_except_for_templates() -> None:
+    parsed = xfleet("MachineMetadata=rack=%i")
+    check_requirements(parsed, "web@.service")  # the template: only its instances are used
+    check_requirements(parsed, "web@3.service")
+    # Not a template, so %i is "" as the scheduler would see it: no constraint was meant.
+    with pytest.raises(UnitFileError, match=r'"rack=%i" \(expanded: "rack="\)'):
+        check_requirements(parsed, "web.service")
+
+
+def test_check_requirements_allow_unknown() -> None:
+    parsed = xfleet("Frobnicate=1", "MachineMetadata=a=b")
+    with pytest.raises(UnknownXFleetOption) as caught:
+        check_requirements(parsed, "x.service")
+    assert caught.value.key == "Frobnicate"
+    check_requirements(parsed, "x.service", allow_unknown=True)
+    # The flag lets unknown keys in, never a malformed known one.
+    with pytest.raises(UnitFileError, match="Global"):
+        check_requirements(xfleet("Frobnicate=1", "Global=maybe"), "x.service", allow_unknown=True)
+
+
+@given(st.text(st.sampled_from("*?[]^-\\/abc.z@"), max_size=10))
+def test_prop_malformed_pattern_is_what_never_matches(pattern: str) -> None:
+    """A pattern is refused exactly when Go's path.Match calls it malformed (ErrBadPattern),
+    which glob_match turns into "matches nothing": the regex translation agrees."""
+    assert unitfile._is_bad_pattern(pattern) is (unitfile._glob_regex(pattern) is None)
 
 
 # ---------------------------------------------------------------------------------------------
