@@ -877,7 +877,8 @@ def _value_problem(key: str, value: str, unit_name: str) -> str:
     if key in _METADATA_KEYS:
         return _metadata_problem(value)
     if key == _GLOBAL_KEY:
-        if value.lower() in _TRUTHY or value.lower() in _FALSY:
+        # Empty is systemd's reset to the default (fleet reads it as false): allowed.
+        if value == "" or value.lower() in _TRUTHY or value.lower() in _FALSY:
             return ""
         return "expected a boolean: true, yes, 1, on, t or false, no, 0, off, f (any case)"
     if key in _MACHINE_OF_KEYS and value == unit_name:
