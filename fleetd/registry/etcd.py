@@ -441,10 +441,10 @@ class EtcdKV:
         response = await self._unary("get", _RANGE, request, rpc.RangeResponse)
         return _kv(response.kvs[0]) if response.kvs else None
 
-    async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
+    async def range(self, prefix: str, *, keys_only: bool = False) -> tuple[list[KeyValue], int]:
         key, end = _prefix_range(prefix)
         # etcd sorts by key, ascending, when no sort order is asked for.
-        request = rpc.RangeRequest(key=key, range_end=end)
+        request = rpc.RangeRequest(key=key, range_end=end, keys_only=keys_only)
         response = await self._unary("range", _RANGE, request, rpc.RangeResponse)
         return [_kv(kv) for kv in response.kvs], int(response.header.revision)
 
