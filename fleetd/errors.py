@@ -43,6 +43,12 @@ class RegistryUnavailable(FleetError):
     """etcd could not be reached or did not answer in time."""
 
 
+class QuotaExceeded(RegistryUnavailable):
+    """etcd's database reached its quota (--quota-backend-bytes) and raised the NOSPACE alarm:
+    it refuses every write until an operator frees space and disarms the alarm. Reads still
+    work. Retryable like any RegistryUnavailable: fleetd keeps running and its units too."""
+
+
 class NotLeader(FleetError):
     """A fenced engine write was refused because this engine no longer holds leadership."""
 

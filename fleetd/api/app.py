@@ -31,7 +31,7 @@ from aiohttp import web
 from fleetd.api import discovery, machines, openapi, state, units
 from fleetd.api.context import ApiContext
 from fleetd.api.errors import ApiError, error_response, json_bytes, method_not_allowed
-from fleetd.errors import RegistryUnavailable
+from fleetd.errors import QuotaExceeded, RegistryUnavailable
 
 log = structlog.get_logger("fleetd.api")
 
@@ -167,6 +167,10 @@ async def errors_middleware(
         return await handler(request)
     except ApiError as e:
         return error_response(e.status, e.message, e.headers)
+    except QuotaExceeded as e:
+        # etcd answered, so "unable to communicate" would mislead: its own words and the fix.
+        log.warning("api_registry_full", path=request.path, error=str(e))
+        return error_response(503, str(e))
     except RegistryUnavailable as e:
         log.warning("api_registry_unavailable", path=request.path, error=str(e))
         return error_response(503, f"{UNAVAILABLE}: {e}")

@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from fleetd.errors import Compacted, ConfigError, LeaseNotFound, NotFound, RegistryUnavailable
+from fleetd.errors import (
+    Compacted,
+    ConfigError,
+    LeaseNotFound,
+    NotFound,
+    QuotaExceeded,
+    RegistryUnavailable,
+)
 from fleetd.registry.etcdpb import Event, rpc
 from fleetd.registry.kv import (
     MAX_TXN_OPS,
@@ -280,6 +287,22 @@ def _unavailable(e: RpcError, what: str, config: EtcdConfig) -> RegistryUnavaila
     return RegistryUnavailable(f"{msg} ({hint})" if hint else msg)
 
 
+# etcd's words (rpctypes.ErrGRPCNoSpace) for a write refused under its NOSPACE alarm.
+NOSPACE_DETAILS = "database space exceeded"
+
+
+def nospace_message(what: str, config: EtcdConfig) -> str:
+    """What to tell whoever met the NOSPACE alarm: what happened, and the way out."""
+    where = ", ".join(config.endpoints)
+    return (
+        f"etcd {what} refused on {where}: etcd's database is full (NOSPACE alarm: mvcc:"
+        " database space exceeded, the size set by --quota-backend-bytes); reads still work,"
+        " every write fails until an operator frees space and disarms the alarm:"
+        " `etcdctl endpoint status -w json` (its revision), `etcdctl compact <revision>`,"
+        " `etcdctl defrag`, `etcdctl alarm disarm` (docs/troubleshooting.md)"
+    )
+
+
 def _map_error(e: RpcError, what: str, config: EtcdConfig) -> Exception:
     """Turn a failed call into the error the contract promises."""
     code = e.code()
@@ -296,7 +319,9 @@ def _map_error(e: RpcError, what: str, config: EtcdConfig) -> Exception:
         return ValueError(f"etcd refused the {what} request: {details}")
     if code == StatusCode.PERMISSION_DENIED:
         return ConfigError(f"etcd user {config.username!r} is not allowed to {what}: {details}")
-    # UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, RESOURCE_EXHAUSTED (quota), INTERNAL, ...:
+    if code == StatusCode.RESOURCE_EXHAUSTED and NOSPACE_DETAILS in details:
+        return QuotaExceeded(nospace_message(what, config))
+    # UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, other RESOURCE_EXHAUSTED, INTERNAL, ...:
     # nothing the caller can fix by changing the request; it retries later.
     return _unavailable(e, what, config)
 
@@ -441,10 +466,10 @@ class EtcdKV:
         response = await self._unary("get", _RANGE, request, rpc.RangeResponse)
         return _kv(response.kvs[0]) if response.kvs else None
 
-    async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
+    async def range(self, prefix: str, *, keys_only: bool = False) -> tuple[list[KeyValue], int]:
         key, end = _prefix_range(prefix)
         # etcd sorts by key, ascending, when no sort order is asked for.
-        request = rpc.RangeRequest(key=key, range_end=end)
+        request = rpc.RangeRequest(key=key, range_end=end, keys_only=keys_only)
         response = await self._unary("range", _RANGE, request, rpc.RangeResponse)
         return [_kv(kv) for kv in response.kvs], int(response.header.revision)
 

@@ -23,6 +23,7 @@ found by looking up each prefix of an event's key rather than testing every watc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import time
 from bisect import bisect_left, insort
@@ -284,9 +285,12 @@ class FakeKV:
         await self._begin("get_many")
         return {k: self._data[k] for k in keys if k in self._data}
 
-    async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
+    async def range(self, prefix: str, *, keys_only: bool = False) -> tuple[list[KeyValue], int]:
         await self._begin("range")
-        return self._scan(prefix), self._revision
+        found = self._scan(prefix)
+        if keys_only:
+            found = [dataclasses.replace(kv, value="") for kv in found]
+        return found, self._revision
 
     async def current_revision(self) -> int:
         await self._begin("revision")

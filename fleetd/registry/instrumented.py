@@ -57,8 +57,8 @@ class InstrumentedKV:
     async def get_many(self, keys: Sequence[str]) -> dict[str, KeyValue]:
         return await self._timed("get_many", self.inner.get_many(keys))
 
-    async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
-        return await self._timed("range", self.inner.range(prefix))
+    async def range(self, prefix: str, *, keys_only: bool = False) -> tuple[list[KeyValue], int]:
+        return await self._timed("range", self.inner.range(prefix, keys_only=keys_only))
 
     async def current_revision(self) -> int:
         return await self._timed("revision", self.inner.current_revision())

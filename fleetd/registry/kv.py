@@ -91,8 +91,12 @@ class KV(Protocol):
         """The keys that exist among `keys`, by key, in one round trip (a read-only txn)."""
         ...
 
-    async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
-        """Every key starting with `prefix`, sorted by key, and the store revision read at."""
+    async def range(self, prefix: str, *, keys_only: bool = False) -> tuple[list[KeyValue], int]:
+        """Every key starting with `prefix`, sorted by key, and the store revision read at.
+
+        With `keys_only` every value is "" (etcd sends none): for a caller that needs only the
+        keys and their revisions, e.g. the body sweep (gc.py), which must not fetch every
+        unit file to learn which exist."""
         ...
 
     async def current_revision(self) -> int:

@@ -7,7 +7,7 @@ same code on real etcd and on the in-memory fake.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -17,6 +17,7 @@ from fleetd.errors import (
     InvalidUnitName,
     NotFound,
     NotLeader,
+    RegistryUnavailable,
     UnitFileError,
 )
 from fleetd.model import (
@@ -29,7 +30,7 @@ from fleetd.model import (
     Unit,
     UnitState,
 )
-from fleetd.registry import codec
+from fleetd.registry import codec, gc
 from fleetd.registry.codec import CorruptValue
 from fleetd.registry.keys import SCHEMA_VERSION, Keys, normalize_prefix
 from fleetd.registry.kv import (
@@ -211,36 +212,59 @@ class Registry:
         """Store a unit. Without `replace` it must not exist yet (returns False if it does).
 
         The body and the unit record go in one transaction, so no reader sees a unit whose
-        body is missing. A name fleet would refuse (`validate_name`) raises InvalidUnitName
-        before anything is written: the CLI and the API check first, this is the last line.
+        body is missing. The body is written even when it exists already (a template
+        instance, a re-submit): that moves its mod_revision, which is what lets the body
+        collector's guarded delete see a concurrent reuse (gc.py, invariant 1.). A name fleet
+        would refuse (`validate_name`) raises InvalidUnitName before anything is written: the
+        CLI and the API check first, this is the last line.
+
+        A replace that changes the unit's body releases the old one if no unit names it any
+        more (`release_bodies`).
         """
         validate_name(name)
         unit_key = self.keys.unit(name)
-        body_key = self.keys.body(unit.hash)
-        record = Put(unit_key, codec.encode_desired(unit.hash, target_state))
-        guards: list[Compare] = [] if replace else [Compare(unit_key, "version", "==", 0)]
-        body_there = Compare(body_key, "version", ">", 0)
-        body_absent = Compare(body_key, "version", "==", 0)
-        # One transaction in the usual cases: the body guarded on being absent (a new body)
-        # or, when this client has seen it, on being present (a template instance, a
-        # re-submit). Writing an existing body again would rewrite identical bytes.
-        attempts: list[tuple[Compare, list[Op]]] = [
-            (body_absent, [Put(body_key, unit.serialize()), record]),
-            (body_there, [record]),
+        ops: list[Op] = [
+            Put(self.keys.body(unit.hash), unit.serialize()),
+            Put(unit_key, codec.encode_desired(unit.hash, target_state)),
         ]
-        if unit.hash in self._bodies:
-            attempts.reverse()
+        if not replace:
+            result = await self.kv.txn([Compare(unit_key, "version", "==", 0)], ops)
+            if result.succeeded:
+                self._bodies[unit.hash] = unit
+            return result.succeeded
         for _ in range(5):
-            for body_guard, ops in attempts:
-                result = await self.kv.txn([*guards, body_guard], ops)
-                if result.succeeded:
-                    self._bodies[unit.hash] = unit
-                    return True
-            # Neither held: the unit exists already (or the body came or went in between).
-            if not guards or await self.kv.get(unit_key) is None:
+            # Compare-and-swap on what was read, so the hash replaced is known for certain.
+            old = await self.kv.get(unit_key)
+            guard = (
+                Compare(unit_key, "version", "==", 0)
+                if old is None
+                else Compare(unit_key, "mod", "==", old.mod_revision)
+            )
+            result = await self.kv.txn([guard], ops)
+            if not result.succeeded:
                 continue
-            return False
-        raise Conflict(f"unit {name} kept changing while it was being created")
+            self._bodies[unit.hash] = unit
+            if old is not None:
+                await self._release_after_write(old, keep=unit.hash)
+            return True
+        raise Conflict(f"unit {name} kept changing while it was being replaced")
+
+    async def _release_after_write(self, old: KeyValue, keep: str = "") -> None:
+        """Release the body the record `old` named, now that it was replaced or deleted.
+
+        Best effort: the unit write has landed and is what the caller asked for, so a failure
+        here is logged, not raised; the engine's sweep collects the body later.
+        """
+        try:
+            hash_, _ = codec.decode_desired(old.value)
+        except CorruptValue:
+            return
+        if hash_ == keep:
+            return
+        try:
+            await self.release_bodies([hash_])
+        except RegistryUnavailable as e:
+            log.info("body_release_deferred", hash=hash_[:7], error=str(e))
 
     async def set_target_state(self, name: str, state: TargetState) -> None:
         """Change a unit's desired state; compare-and-swap so a concurrent replace is kept."""
@@ -261,9 +285,71 @@ class Registry:
         raise Conflict(f"unit {name} kept changing while its state was being set")
 
     async def destroy_unit(self, name: str) -> bool:
-        """Delete a unit's record; the engine then unschedules it. False if it did not exist."""
+        """Delete a unit's record; the engine then unschedules it. False if it did not exist.
+
+        Its body goes too when no other unit names it (`release_bodies`).
+        """
         key = self.keys.unit(name)
-        result = await self.kv.txn([Compare(key, "version", ">", 0)], [Delete(key)])
+        for _ in range(10):
+            old = await self.kv.get(key)
+            if old is None:
+                return False
+            # Compare-and-swap, so the body released is the one of the record deleted.
+            result = await self.kv.txn([Compare(key, "mod", "==", old.mod_revision)], [Delete(key)])
+            if result.succeeded:
+                await self._release_after_write(old)
+                return True
+        raise Conflict(f"unit {name} kept changing while it was being destroyed")
+
+    # ---- body garbage collection (the design and its proof: gc.py) -------------------------
+
+    async def release_bodies(self, hashes: Iterable[str]) -> list[str]:
+        """Delete those of `hashes`' bodies that no unit record names; the hashes deleted.
+
+        One read of the candidates' revisions, then one of the unit records (in that order,
+        gc.py), then guarded deletes.
+        """
+        wanted = sorted(set(hashes))
+        if not wanted:
+            return []
+        found = await self.kv.get_many([self.keys.body(h) for h in wanted])
+        bodies = {
+            h: found[self.keys.body(h)].mod_revision for h in wanted if self.keys.body(h) in found
+        }
+        if not bodies:
+            return []
+        return await self.delete_orphaned_bodies(bodies)
+
+    async def delete_orphaned_bodies(self, bodies: Mapping[str, int]) -> list[str]:
+        """Of `bodies` (hash -> mod_revision, read BEFORE this call), delete those no unit
+        record names now, each only if its mod_revision is unchanged; the hashes deleted.
+
+        Guarded deletes go MAX_TXN_OPS at a time; a batch that loses its guard (some body was
+        reused meanwhile) is retried one body at a time, so one reuse keeps only its body.
+        """
+        unit_kvs, _ = await self.kv.range(self.keys.units)
+        try:
+            referenced = gc.referenced_hashes(unit_kvs)
+        except gc.UnreadableRecord as e:
+            log.warning("body_sweep_skipped", reason=str(e))
+            return []
+        orphans = sorted(gc.orphaned_bodies(bodies, referenced).items())
+        deleted: list[str] = []
+        for start in range(0, len(orphans), MAX_TXN_OPS):
+            batch = orphans[start : start + MAX_TXN_OPS]
+            if len(batch) > 1 and await self._delete_bodies(batch):
+                deleted += [h for h, _ in batch]
+                continue
+            for one in batch:
+                if await self._delete_bodies([one]):
+                    deleted.append(one[0])
+        return deleted
+
+    async def _delete_bodies(self, bodies: Sequence[tuple[str, int]]) -> bool:
+        result = await self.kv.txn(
+            [Compare(self.keys.body(h), "mod", "==", mod) for h, mod in bodies],
+            [Delete(self.keys.body(h)) for h, _ in bodies],
+        )
         return result.succeeded
 
     # ---- machines ------------------------------------------------------------------------

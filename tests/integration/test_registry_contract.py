@@ -17,10 +17,11 @@ import pytest
 
 from fleetd.errors import NotFound, NotLeader
 from fleetd.model import Machine, TargetState, Unit, UnitState
+from fleetd.registry import gc
 from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.keys import SCHEMA_VERSION
-from fleetd.registry.kv import KV, Put
+from fleetd.registry.kv import KV, Delete, Put
 from fleetd.registry.migrations import SchemaTooNew
 from fleetd.registry.registry import Registry
 from fleetd.unitfile import parse_unit
@@ -266,3 +267,89 @@ async def test_deposed_leader_lands_no_chunk(backend: Backend) -> None:
     with pytest.raises(NotLeader):
         await reg.fenced(old, ops)
     assert await reg.placements() == {}
+
+
+# ---- body garbage collection (fleetd/registry/gc.py) --------------------------------------
+
+THIRD = parse_unit("[Service]\nExecStart=/bin/sleep 3\n")
+
+
+async def stored_bodies(backend: Backend, reg: Registry) -> set[str]:
+    kvs, _ = await backend.kv.range(reg.keys.bodies, keys_only=True)
+    assert all(kv.value == "" for kv in kvs)  # keys_only sends no value
+    return {reg.keys.tail(kv.key, reg.keys.bodies) for kv in kvs}
+
+
+async def test_replace_and_destroy_leave_no_orphaned_body(backend: Backend) -> None:
+    reg = Registry(backend.kv)
+    assert await reg.create_unit("a@1.service", HELLO)
+    assert await reg.create_unit("a@2.service", HELLO)  # one shared body
+    for body in (OTHER, THIRD, OTHER):  # three replaces
+        assert await reg.create_unit("a@1.service", body, replace=True)
+    assert await stored_bodies(backend, reg) == {HELLO.hash, OTHER.hash}  # a@2 keeps HELLO
+    assert await reg.destroy_unit("a@2.service")
+    assert await stored_bodies(backend, reg) == {OTHER.hash}
+    assert await reg.create_unit("a@1.service", OTHER, replace=True)  # same body: kept
+    assert await stored_bodies(backend, reg) == {OTHER.hash}
+    assert await reg.destroy_unit("a@1.service")
+    assert await stored_bodies(backend, reg) == set()
+
+
+async def test_sweep_collects_orphans_and_keeps_referenced_bodies(backend: Backend) -> None:
+    reg = Registry(backend.kv)
+    assert await reg.create_unit("kept.service", HELLO)
+    # Orphans as fleet 0.1.x left them (replace and destroy never touched bodies), and a key
+    # fleet did not write.
+    await backend.kv.txn(
+        [],
+        [
+            Put(reg.keys.body(OTHER.hash), OTHER.serialize()),
+            Put(reg.keys.body(THIRD.hash), THIRD.serialize()),
+            Put(reg.keys.body("not-a-hash"), "x"),
+        ],
+    )
+    assert await gc.sweep_orphaned_bodies(reg) == sorted([OTHER.hash, THIRD.hash])
+    assert await stored_bodies(backend, reg) == {HELLO.hash, "not-a-hash"}
+    assert await gc.sweep_orphaned_bodies(reg) == []  # idempotent
+
+
+async def test_a_body_reused_during_the_sweep_is_kept(backend: Backend) -> None:
+    """The race: a unit re-using an orphaned body is submitted after the collector read the
+    body's revision (before or after it read the unit records): the body stays."""
+    reg = Registry(backend.kv)
+    submitter = Registry(backend.kv)  # another client, its own cache
+    assert await reg.create_unit("old.service", HELLO)
+    assert await reg.create_unit("old@x.service", OTHER)
+    await backend.kv.txn([], [Delete(reg.keys.unit("old.service"))])  # orphan, as 0.1.x did
+    await backend.kv.txn([], [Delete(reg.keys.unit("old@x.service"))])
+    body_kvs, _ = await backend.kv.range(reg.keys.bodies, keys_only=True)
+    read = {reg.keys.tail(kv.key, reg.keys.bodies): kv.mod_revision for kv in body_kvs}
+    assert set(read) == {HELLO.hash, OTHER.hash}
+    # Between the sweep's read of the bodies and its read of the unit records:
+    assert await submitter.create_unit("new.service", HELLO)
+
+    # ... and between its read of the unit records and its delete (a KV that lets the
+    # submitter in just after the range of units/, before the guarded delete).
+    class Interleaved:
+        def __init__(self, inner: KV) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        async def range(self, prefix: str, *, keys_only: bool = False) -> Any:
+            found = await self.inner.range(prefix, keys_only=keys_only)
+            if prefix == reg.keys.units:
+                assert await submitter.create_unit("new@x.service", OTHER)
+            return found
+
+    collector = Registry(cast(KV, Interleaved(backend.kv)))
+    assert await collector.delete_orphaned_bodies(read) == []
+    assert await stored_bodies(backend, reg) == {HELLO.hash, OTHER.hash}
+    fresh = Registry(backend.kv)
+    assert await fresh.get_body(HELLO.hash) == HELLO
+    assert await fresh.get_body(OTHER.hash) == OTHER
+    # Once nobody uses them, they go.
+    assert await reg.destroy_unit("new.service")
+    assert await reg.destroy_unit("new@x.service")
+    assert await stored_bodies(backend, reg) == set()

@@ -1,0 +1,120 @@
+"""Garbage collection of unit bodies (fleetd/registry/gc.py) on the fake KV: what the pure
+selection keeps, when the sweep holds back, and that releasing a body never fails the unit
+write it follows. The race itself runs on both the fake and etcd in
+tests/integration/test_registry_contract.py."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from fleetd.errors import RegistryUnavailable
+from fleetd.model import Machine
+from fleetd.registry import gc
+from fleetd.registry.fake import FakeKV
+from fleetd.registry.kv import KV, Put
+from fleetd.registry.registry import Registry
+from fleetd.unitfile import parse_unit
+
+A = parse_unit("[Service]\nExecStart=/bin/sleep 1\n")
+B = parse_unit("[Service]\nExecStart=/bin/sleep 2\n")
+
+
+def bodies(fake: FakeKV, reg: Registry) -> set[str]:
+    return {reg.keys.tail(k, reg.keys.bodies) for k in fake.dump(reg.keys.bodies)}
+
+
+def test_orphans_are_the_unreferenced_fleet_hashes() -> None:
+    found = {A.hash: 5, B.hash: 7, "README": 3, A.hash.upper(): 4}
+    assert gc.orphaned_bodies(found, {A.hash}) == {B.hash: 7}
+    assert gc.orphaned_bodies(found, {A.hash, B.hash}) == {}
+
+
+def test_writers_older_than_0_2_hold_the_sweep_back() -> None:
+    versions = {"m1": "0.2.0", "m2": "0.1.1", "m3": "v0.3.0-rc1", "m4": "garbage"}
+    assert gc.blocking_writers(versions) == ["m2", "m4"]
+
+
+async def test_sweep_waits_for_every_machine_to_run_0_2() -> None:
+    fake = FakeKV()
+    reg = Registry(fake)
+    await fake.txn([], [Put(reg.keys.body(A.hash), A.serialize())])
+    lease = await fake.grant(60)
+    assert await reg.register_machine(Machine.make("m1", "", {}, version="0.1.1"), lease)
+    assert await gc.sweep_orphaned_bodies(reg) == []
+    assert bodies(fake, reg) == {A.hash}
+    assert await reg.register_machine(Machine.make("m1", "", {}, version="0.2.0"), lease)
+    assert await gc.sweep_orphaned_bodies(reg) == [A.hash]
+    assert bodies(fake, reg) == set()
+
+
+async def test_an_unreadable_unit_record_stops_the_sweep() -> None:
+    fake = FakeKV()
+    reg = Registry(fake)
+    await fake.txn(
+        [],
+        [Put(reg.keys.body(A.hash), A.serialize()), Put(reg.keys.unit("x.service"), "{broken")],
+    )
+    assert await gc.sweep_orphaned_bodies(reg) == []  # it might name A
+    assert bodies(fake, reg) == {A.hash}
+
+
+async def test_one_reused_body_keeps_only_itself_in_a_batch() -> None:
+    fake = FakeKV()
+    reg = Registry(fake)
+    many = [parse_unit(f"[Service]\nExecStart=/bin/sleep {i}\n") for i in range(200)]
+    await fake.txn([], [Put(reg.keys.body(u.hash), u.serialize()) for u in many[:100]])
+    await fake.txn([], [Put(reg.keys.body(u.hash), u.serialize()) for u in many[100:]])
+    kvs, _ = await fake.range(reg.keys.bodies, keys_only=True)
+    read = {reg.keys.tail(kv.key, reg.keys.bodies): kv.mod_revision for kv in kvs}
+    reused = many[150]
+    # Reused after the revisions were read: its mod_revision moved, its batch's guard fails.
+    await fake.txn([], [Put(reg.keys.body(reused.hash), reused.serialize())])
+    deleted = await reg.delete_orphaned_bodies(read)
+    assert set(deleted) == {u.hash for u in many} - {reused.hash}
+    assert bodies(fake, reg) == {reused.hash}
+
+
+async def test_releasing_the_old_body_never_fails_the_unit_write() -> None:
+    """The unit write landed: a release that cannot reach etcd is left to the sweep."""
+    fake = FakeKV()
+
+    class NoGetMany:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(fake, name)
+
+        async def get_many(self, keys: Any) -> Any:
+            raise RegistryUnavailable("etcd went away")
+
+    reg = Registry(cast(KV, NoGetMany()))
+    assert await reg.create_unit("u.service", A)
+    assert await reg.create_unit("u.service", B, replace=True)
+    assert (await reg.get_unit("u.service")) is not None
+    assert await reg.destroy_unit("u.service")
+    assert await reg.get_unit("u.service") is None
+    assert bodies(fake, reg) == {A.hash, B.hash}  # left behind...
+    assert sorted(await gc.sweep_orphaned_bodies(Registry(fake))) == sorted([A.hash, B.hash])
+
+
+async def test_a_submit_rewrites_an_existing_body_with_the_record() -> None:
+    """Invariant 1. of gc.py: every record write moves its body's mod_revision."""
+    fake = FakeKV()
+    reg = Registry(fake)
+    assert await reg.create_unit("a@1.service", A)
+    before = await fake.get(reg.keys.body(A.hash))
+    assert await Registry(fake).create_unit("a@2.service", A)
+    after = await fake.get(reg.keys.body(A.hash))
+    unit = await fake.get(reg.keys.unit("a@2.service"))
+    assert before is not None
+    assert after is not None
+    assert unit is not None
+    assert after.mod_revision == unit.mod_revision > before.mod_revision
+
+
+async def test_refused_create_writes_nothing() -> None:
+    fake = FakeKV()
+    reg = Registry(fake)
+    assert await reg.create_unit("u.service", A)
+    revision = fake.revision
+    assert not await reg.create_unit("u.service", B)
+    assert fake.revision == revision
+    assert bodies(fake, reg) == {A.hash}
