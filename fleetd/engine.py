@@ -41,7 +41,7 @@ from fleetd.errors import (
     RegistryUnavailable,
 )
 from fleetd.model import Unit
-from fleetd.registry import codec
+from fleetd.registry import codec, gc
 from fleetd.registry.codec import CorruptValue
 from fleetd.registry.keys import SCHEMA_VERSION
 from fleetd.registry.kv import EventType, Op, WatchEvent
@@ -104,6 +104,7 @@ class Engine:
         self._grace_until = 0.0  # the engine's own reasons: etcd errors, mass machine loss
         self._holding: frozenset[str] = frozenset()  # machines the last plan held
         self._planned_machines: frozenset[str] = frozenset()
+        self._last_body_sweep = float("-inf")
 
     @property
     def is_leader(self) -> bool:
@@ -194,6 +195,7 @@ class Engine:
                 schema = await migrate(self.registry, schema)
             if self._changed or (self._holding and not self._in_grace()):
                 await self._plan_and_apply(token)
+            await self._sweep_bodies()
 
         await follow(
             self.registry.watch,
@@ -205,6 +207,18 @@ class Engine:
             idle_interval=self._idle_interval,  # the safety pass reads nothing from etcd
             batch_window=self._batch_window,
         )
+
+    async def _sweep_bodies(self) -> None:
+        """Unit bodies no unit names any more, deleted every gc.SWEEP_INTERVAL (the first
+        soon after taking the lead). Each delete is guarded on its own, so no fence needed."""
+        now = self.clock()
+        if now - self._last_body_sweep < gc.SWEEP_INTERVAL:
+            return
+        self._last_body_sweep = now
+        try:
+            await gc.sweep_orphaned_bodies(self.registry)
+        except FleetError as e:  # the next sweep retries; planning must not wait on it
+            log.warning("body_sweep_failed", error=str(e))
 
     # ---- grace after etcd-side faults ---------------------------------------------------
 

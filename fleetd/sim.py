@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleetd import __version__
 from fleetd.agent import Agent
 from fleetd.engine import Engine
 from fleetd.model import Machine
@@ -69,7 +70,8 @@ class SimCluster:
     def add(
         self, machine_id: str, metadata: Mapping[str, str] | None = None, public_ip: str = ""
     ) -> SimMachine:
-        machine = Machine.make(machine_id, public_ip, metadata or {})
+        # The simulated machines run this very code, so they announce its version.
+        machine = Machine.make(machine_id, public_ip, metadata or {}, version=__version__)
         with_engine = self.engines is None or len(self.machines) < self.engines
         sim = self._build(machine, FakeUnitManager(), with_engine)
         self.machines[machine_id] = sim

@@ -118,3 +118,24 @@ async def test_refused_create_writes_nothing() -> None:
     assert not await reg.create_unit("u.service", B)
     assert fake.revision == revision
     assert bodies(fake, reg) == {A.hash}
+
+
+async def test_the_engine_leader_sweeps_soon_after_taking_the_lead(tmp_path: Any) -> None:
+    import asyncio
+
+    from fleetd.sim import SimCluster
+
+    fake = FakeKV()
+    reg = Registry(fake)
+    await fake.txn([], [Put(reg.keys.body(B.hash), B.serialize())])  # an orphan from before
+    sim = SimCluster(fake, agent_ttl=1.0, safety_interval=0.2, state_dir=tmp_path)
+    sim.add("a" * 32)
+    await sim.start_all()
+    try:
+        for _ in range(500):
+            if B.hash not in bodies(fake, reg):
+                break
+            await asyncio.sleep(0.01)
+        assert B.hash not in bodies(fake, reg), "the leader never swept the orphaned body"
+    finally:
+        await sim.close()
