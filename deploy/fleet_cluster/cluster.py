@@ -426,14 +426,27 @@ class Cluster:
             self._save()
             self.progress("etcd", f"member {member.index} {'killed' if kill else 'stopped'}")
 
-    def etcd_leader(self) -> int | None:
+    def pause_etcd(self, members: Sequence[int] | None = None) -> None:
+        """Freeze etcd members (all by default) with SIGSTOP: they hold their connections and
+        answer nothing, unlike a stopped member; `resume_etcd` lets them go on."""
+        for member in self._etcd_members(members):
+            etcd.pause(member, self.layout)
+            self.progress("etcd", f"member {member.index} paused (SIGSTOP)")
+
+    def resume_etcd(self, members: Sequence[int] | None = None) -> None:
+        for member in self._etcd_members(members):
+            etcd.pause(member, self.layout, resume=True)
+            self.progress("etcd", f"member {member.index} resumed (SIGCONT)")
+
+    def etcd_leader(self, among: Sequence[int] | None = None) -> int | None:
         """The index of etcd's raft leader as the running members see it, or None.
 
-        None also while the members disagree (an election in progress).
+        None also while the members disagree (an election in progress). `among` asks only
+        those members (leave a paused one out: it answers nothing).
         """
         seen: dict[str, int] = {}
         leaders: set[str] = set()
-        for member in self._require_state().etcd_members:
+        for member in self._etcd_members(among):
             if not etcd.running(member, self.layout):
                 continue
             status = etcd.status(etcd.local_url(member))

@@ -148,6 +148,13 @@ def leftovers(layout: Layout) -> list[int]:
     return procs.find_processes(lambda argv: bool(argv) and _names_our_data(argv, layout))
 
 
+def pause(member: EtcdState, layout: Layout, *, resume: bool = False) -> None:
+    """SIGSTOP one member (a VM pause, a disk stall, a long GC from the outside), or SIGCONT
+    it with `resume`. Only a member that is ours and running is signalled."""
+    if running(member, layout):
+        procs.signal_pids([member.pid], signal.SIGCONT if resume else signal.SIGSTOP)
+
+
 def kill(member: EtcdState, layout: Layout) -> None:
     """SIGKILL one member (as a crash would) and wait until it is gone."""
     if running(member, layout):

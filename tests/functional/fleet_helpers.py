@@ -468,3 +468,77 @@ def summary(samples: list[float]) -> dict[str, Any]:
 def report(line: str) -> None:
     """A figure for the reader of `pytest -s` (stderr is not captured-and-hidden there)."""
     print(f"[figure] {line}", file=sys.stderr)
+
+
+# -- fault-test helpers: units that note each launch, and what they ran where -------------
+
+LAUNCHES = "/run/fleet-test-launches"
+
+
+def unit(xfleet: str = "") -> str:
+    """A long-running service that notes each launch in its machine's LAUNCHES file."""
+    text = (
+        "[Unit]\nDescription=fault test unit\n\n[Service]\n"
+        f"ExecStart=/bin/sh -c 'echo %n >> {LAUNCHES}; exec sleep infinity'\n"
+    )
+    if xfleet:
+        text += f"\n[X-Fleet]\n{xfleet.strip()}\n"
+    return text
+
+
+def spread(fleet: Fleet, count: int, prefix: str = "work") -> dict[str, MachineState]:
+    names = [f"{prefix}-{i}.service" for i in range(count)]
+    for name in names:
+        fleet.start(name, unit())
+    return {name: fleet.wait_running(name, timeout=30) for name in names}
+
+
+def launches(fleet: Fleet) -> dict[str, int]:
+    """How many times each unit was launched, over every live machine."""
+    counts: dict[str, int] = {}
+    for m in fleet.live():
+        done = fleet.cluster.exec(m, ["cat", LAUNCHES])
+        for name in done.stdout.split():
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def single_pids(fleet: Fleet, names: list[str]) -> dict[str, tuple[str, int]]:
+    """unit -> (machine, main pid), asserting each runs on exactly one machine."""
+    seen = fleet.main_pids(names)
+    for name, where in seen.items():
+        assert len(where) == 1, f"{name} runs on {where}"
+    return {name: next(iter(where.items())) for name, where in seen.items()}
+
+
+def machine_leases(fleet: Fleet) -> dict[str, tuple[int, int]]:
+    """machine name -> (lease, create revision) of its registration."""
+    keys = fleet.driver.registry.keys
+    found = {}
+    for m in fleet.home:
+        facts = fleet.driver.key_facts(keys.machine(m.machine_id))
+        assert facts is not None, f"{m.name} is not registered"
+        found[m.name] = (facts.lease, facts.create_revision)
+    return found
+
+
+def placements(fleet: Fleet, names: list[str]) -> dict[str, object]:
+    keys = fleet.driver.registry.keys
+    return {name: fleet.driver.key_facts(keys.placement(name)) for name in names}
+
+
+def time_to_run(fleet: Fleet, name: str, timeout: float) -> float:
+    """Start `name` and return the seconds until it runs (etcd and systemd agree)."""
+    started = time.monotonic()
+    fleet.start(name, unit())
+    fleet.wait_running(name, timeout=timeout)
+    return time.monotonic() - started
+
+
+def fleetd_pids(fleet: Fleet) -> dict[str, int]:
+    """machine name -> MainPID of fleet.service (0 when fleetd is not running)."""
+    pids = {}
+    for m in fleet.home:
+        done = fleet.cluster.exec(m, ["systemctl", "show", "-p", "MainPID", "--value", "fleet"])
+        pids[m.name] = int(done.stdout.strip() or 0)
+    return pids

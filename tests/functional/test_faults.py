@@ -19,7 +19,24 @@ from collections.abc import Iterator
 
 import pytest
 from fleet_cluster import Cluster, MachineState
-from fleet_helpers import Fleet, RegistryDriver, eventually, fleet_on, holds_for, report, summary
+from fleet_helpers import (
+    LAUNCHES,
+    Fleet,
+    RegistryDriver,
+    eventually,
+    fleet_on,
+    fleetd_pids,
+    holds_for,
+    launches,
+    machine_leases,
+    placements,
+    report,
+    single_pids,
+    spread,
+    summary,
+    time_to_run,
+    unit,
+)
 
 AGENT_TTL = 10.0
 ETCD_DOWN_SECONDS = 30.0
@@ -31,20 +48,8 @@ pytestmark = pytest.mark.parametrize(
     ids=["3-machines-3-etcd"],
 )
 
-LAUNCHES = "/run/fleet-test-launches"
 # fleetd states that are not on their way somewhere (auto-restart after a kill is).
 SETTLED = ("active/running", "inactive/dead", "failed/failed")
-
-
-def unit(xfleet: str = "") -> str:
-    """A long-running service that notes each launch in its machine's LAUNCHES file."""
-    text = (
-        "[Unit]\nDescription=fault test unit\n\n[Service]\n"
-        f"ExecStart=/bin/sh -c 'echo %n >> {LAUNCHES}; exec sleep infinity'\n"
-    )
-    if xfleet:
-        text += f"\n[X-Fleet]\n{xfleet.strip()}\n"
-    return text
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -93,58 +98,6 @@ def fleet(fleet_module: Fleet) -> Iterator[Fleet]:
     yield fleet_module
     restore(fleet_module)
     fleet_module.cleanup()
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def spread(fleet: Fleet, count: int, prefix: str = "work") -> dict[str, MachineState]:
-    names = [f"{prefix}-{i}.service" for i in range(count)]
-    for name in names:
-        fleet.start(name, unit())
-    return {name: fleet.wait_running(name, timeout=30) for name in names}
-
-
-def launches(fleet: Fleet) -> dict[str, int]:
-    """How many times each unit was launched, over every live machine."""
-    counts: dict[str, int] = {}
-    for m in fleet.live():
-        done = fleet.cluster.exec(m, ["cat", LAUNCHES])
-        for name in done.stdout.split():
-            counts[name] = counts.get(name, 0) + 1
-    return counts
-
-
-def single_pids(fleet: Fleet, names: list[str]) -> dict[str, tuple[str, int]]:
-    """unit -> (machine, main pid), asserting each runs on exactly one machine."""
-    seen = fleet.main_pids(names)
-    for name, where in seen.items():
-        assert len(where) == 1, f"{name} runs on {where}"
-    return {name: next(iter(where.items())) for name, where in seen.items()}
-
-
-def machine_leases(fleet: Fleet) -> dict[str, tuple[int, int]]:
-    """machine name -> (lease, create revision) of its registration."""
-    keys = fleet.driver.registry.keys
-    found = {}
-    for m in fleet.home:
-        facts = fleet.driver.key_facts(keys.machine(m.machine_id))
-        assert facts is not None, f"{m.name} is not registered"
-        found[m.name] = (facts.lease, facts.create_revision)
-    return found
-
-
-def placements(fleet: Fleet, names: list[str]) -> dict[str, object]:
-    keys = fleet.driver.registry.keys
-    return {name: fleet.driver.key_facts(keys.placement(name)) for name in names}
-
-
-def time_to_run(fleet: Fleet, name: str, timeout: float) -> float:
-    """Start `name` and return the seconds until it runs (etcd and systemd agree)."""
-    started = time.monotonic()
-    fleet.start(name, unit())
-    fleet.wait_running(name, timeout=timeout)
-    return time.monotonic() - started
 
 
 # -- etcd ------------------------------------------------------------------------------------
@@ -256,6 +209,48 @@ def test_etcd_leader_killed_stops_nothing_and_scheduling_goes_on(fleet: Fleet) -
     report(
         f"etcd leader (member {leader}) killed: member {new_leader} leads after "
         f"{elected:.2f} s; a new unit ran in {first:.2f} s; units kept their pids"
+    )
+
+
+def test_etcd_leader_paused_2x_ttl_stops_nothing(fleet: Fleet) -> None:
+    """SIGSTOP of etcd's raft leader: the two others elect a new leader (which gives every
+    lease a fresh TTL), the clients on the frozen member time out and move on."""
+    cluster = fleet.cluster
+    names = sorted(spread(fleet, 6))
+    before = single_pids(fleet, names)
+    daemons = fleetd_pids(fleet)
+    placed = placements(fleet, names)
+    leader = eventually(cluster.etcd_leader, 10.0, "an etcd leader")
+    others = [m for m in range(1, 4) if m != leader]
+
+    cluster.pause_etcd([leader])
+    paused_at = time.monotonic()
+    try:
+        new_leader = eventually(
+            lambda: cluster.etcd_leader(among=others), 15.0, "a new etcd leader"
+        )
+        elected = time.monotonic() - paused_at
+        during = time_to_run(fleet, "leader-paused.service", timeout=30)
+        left = 2 * AGENT_TTL - (time.monotonic() - paused_at)
+        holds_for(lambda: single_pids(fleet, names) == before, max(left, 1.0), "units on pids")
+    finally:
+        cluster.resume_etcd([leader])
+    after = time_to_run(fleet, "leader-resumed.service", timeout=30)
+    assert single_pids(fleet, names) == before
+    assert placements(fleet, names) == placed
+    assert fleetd_pids(fleet) == daemons, "a fleetd exited or restarted"
+    fleet.record(
+        "etcd_leader_paused_2x_ttl",
+        {
+            "new_etcd_leader_seconds": round(elected, 3),
+            "new_unit_start_seconds_leader_paused": round(during, 3),
+            "new_unit_start_seconds_after_resume": round(after, 3),
+        },
+    )
+    report(
+        f"etcd leader (member {leader}) paused {2 * AGENT_TTL:g} s: member {new_leader} led "
+        f"after {elected:.2f} s; a new unit ran in {during:.2f} s meanwhile; units kept their "
+        "pids, every fleetd the same process"
     )
 
 
