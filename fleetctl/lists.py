@@ -74,6 +74,7 @@ def _fields(spec: str, source: click.core.ParameterSource | None, valid: Sequenc
 
 # ---- list-units ------------------------------------------------------------------------------
 
+
 def _sub(state: StateView, _: Shown) -> str:
     return f"{state.failed_task}-failed" if state.failed_task else state.sub
 

@@ -353,19 +353,26 @@ class Agent:
             desired = await self.desired()
             now = self.clock()
             self._expire_failures(desired)
-            planned = plan_tasks(desired, self.record.units)
-            if self._unreloaded and not any(t.kind == TaskKind.RELOAD for t in planned):
-                planned.append(Task(TaskKind.RELOAD, "", REASON_FILES_CHANGED))
-                planned.sort(key=lambda task: (task.kind, task.unit))
             tasks = [
                 t
-                for t in planned
-                if not (t.kind == TaskKind.START and self._start_blocked(t.unit))
+                for t in plan_tasks(desired, self.record.units)
+                if t.kind != TaskKind.RELOAD  # decided below, on what is left
+                and not (t.kind == TaskKind.START and self._start_blocked(t.unit))
                 and not holds_back(self._failures.get(t.unit), now, desired.get(t.unit))
             ]
+            # The daemon-reload: after this pass's loads and unloads, or still owed for
+            # earlier ones (it failed); never for a load held back in backoff.
+            files_change = any(t.kind in (TaskKind.LOAD, TaskKind.UNLOAD) for t in tasks)
+            if (files_change or self._unreloaded) and not holds_back(
+                self._failures.get(""), now, None
+            ):
+                tasks.append(Task(TaskKind.RELOAD, "", REASON_FILES_CHANGED))
+                tasks.sort(key=lambda task: (task.kind, task.unit))
             failed: set[str] = set()  # units (or "" for the reload) that failed in this pass
             ran = 0
             for group in _by_kind(tasks):
+                if group[0].kind == TaskKind.RELOAD and not self._unreloaded:
+                    continue  # every load and unload of the pass failed: no file changed
                 ran += await self._run_group(group, desired, failed)
             self.tasks_run += ran
             if failed:

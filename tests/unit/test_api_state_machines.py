@@ -65,7 +65,8 @@ async def test_a_state_whose_task_failed_carries_failed_task_and_error(api: Api)
     assert state["systemdSubState"] == "start"  # systemd's own, unchanged
     await api.publish("a.service", M1)
     status, page, _ = await api.call("GET", f"{V1}/state")
-    assert "failedTask" not in page["states"][0] and "error" not in page["states"][0]
+    assert "failedTask" not in page["states"][0]
+    assert "error" not in page["states"][0]
 
 
 @pytest.mark.parametrize(

@@ -138,11 +138,7 @@ class Cluster:
         failed_task: str = "",
         error: str = "",
     ) -> None:
-        run(
-            self._publish(
-                name, machine, agent_state, active, sub, load, hash_, failed_task, error
-            )
-        )
+        run(self._publish(name, machine, agent_state, active, sub, load, hash_, failed_task, error))
 
     async def _publish(
         self,
@@ -159,9 +155,7 @@ class Cluster:
         if hash_ is None:
             unit = await self.registry.get_unit(name)
             hash_ = unit.hash if unit else ""
-        state = UnitState(
-            name, machine, load, active, sub, hash_, agent_state, failed_task, error
-        )
+        state = UnitState(name, machine, load, active, sub, hash_, agent_state, failed_task, error)
         key = self.registry.keys.state(name, machine)
         await self.kv.txn([], [Put(key, codec.encode_state(state))])
 

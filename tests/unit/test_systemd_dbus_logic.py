@@ -118,10 +118,13 @@ async def test_a_job_that_never_finishes_fails_its_unit_alone(
     )
     hung, rest = results[0], results[1:]
     assert isinstance(hung, UnitManagerError)
-    assert "StartUnit u0.service" in str(hung) and "did not finish in 0.2s" in str(hung)
+    assert "StartUnit u0.service" in str(hung)
+    assert "did not finish in 0.2s" in str(hung)
     assert rest == ["done"] * 39
-    assert "u0.service" not in finished and len(finished) == 39
-    assert m._job_waiters == {} and m._queueing == {}
+    assert "u0.service" not in finished
+    assert len(finished) == 39
+    assert m._job_waiters == {}
+    assert m._queueing == {}
     # systemd finishing the job after all is ignored; the next start works as usual.
     m._on_job_removed([1, jobs["u0.service"], "u0.service", "done"])
     monkeypatch.setattr(
@@ -358,7 +361,7 @@ def test_write_atomically_a_full_run_is_a_unit_manager_error_and_leaves_nothing(
         def write(self, text: str) -> int:
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sd.os, "fdopen", lambda fd, *a, **k: Full(fd))
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: Full(fd))
     with pytest.raises(UnitManagerError, match="No space left on device"):
         sd._write_atomically(units / "a.service", "[Service]\n")
     assert os.listdir(units) == []  # neither the unit nor its temporary file
