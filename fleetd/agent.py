@@ -511,6 +511,9 @@ class Agent:
                 await self.reconcile()
             except FleetError as e:
                 log.warning("agent_retry_failed", error=str(e))
+            except Exception:
+                # Keep retrying later ones: the watch loop's own pass would hit this too.
+                log.exception("agent_retry_crashed")
 
     async def _run_task(self, task: Task, desired: Mapping[str, DesiredUnit]) -> None:
         name = task.unit
