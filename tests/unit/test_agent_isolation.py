@@ -120,6 +120,20 @@ async def test_a_start_job_that_times_out_fails_its_unit_alone(tmp_path: Path) -
     assert states[BAD].agent_state == TargetState.LOADED
 
 
+async def test_an_unexpected_exception_fails_its_unit_alone_too(tmp_path: Path) -> None:
+    class Buggy(FakeUnitManager):
+        async def load(self, name: str, text: str, *, has_install: bool) -> None:
+            if name == BAD:
+                raise KeyError("a bug")
+            await super().load(name, text, has_install=has_install)
+
+    m = Machine1(tmp_path)
+    m.manager = m.agent.manager = Buggy(tmp_path / "units")
+    await m.schedule([*GOOD, BAD])
+    assert await m.agent.reconcile() == 10 + 1 + 10
+    assert m.agent._failures[BAD].error == "KeyError: 'a bug'"
+
+
 async def test_failed_unit_is_retried_with_backoff_and_success_clears_the_error(
     tmp_path: Path,
 ) -> None:
