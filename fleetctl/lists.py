@@ -1,8 +1,16 @@
 """list-units, list-unit-files and list-machines (reference §1.6, §1.7).
 
 Tables are fleet's, byte for byte (see output.py). Beyond fleet: `-o json` prints the same
-rows as a JSON array with unabbreviated values, and list-unit-files has a `reason` field
-(why the scheduler cannot place a unit).
+rows as a JSON array with unabbreviated values, list-unit-files has a `reason` field (why the
+scheduler cannot place a unit), and list-units an `error` field (the agent's failed task for
+the unit on that machine and its error, e.g. `load failed: ...`).
+
+A unit whose task fails on a machine shows it in list-units' default columns without changing
+them: its SUB reads `<task>-failed` (`load-failed`, `start-failed`, `stop-failed`,
+`unload-failed`, `reload-failed`) instead of systemd's sub-state, so `fleetctl list-units`
+alone tells a stuck unit from a healthy one and a script splitting the columns still finds
+four. ACTIVE stays systemd's (`-` when nothing is loaded). `-o json` keeps systemd's `sub`,
+and `error` says what failed.
 """
 
 from __future__ import annotations
@@ -66,6 +74,17 @@ def _fields(spec: str, source: click.core.ParameterSource | None, valid: Sequenc
 
 # ---- list-units ------------------------------------------------------------------------------
 
+
+def _sub(state: StateView, _: Shown) -> str:
+    return f"{state.failed_task}-failed" if state.failed_task else state.sub
+
+
+def _error(state: StateView) -> str:
+    if not state.failed_task and not state.error:
+        return ""
+    return f"{state.failed_task or 'task'} failed: {state.error or 'unknown error'}"
+
+
 UNIT_STATE_FIELDS: dict[str, Field[StateView, Shown]] = {
     "unit": Field(lambda s, _: s.name, lambda s, _: s.name),
     "machine": Field(
@@ -73,15 +92,16 @@ UNIT_STATE_FIELDS: dict[str, Field[StateView, Shown]] = {
         lambda s, _: s.machine_id or None,
     ),
     "active": Field(lambda s, _: s.active, lambda s, _: s.active or None),
-    "sub": Field(lambda s, _: s.sub, lambda s, _: s.sub or None),
+    "sub": Field(_sub, lambda s, _: s.sub or None),
     "load": Field(lambda s, _: s.load, lambda s, _: s.load or None),
     "hash": Field(lambda s, c: _hash(s.hash, c.full), lambda s, _: s.hash or None),
+    "error": Field(lambda s, _: _error(s), lambda s, _: _error(s) or None),
 }
 
 
 @click.command("list-units", cls=FleetCommand, short_help="List the current state of units.")
 @full_option
-@list_options("unit,machine,active,sub", "active,hash,load,machine,sub,unit")
+@list_options("unit,machine,active,sub", "active,error,hash,load,machine,sub,unit")
 @click.pass_context
 def list_units(
     ctx: click.Context, full: bool, no_legend: bool, fields: str, output_format: str

@@ -47,11 +47,15 @@ import structlog
 
 from fleetd.agentplan import (
     FENCE_FRACTION,
+    REASON_FILES_CHANGED,
     CurrentUnit,
     DesiredUnit,
     Task,
+    TaskFailure,
     TaskKind,
     desired_for_machine,
+    failure_after,
+    holds_back,
     lease_at_risk,
     plan_tasks,
     units_to_fence,
@@ -181,6 +185,11 @@ class Agent:
         self._resync = asyncio.Event()
         self._registered = registered
         self._backoff = Backoff()
+        # unit -> its last failed task, until one succeeds; "" is the shared daemon-reload.
+        self._failures: dict[str, TaskFailure] = {}
+        # Units loaded or unloaded since the last daemon-reload that succeeded: a start of
+        # one of them waits for the next reload (systemd would start the file it had before).
+        self._unreloaded: set[str] = set()
 
     # ---- main loop ---------------------------------------------------------------------
 
@@ -188,6 +197,7 @@ class Agent:
         publisher = asyncio.ensure_future(self._publish_loop(stop))
         observer = asyncio.ensure_future(self._observe_loop(stop))
         fencer = asyncio.ensure_future(self._fence_loop(stop))
+        retrier = asyncio.ensure_future(self._retry_loop(stop))
         try:
             # The fence loop runs from the start (a fleetd restarted in an outage still
             # fences what it inherited); following the schedule waits for registration.
@@ -209,7 +219,8 @@ class Agent:
             publisher.cancel()
             observer.cancel()
             fencer.cancel()
-            await asyncio.gather(publisher, observer, fencer, return_exceptions=True)
+            retrier.cancel()
+            await asyncio.gather(publisher, observer, fencer, retrier, return_exceptions=True)
 
     async def _sync(self, stop: asyncio.Event) -> None:
         """Load the schedule, reconcile, then follow watches until an error, stop or resync."""
@@ -322,45 +333,80 @@ class Agent:
 
         Tasks run kind by kind in the planner's order (unloads, loads, the daemon-reload,
         stops, starts); the tasks of one kind, which concern different units, run up to
-        TASK_CONCURRENCY at a time. At the first failure no further task is begun, as fleet
-        stops at the first failure; the next pass retries.
+        TASK_CONCURRENCY at a time.
+
+        A failed task fails its unit alone (fleet stopped the whole pass at the first
+        failure, so one unit that could not load kept every other unit of the machine from
+        starting): the unit's later tasks in this pass are skipped (a unit whose load failed is
+        not started), every other task runs, and the unit is retried with backoff
+        (`agentplan.retry_delay`). Until its retry time its tasks are left out of the plan, so a
+        unit in backoff costs no systemd call, unless what is desired of it changes. Its state
+        carries the error meanwhile, and a task of it that succeeds clears it.
+
+        The daemon-reload is shared: if it fails, the units loaded since the last reload that
+        succeeded are not started (systemd would run the file it read before, or none), while
+        the units whose files did not change start and stop as planned. The reload itself is
+        then retried with backoff, before any start of those units, even in a pass with no
+        file to write.
         """
         async with self._reconcile_lock:
             desired = await self.desired()
+            now = self.clock()
+            self._expire_failures(desired)
             tasks = [
                 t
                 for t in plan_tasks(desired, self.record.units)
-                if not (t.kind == TaskKind.START and self._start_blocked(t.unit))
+                if t.kind != TaskKind.RELOAD  # decided below, on what is left
+                and not (t.kind == TaskKind.START and self._start_blocked(t.unit))
+                and not holds_back(self._failures.get(t.unit), now, desired.get(t.unit))
             ]
+            # The daemon-reload: after this pass's loads and unloads, or still owed for
+            # earlier ones (it failed); never for a load held back in backoff.
+            files_change = any(t.kind in (TaskKind.LOAD, TaskKind.UNLOAD) for t in tasks)
+            if (files_change or self._unreloaded) and not holds_back(
+                self._failures.get(""), now, None
+            ):
+                tasks.append(Task(TaskKind.RELOAD, "", REASON_FILES_CHANGED))
+                tasks.sort(key=lambda task: (task.kind, task.unit))
+            failed: set[str] = set()  # units (or "" for the reload) that failed in this pass
             ran = 0
             for group in _by_kind(tasks):
-                done, failed = await self._run_group(group, desired)
-                ran += done
-                if failed:
-                    break
+                if group[0].kind == TaskKind.RELOAD and not self._unreloaded:
+                    continue  # every load and unload of the pass failed: no file changed
+                ran += await self._run_group(group, desired, failed)
             self.tasks_run += ran
+            if failed:
+                self._wake.set()  # the retry loop: a new retry time to wait for
             return ran
 
     async def _run_group(
-        self, group: list[Task], desired: Mapping[str, DesiredUnit]
-    ) -> tuple[int, bool]:
-        """Run tasks of one kind; (how many succeeded, whether one failed)."""
-        failed = False
+        self, group: list[Task], desired: Mapping[str, DesiredUnit], failed: set[str]
+    ) -> int:
+        """Run tasks of one kind; returns how many succeeded. Adds the units whose task failed
+        to `failed`, and skips the tasks of units already in it (an earlier task failed)."""
         sem = asyncio.Semaphore(TASK_CONCURRENCY)
 
         async def one(task: Task) -> bool:
-            nonlocal failed
+            if task.unit in failed:
+                _skipped(task, "an earlier task of the unit failed in this pass")
+                return False
+            if task.kind == TaskKind.START and task.unit in self._unreloaded:
+                # Loaded since the last daemon-reload that worked (this pass's failed, or it
+                # is in backoff): the reload's retry comes first. Its state shows that error.
+                _skipped(task, "waiting for a daemon-reload that failed")
+                return False
             async with sem:
-                if failed:
-                    return False
                 try:
                     await self._run_task(task, desired)
                 except (FleetError, OSError) as e:
-                    log.error(
-                        "agent_task_failed", task=task.kind.name, unit=task.unit, error=str(e)
-                    )
-                    failed = True
+                    self._task_failed(task, str(e) or type(e).__name__, desired, failed)
                     return False
+                except Exception as e:
+                    # A bug, not systemd: still this unit's alone, but worth its traceback.
+                    log.exception("agent_task_crashed", task=task.kind.name, unit=task.unit)
+                    self._task_failed(task, f"{type(e).__name__}: {e}", desired, failed)
+                    return False
+                self._task_succeeded(task)
                 log.info(
                     "agent_task_completed", task=task.kind.name, unit=task.unit, reason=task.reason
                 )
@@ -372,11 +418,102 @@ class Agent:
         # LOAD group's write (with the units' PartitionPolicy) still lands before any START.
         try:
             if len(group) == 1:
-                return int(await one(group[0])), failed
-            results = await asyncio.gather(*(one(t) for t in group))
-            return sum(results), failed
+                return int(await one(group[0]))
+            return sum(await asyncio.gather(*(one(t) for t in group)))
         finally:
             self.record.save()
+
+    def _task_failed(
+        self, task: Task, error: str, desired: Mapping[str, DesiredUnit], failed: set[str]
+    ) -> None:
+        failed.add(task.unit)
+        wanted = desired.get(task.unit) if task.unit else None
+        failure = failure_after(
+            self._failures.get(task.unit), task.kind, error, self.clock(), wanted
+        )
+        self._failures[task.unit] = failure
+        log.error(
+            "agent_task_failed",
+            task=task.kind.name,
+            unit=task.unit,
+            error=failure.error,
+            attempts=failure.attempts,
+            retry_in=round(failure.retry_at - self.clock(), 3),
+        )
+        for name in self._units_shown_failed(task.unit):
+            self._mark_state_dirty(name)
+
+    def _task_succeeded(self, task: Task) -> None:
+        name = task.unit
+        if task.kind == TaskKind.RELOAD:
+            waited, self._unreloaded = self._unreloaded, set()
+            if self._failures.pop("", None) is not None:
+                for unit in waited:
+                    self._mark_state_dirty(unit)  # the reload's error goes from their state
+            return
+        if task.kind in (TaskKind.LOAD, TaskKind.UNLOAD):
+            self._unreloaded.add(name)
+        if self._failures.pop(name, None) is not None:
+            log.info("agent_task_recovered", task=task.kind.name, unit=name)
+            self._mark_state_dirty(name)
+
+    def _expire_failures(self, desired: Mapping[str, DesiredUnit]) -> None:
+        """Forget the failures of units whose desire changed since: their new plan runs now,
+        and a unit no longer desired and not loaded loses its published error state."""
+        for name, failure in list(self._failures.items()):
+            if name and failure.wanted != desired.get(name):
+                del self._failures[name]
+                self._mark_state_dirty(name)
+
+    def _failure_shown(self, name: str) -> TaskFailure | None:
+        """The failure a unit's state shows: its own, else the daemon-reload's it waits for."""
+        own = self._failures.get(name)
+        if own is not None:
+            return own
+        if name in self._unreloaded:
+            return self._failures.get("")
+        return None
+
+    def _units_shown_failed(self, key: str) -> Iterable[str]:
+        return self._unreloaded if key == "" else (key,)
+
+    def next_retry(self, after: float | None = None) -> float | None:
+        """The earliest retry time (agent clock) of a failed task, later than `after` if
+        given; None if there is none."""
+        return min(
+            (f.retry_at for f in self._failures.values() if after is None or f.retry_at > after),
+            default=None,
+        )
+
+    async def _retry_loop(self, stop: asyncio.Event) -> None:
+        """Reconcile when a failed task's retry time comes.
+
+        Watch events and the idle safety pass reconcile too; this only makes sure a retry
+        is not left for the safety pass (30 s) or the next event. `_wake` (set when a task
+        fails) makes it look again at the earliest retry time. It fires once per retry time:
+        a pass that could not retry (etcd unreachable, a start still fenced) leaves the unit
+        to the next event or safety pass instead of spinning. The pass plans from the last
+        schedule read, as the safety pass does.
+        """
+        fired: float | None = None  # the retry time last acted on
+        while not stop.is_set():
+            self._wake.clear()
+            due = self.next_retry(after=fired)
+            now = self.clock()
+            if due is None or due > now:
+                # Woken early by a new failure (or a success) to look again.
+                await sleep_or_stop(stop, 3600.0 if due is None else due - now, wake=self._wake)
+                continue
+            fired = due
+            if not self.synced:
+                continue  # the first pass against etcd runs it
+            try:
+                await self.reconcile()
+            except FleetError as e:
+                log.warning("agent_retry_failed", error=str(e))
+            except Exception:
+                # Keep retrying later ones: the watch loop's own pass would hit this too.
+                log.exception("agent_retry_crashed")
 
     async def _run_task(self, task: Task, desired: Mapping[str, DesiredUnit]) -> None:
         name = task.unit
@@ -524,8 +661,9 @@ class Agent:
     def republish_all(self) -> None:
         """After a new lease (the old one expired with our states on it), publish everything."""
         self._published.clear()
-        for name in self.record.units:
-            self._mark_state_dirty(name)
+        for name in [*self.record.units, *self._failures]:
+            if name:
+                self._mark_state_dirty(name)
 
     async def _observe_loop(self, stop: asyncio.Event) -> None:
         """Follow systemd's state of the units we manage (the watch starts with a snapshot)."""
@@ -565,22 +703,12 @@ class Agent:
         puts: list[UnitState] = []
         removals: list[str] = []
         for name in sorted(names):
-            current = self.record.units.get(name)
-            if current is None:
+            state = self._state_of(name)
+            if state is None:
                 # Unloaded: its state goes (a delete of a missing key is harmless).
                 self._published.pop(name, None)
                 removals.append(name)
                 continue
-            sd = self._observed.get(name)
-            state = UnitState(
-                name=name,
-                machine_id=self.machine_id,
-                load_state=sd.load_state if sd else "",
-                active_state=sd.active_state if sd else "",
-                sub_state=sd.sub_state if sd else "",
-                hash=current.hash,
-                agent_state=current.state,
-            )
             if self._published.get(name) != state:
                 puts.append(state)
         if puts:
@@ -590,6 +718,44 @@ class Agent:
         for name in removals:
             await self.registry.remove_state(name, self.machine_id)
             self._observed.pop(name, None)
+
+    def _state_of(self, name: str) -> UnitState | None:
+        """The state to publish for `name`; None if it has none (not loaded, nothing failed).
+
+        A unit whose load failed has nothing loaded: it is published as `inactive` with empty
+        systemd fields and the hash it tried to load, so the error is seen where its state
+        would be. A unit that is loaded shows its own failure, else the daemon-reload's when
+        its start waits for that.
+        """
+        current = self.record.units.get(name)
+        if current is None:
+            failure = self._failures.get(name)
+            if failure is None or not name:
+                return None
+            return UnitState(
+                name=name,
+                machine_id=self.machine_id,
+                load_state="",
+                active_state="",
+                sub_state="",
+                hash=failure.wanted.hash if failure.wanted else "",
+                agent_state=TargetState.INACTIVE,
+                failed_task=failure.task_name,
+                error=failure.error,
+            )
+        failure = self._failure_shown(name)
+        sd = self._observed.get(name)
+        return UnitState(
+            name=name,
+            machine_id=self.machine_id,
+            load_state=sd.load_state if sd else "",
+            active_state=sd.active_state if sd else "",
+            sub_state=sd.sub_state if sd else "",
+            hash=current.hash,
+            agent_state=current.state,
+            failed_task=failure.task_name if failure else "",
+            error=failure.error if failure else "",
+        )
 
     # ---- shutdown ------------------------------------------------------------------------
 
@@ -609,6 +775,10 @@ class Agent:
                 for name in list(self._published):
                     await self.registry.remove_state(name, self.machine_id)
             self._published.clear()
+
+
+def _skipped(task: Task, reason: str) -> None:
+    log.info("agent_task_skipped", task=task.kind.name, unit=task.unit, reason=reason)
 
 
 def _by_kind(tasks: list[Task]) -> list[list[Task]]:

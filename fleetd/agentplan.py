@@ -4,7 +4,10 @@
 global units, conflicts resolved by name as fleet's agent does). `plan_tasks` compares that with
 what the agent last did (`current`: the unit files it wrote and whether it started them) and
 returns the systemd tasks to run, in fleet's order (agent/reconcile.go calculateTasksForUnit).
-The executor runs them in order and stops at the first failure; the next pass plans again.
+
+Unlike fleet, whose executor stops at the first failure, a failed task fails only its own unit
+(`TaskFailure`): the unit's later tasks wait, every other unit's tasks run in the same pass, and
+the unit is retried after `retry_delay` (`holds_back` says whether it is still waiting).
 """
 
 from __future__ import annotations
@@ -26,14 +29,20 @@ from fleetd.scheduler import conflict_between
 
 __all__ = [
     "FENCE_FRACTION",
+    "RETRY_CEILING",
+    "RETRY_INITIAL",
     "CurrentUnit",
     "DesiredUnit",
     "Task",
+    "TaskFailure",
     "TaskKind",
     "apply_tasks",
     "desired_for_machine",
+    "failure_after",
+    "holds_back",
     "lease_at_risk",
     "plan_tasks",
+    "retry_delay",
     "units_to_fence",
 ]
 
@@ -44,6 +53,15 @@ _NO_REQUIREMENTS = Requirements()
 # expired (1 x TTL after the last renewal), so this leaves a third of the TTL for the stops.
 # Presence renews every TTL/3, so being past 2/3 means at least one renewal has failed.
 FENCE_FRACTION = 2 / 3
+
+# A unit whose task failed is retried after RETRY_INITIAL seconds, doubling per failure up to
+# RETRY_CEILING. The first retry comes soon (a full /run or a slow systemd is often brief);
+# the ceiling keeps a unit that can never load (a name systemd refuses) down to one attempt,
+# and one error line in the log, every five minutes.
+RETRY_INITIAL = 1.0
+RETRY_CEILING = 300.0
+# The published error is cut to this many characters: it is part of every state listing.
+ERROR_MAX = 300
 
 
 class TaskKind(IntEnum):
@@ -92,6 +110,52 @@ class Task:
     kind: TaskKind
     unit: str  # "" for RELOAD, which concerns no single unit
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailure:
+    """A unit's last failed task, published with its state until a task of it succeeds.
+
+    `wanted` is what was desired for the unit when it failed (None: not desired here); when
+    that changes (a new hash, another target state, unscheduled) the failure no longer holds
+    the unit back, since the new plan may well succeed.
+    """
+
+    task: TaskKind
+    error: str
+    attempts: int  # failures in a row with the same `wanted`
+    retry_at: float  # on the agent's clock
+    wanted: DesiredUnit | None
+
+    @property
+    def task_name(self) -> str:
+        return self.task.name.lower()
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds to wait after the `attempts`-th failure in a row (1, 2, 4, ... 300)."""
+    return min(RETRY_INITIAL * 2.0 ** max(attempts - 1, 0), RETRY_CEILING)
+
+
+def failure_after(
+    previous: TaskFailure | None,
+    task: TaskKind,
+    error: str,
+    now: float,
+    wanted: DesiredUnit | None,
+) -> TaskFailure:
+    """The failure to record for a task that failed at `now`: one more attempt if the unit
+    failed before with the same desire, else the first (a changed desire starts afresh)."""
+    attempts = previous.attempts + 1 if previous is not None and previous.wanted == wanted else 1
+    if len(error) > ERROR_MAX:
+        error = error[: ERROR_MAX - 3] + "..."
+    return TaskFailure(task, error, attempts, now + retry_delay(attempts), wanted)
+
+
+def holds_back(failure: TaskFailure | None, now: float, wanted: DesiredUnit | None) -> bool:
+    """Whether a unit's tasks wait: it failed, its retry time has not come, and what is desired
+    of it has not changed since."""
+    return failure is not None and failure.wanted == wanted and now < failure.retry_at
 
 
 def plan_tasks(

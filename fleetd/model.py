@@ -89,7 +89,13 @@ class UnitState:
     sub_state: str
     hash: str = ""
     # What the agent has achieved for this unit: loaded or launched (drives fleet's currentState).
+    # INACTIVE when nothing is loaded: published only for a unit whose load failed.
     agent_state: TargetState = TargetState.LOADED
+    # Beyond fleet: the agent's last failed task for this unit ("load", "start", "stop",
+    # "unload", or "reload" when the daemon-reload its start waits for failed) and its error;
+    # both empty while the unit's tasks succeed. The agent retries the task with backoff.
+    failed_task: str = ""
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,8 @@ that machine reports (`loaded` or `launched`). Global units have no single machi
 views carry neither currentState nor machineID.
 
 Beyond fleet: a unit the engine cannot place carries the engine's `reason` (API field
-`reason`, omitted when empty; fleet's clients ignore unknown fields).
+`reason`, omitted when empty; fleet's clients ignore unknown fields), and a unit state whose
+task failed on its machine carries `failedTask` and `error` (likewise omitted when empty).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class StateView:
     load: str
     active: str
     sub: str
+    failed_task: str = ""  # beyond fleet: the agent's failed task for it ("load", "start"...)
+    error: str = ""  # ... and its error; both empty while its tasks succeed
 
 
 # ---- pure joins ----------------------------------------------------------------------------
@@ -165,6 +168,8 @@ def state_view(state: UnitState) -> StateView:
         load=state.load_state,
         active=state.active_state,
         sub=state.sub_state,
+        failed_task=state.failed_task,
+        error=state.error,
     )
 
 
@@ -305,6 +310,8 @@ def state_to_api(view: StateView) -> dict[str, str]:
             "systemdActiveState": view.active,
             "systemdLoadState": view.load,
             "systemdSubState": view.sub,
+            "failedTask": view.failed_task,
+            "error": view.error,
         }
     )
 
@@ -391,6 +398,8 @@ def state_from_api(obj: Any) -> StateView:
         load=_field(obj, "systemdLoadState", "UnitState"),
         active=_field(obj, "systemdActiveState", "UnitState"),
         sub=_field(obj, "systemdSubState", "UnitState"),
+        failed_task=_field(obj, "failedTask", "UnitState"),
+        error=_field(obj, "error", "UnitState"),
     )
 
 

@@ -85,15 +85,21 @@ def decode_machine(text: str) -> Machine:
 
 
 def encode_state(state: UnitState) -> str:
-    return _dump(
-        {
-            "load": state.load_state,
-            "active": state.active_state,
-            "sub": state.sub_state,
-            "hash": state.hash,
-            "agent_state": state.agent_state.value,
-        }
-    )
+    """A published state. `failed_task` and `error` are written only when set, so a healthy
+    unit's state is byte for byte what earlier releases wrote, and their decoders (which read
+    named fields and ignore the rest) read a failed one too."""
+    obj: dict[str, Any] = {
+        "load": state.load_state,
+        "active": state.active_state,
+        "sub": state.sub_state,
+        "hash": state.hash,
+        "agent_state": state.agent_state.value,
+    }
+    if state.failed_task:
+        obj["failed_task"] = state.failed_task
+    if state.error:
+        obj["error"] = state.error
+    return _dump(obj)
 
 
 def decode_state(name: str, machine_id: str, text: str) -> UnitState:
@@ -106,6 +112,8 @@ def decode_state(name: str, machine_id: str, text: str) -> UnitState:
         sub_state=_str(obj, "sub", ""),
         hash=_str(obj, "hash", ""),
         agent_state=_state(obj, "agent_state"),
+        failed_task=_str(obj, "failed_task", ""),
+        error=_str(obj, "error", ""),
     )
 
 

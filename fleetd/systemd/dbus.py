@@ -601,14 +601,16 @@ def _write_atomically(path: Path, text: str) -> None:
     The temporary name starts with "." so `read_unit_files` never mistakes it for a unit. A
     name near UNIT_NAME_MAX (255 bytes, NAME_MAX) has no room for ".<name>.tmp": its
     temporary file is named after a digest of the name instead.
+    Every OSError (a full /run, the units directory a broken symlink or read-only) becomes a
+    UnitManagerError naming the file: the agent fails that one unit's load, nothing else.
     """
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     tmp_name = f".{path.name}.tmp"
     if len(tmp_name.encode("utf-8", "surrogateescape")) > UNIT_NAME_MAX:
         digest = hashlib.sha1(path.name.encode("utf-8", "surrogateescape")).hexdigest()
         tmp_name = f".{digest}.tmp"
     tmp = path.with_name(tmp_name)
     try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -12,6 +12,8 @@ It follows what the real one was seen to do (tests/functional/test_systemd_dbus.
 
 Failure knobs (plain sets, change them at any time):
   fail_start   start returns "failed" and the unit reads loaded/failed/failed
+  hang_start   start raises UnitManagerError as the real one does when the job outlives its
+               job_timeout; the unit reads loaded/activating/start (systemd still works on it)
   fail_stop    stop returns "failed" and the unit keeps running, so unload raises
   fail_enable  load with has_install raises "Failed to enable systemd unit ..." and
                leaves nothing behind
@@ -49,6 +51,7 @@ _pids = itertools.count(1000)
 LOADED = SystemdState("loaded", "inactive", "dead")
 RUNNING = SystemdState("loaded", "active", "running")
 FAILED = SystemdState("loaded", "failed", "failed")
+ACTIVATING = SystemdState("loaded", "activating", "start")
 
 
 class FakeUnitManager:
@@ -65,6 +68,7 @@ class FakeUnitManager:
         "fail_start",
         "fail_stop",
         "files",
+        "hang_start",
         "jobs",
         "latency",
         "record",
@@ -81,6 +85,7 @@ class FakeUnitManager:
         fail_enable: Iterable[str] = (),
         fail_load: Iterable[str] = (),
         fail_reload: bool = False,
+        hang_start: Iterable[str] = (),
         latency: float = 0.0,
         record: bool = False,
     ) -> None:
@@ -93,6 +98,7 @@ class FakeUnitManager:
         self.fail_enable = set(fail_enable)
         self.fail_load = set(fail_load)
         self.fail_reload = fail_reload
+        self.hang_start = set(hang_start)
         self.latency = latency  # seconds each call takes; 0 = does not yield at all
         self.record = record
         self.calls: list[tuple[str, str]] = []  # (method, unit name) when `record`
@@ -148,6 +154,10 @@ class FakeUnitManager:
             self._pids.pop(name, None)
             self._set(name, FAILED)
             return "failed"
+        if name in self.hang_start:
+            if self._states.get(name) != RUNNING:
+                self._set(name, ACTIVATING)
+            raise UnitManagerError(f"StartUnit {name}: job did not finish in time (injected)")
         if self._states.get(name) != RUNNING:
             self._pids[name] = next(_pids)
             self._set(name, RUNNING)

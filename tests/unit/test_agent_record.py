@@ -129,4 +129,7 @@ async def test_a_failed_task_still_records_the_ones_that_succeeded(
     agent, _manager, path = await scheduled_agent(tmp_path, 6, fail_load=["u003.service"])
     monkeypatch.setattr(agent_module, "TASK_CONCURRENCY", 1)  # tasks in order: u003 fails 4th
     await agent.reconcile()
-    assert set(on_disk(path)) == {"u000.service", "u001.service", "u002.service"}
+    # The tasks after the failed one still ran (and were recorded); u003 alone is missing.
+    final = on_disk(path)
+    assert set(final) == {f"u{i:03d}.service" for i in range(6)} - {"u003.service"}
+    assert {e["state"] for e in final.values()} == {TargetState.LAUNCHED.value}

@@ -137,10 +137,13 @@ class Api:
         agent_state: TargetState = TargetState.LAUNCHED,
         active: str = "active",
         sub: str = "running",
+        failed_task: str = "",
+        error: str = "",
     ) -> None:
         unit = await self.registry.get_unit(name)
+        hash_ = unit.hash if unit else ""
         state = UnitState(
-            name, machine, "loaded", active, sub, unit.hash if unit else "", agent_state
+            name, machine, "loaded", active, sub, hash_, agent_state, failed_task, error
         )
         key = self.registry.keys.state(name, machine)
         await self.fake.txn([], [Put(key, codec.encode_state(state))])

@@ -50,6 +50,25 @@ async def test_list_states_sorted_by_unit_then_machine(api: Api) -> None:
     assert "nextPageToken" not in page
 
 
+async def test_a_state_whose_task_failed_carries_failed_task_and_error(api: Api) -> None:
+    await api.run_unit("a.service", M1)
+    await api.publish(
+        "a.service", M1, TargetState.LOADED, "activating", "start",
+        failed_task="start", error="StartUnit a.service: job 7 did not finish in 120s",
+    )  # fmt: skip
+    status, page, _ = await api.call("GET", f"{V1}/state")
+    assert status == 200
+    (state,) = page["states"]
+    # Beyond fleet, and only when set: fleet's clients ignore the two extra fields.
+    assert state["failedTask"] == "start"
+    assert state["error"] == "StartUnit a.service: job 7 did not finish in 120s"
+    assert state["systemdSubState"] == "start"  # systemd's own, unchanged
+    await api.publish("a.service", M1)
+    status, page, _ = await api.call("GET", f"{V1}/state")
+    assert "failedTask" not in page["states"][0]
+    assert "error" not in page["states"][0]
+
+
 @pytest.mark.parametrize(
     ("query", "expected"),
     [

@@ -135,8 +135,10 @@ class Cluster:
         sub: str = "running",
         load: str = "loaded",
         hash_: str | None = None,
+        failed_task: str = "",
+        error: str = "",
     ) -> None:
-        run(self._publish(name, machine, agent_state, active, sub, load, hash_))
+        run(self._publish(name, machine, agent_state, active, sub, load, hash_, failed_task, error))
 
     async def _publish(
         self,
@@ -147,11 +149,13 @@ class Cluster:
         sub: str,
         load: str = "loaded",
         hash_: str | None = None,
+        failed_task: str = "",
+        error: str = "",
     ) -> None:
         if hash_ is None:
             unit = await self.registry.get_unit(name)
             hash_ = unit.hash if unit else ""
-        state = UnitState(name, machine, load, active, sub, hash_, agent_state)
+        state = UnitState(name, machine, load, active, sub, hash_, agent_state, failed_task, error)
         key = self.registry.keys.state(name, machine)
         await self.kv.txn([], [Put(key, codec.encode_state(state))])
 

@@ -93,10 +93,57 @@ def test_list_units_json(hello: Cluster) -> None:
             "sub": "running",
             "load": "loaded",
             "hash": "e55c0aeb44ba0b68004ceb8a200e685194448b45",
+            "error": None,
         }
     ]
     result = hello.invoke("list-units", "--output-format", "JSON", "--fields", "unit,sub")
     assert json.loads(result.stdout) == [{"unit": "hello.service", "sub": "running"}]
+
+
+@pytest.fixture
+def failing(cluster: Cluster) -> Cluster:
+    """One unit that runs, one whose load failed and one whose start job timed out."""
+    cluster.add_machine(M1, "10.0.0.1")
+    cluster.run_unit("a.service", M1)
+    cluster.add_unit("b.service", HELLO, TargetState.LAUNCHED)
+    cluster.publish(
+        "b.service", M1, TargetState.INACTIVE, active="", sub="", load="",
+        failed_task="load", error="cannot write unit file /run/fleet/units/b.service: "
+        "[Errno 28] No space left on device",
+    )  # fmt: skip
+    cluster.add_unit("c.service", HELLO, TargetState.LAUNCHED)
+    cluster.publish(
+        "c.service", M1, TargetState.LOADED, active="activating", sub="start",
+        failed_task="start", error="StartUnit c.service: job 7 did not finish in 120s",
+    )  # fmt: skip
+    return cluster
+
+
+def test_list_units_shows_a_failed_task_in_fleets_columns(failing: Cluster) -> None:
+    # Still four columns on every row: a script splitting them finds what it did.
+    assert failing.invoke("list-units").stdout == (
+        "UNIT\t\tMACHINE\t\t\tACTIVE\t\tSUB\n"
+        "a.service\t113f16a7.../10.0.0.1\tactive\t\trunning\n"
+        "b.service\t113f16a7.../10.0.0.1\t-\t\tload-failed\n"
+        "c.service\t113f16a7.../10.0.0.1\tactivating\tstart-failed\n"
+    )
+
+
+def test_list_units_error_field_says_what_failed(failing: Cluster) -> None:
+    result = failing.invoke("list-units", "--fields", "unit,error", "--no-legend")
+    assert result.stdout == (
+        "a.service\t-\n"
+        "b.service\tload failed: cannot write unit file /run/fleet/units/b.service: "
+        "[Errno 28] No space left on device\n"
+        "c.service\tstart failed: StartUnit c.service: job 7 did not finish in 120s\n"
+    )
+    rows = json.loads(failing.invoke("list-units", "-o", "json").stdout)
+    by_unit = {row["unit"]: row for row in rows}
+    assert by_unit["a.service"]["error"] is None
+    assert by_unit["b.service"]["error"].startswith("load failed: cannot write unit file")
+    assert by_unit["b.service"]["sub"] is None  # JSON keeps systemd's value: none
+    assert by_unit["c.service"]["sub"] == "start"
+    assert by_unit["c.service"]["error"].endswith("did not finish in 120s")
 
 
 def test_list_units_registry_error(cluster: Cluster) -> None:

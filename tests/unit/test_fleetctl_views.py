@@ -190,6 +190,17 @@ def test_state_and_machine_api_shapes() -> None:
         "systemdSubState": "running",
     }
     assert state_from_api(state_to_api(state_view)) == state_view
+    failed = StateView(
+        "a.service", M1, "abc", "", "", "", failed_task="load", error="No space left on device"
+    )
+    assert state_to_api(failed) == {
+        "error": "No space left on device",
+        "failedTask": "load",
+        "hash": "abc",
+        "machineID": M1,
+        "name": "a.service",
+    }
+    assert state_from_api(state_to_api(failed)) == failed
     machine = MachineView(M1, "10.0.0.1", {"az": "b"})
     assert machine_to_api(machine) == {"id": M1, "metadata": {"az": "b"}, "primaryIP": "10.0.0.1"}
     assert machine_to_api(MachineView(M2)) == {"id": M2}

@@ -92,6 +92,54 @@ async def test_job_that_never_finishes_times_out(
     assert m._job_waiters == {}
 
 
+async def test_a_job_that_never_finishes_fails_its_unit_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start job that outlives job_timeout raises for its unit while the starts queued
+    beside it finish: the wait holds no call slot, only its own future."""
+    m = manager(tmp_path, job_timeout=0.2)
+    jobs = {f"u{i}.service": f"/org/freedesktop/systemd1/job/{i}" for i in range(40)}
+    finished: list[str] = []
+
+    async def call(member: str, signature: str, body: list[Any], **_: Any) -> list[Any]:
+        name = body[0]
+        if name != "u0.service":  # every job but u0's ends at once
+            asyncio.get_running_loop().call_soon(m._on_job_removed, [1, jobs[name], name, "done"])
+        return [jobs[name]]
+
+    async def start(name: str) -> str:
+        result = await m.start(name)
+        finished.append(name)
+        return result
+
+    monkeypatch.setattr(m, "_manager_call", call)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(start(n) for n in jobs), return_exceptions=True), 2
+    )
+    hung, rest = results[0], results[1:]
+    assert isinstance(hung, UnitManagerError)
+    assert "StartUnit u0.service" in str(hung)
+    assert "did not finish in 0.2s" in str(hung)
+    assert rest == ["done"] * 39
+    assert "u0.service" not in finished
+    assert len(finished) == 39
+    assert m._job_waiters == {}
+    assert m._queueing == {}
+    # systemd finishing the job after all is ignored; the next start works as usual.
+    m._on_job_removed([1, jobs["u0.service"], "u0.service", "done"])
+    monkeypatch.setattr(
+        m,
+        "_manager_call",
+        lambda member, signature, body, **_: _reply_done(m, body[0], jobs[body[0]]),
+    )
+    assert await asyncio.wait_for(m.start("u0.service"), 1) == "done"
+
+
+async def _reply_done(m: sd.DBusUnitManager, name: str, job: str) -> list[Any]:
+    asyncio.get_running_loop().call_soon(m._on_job_removed, [2, job, name, "done"])
+    return [job]
+
+
 async def test_other_clients_jobs_are_not_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -281,6 +329,42 @@ def test_write_atomically_replaces_a_symlink_instead_of_following_it(tmp_path: P
     sd._write_atomically(units / "a.service", "[Service]\n")
     assert victim.read_text() == "precious"
     assert not (units / "a.service").is_symlink()
+
+
+def test_write_atomically_a_broken_units_dir_symlink_is_a_unit_manager_error(
+    tmp_path: Path,
+) -> None:
+    units = tmp_path / "units"
+    units.symlink_to(tmp_path / "gone")  # dangling
+    with pytest.raises(UnitManagerError, match=r"cannot write unit file .*a\.service"):
+        sd._write_atomically(units / "a.service", "[Service]\n")
+    assert not (tmp_path / "gone").exists()
+
+
+def test_write_atomically_a_full_run_is_a_unit_manager_error_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    units = tmp_path / "units"
+    units.mkdir()
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, fd: int) -> None:
+            self.f = real_fdopen(fd, "w")
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: Full(fd))
+    with pytest.raises(UnitManagerError, match="No space left on device"):
+        sd._write_atomically(units / "a.service", "[Service]\n")
+    assert os.listdir(units) == []  # neither the unit nor its temporary file
 
 
 async def test_unsafe_names_never_reach_disk_or_bus(tmp_path: Path) -> None:

@@ -183,6 +183,19 @@ async def test_failed_load_and_reload() -> None:
         await m.reload()
 
 
+async def test_hung_start_raises_and_reads_activating() -> None:
+    m = FakeUnitManager(hang_start={"a.service"})
+    await m.load("a.service", TEXT, has_install=False)
+    with pytest.raises(UnitManagerError, match=r"StartUnit a\.service: job did not finish"):
+        await m.start("a.service")
+    assert await m.states(["a.service"]) == {
+        "a.service": SystemdState("loaded", "activating", "start")
+    }
+    m.hang_start.clear()
+    assert await m.start("a.service") == "done"
+    assert await m.states(["a.service"]) == {"a.service": RUNNING}
+
+
 async def test_crash_shows_failed() -> None:
     m = FakeUnitManager()
     await m.load("a.service", TEXT, has_install=False)
