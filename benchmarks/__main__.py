@@ -8,6 +8,7 @@ Scenarios (see docs/scaling.md for what each measures and the targets):
   costs     etcd CPU of each request kind a placed unit needs, in raw txns (runs after place)
   failover  crash 100 of the 1,000 machines; time until their units run elsewhere
   latency   real 3-machine nspawn cluster: fleetctl start to active; machine kill to moved
+  kill      real 3-machine nspawn cluster: machine kill to moved, 20 runs, with the breakdown
   agent     real nspawn machine: 1,000 units started by one fleetd; idle CPU and D-Bus rate
   footprint real nspawn machine: fleetd RSS and idle CPU at 20 and 1,000 units
   scheduler the pure scheduler alone (benchmarks/bench_scheduler.py)
@@ -31,7 +32,7 @@ from typing import Any
 from benchmarks.report import ScenarioResult, say, table
 
 SIM = ["place", "list", "idle", "costs", "failover"]
-CLUSTER = ["latency", "agent", "footprint"]
+CLUSTER = ["latency", "kill", "agent", "footprint"]
 ALL = [*SIM, *CLUSTER]
 
 
@@ -66,6 +67,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--list-runs", type=int, default=3)
     p.add_argument("--latency-runs", type=int, default=20)
+    p.add_argument("--kill-runs", type=int, default=20, help="machine kills by kill")
     p.add_argument("--agent-units", type=int, default=1000, help="units on one real machine")
     p.add_argument("--footprint-seconds", type=float, default=30.0)
     p.add_argument("--json", type=Path, help="write every figure here")
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             results += run_cluster(
                 ClusterOptions(
                     latency_runs=args.latency_runs,
+                    kill_runs=args.kill_runs,
                     agent_units=args.agent_units,
                     footprint_seconds=args.footprint_seconds,
                 ),
