@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,20 @@ from fleetd.watching import StopWaiter, grid_delay
 
 log = structlog.get_logger("fleetd.presence")
 
+# The lease runs this fraction of agent_ttl, renewed three times per lease TTL. agent_ttl is
+# the longest a dead machine goes unnoticed: fleet v1.0 granted agent_ttl and renewed every
+# agent_ttl/2, so a machine silent for agent_ttl/2 at the wrong moment was dead, and a kill
+# was noticed after 0.5-1 agent_ttl. This lease gives the same silence tolerance to within
+# a few percent (0.7 x 2/3 = 0.47 agent_ttl) with three chances to renew instead of two, and
+# notices a kill after 0.47-0.7 agent_ttl (measured: `python -m benchmarks kill`).
+LEASE_FRACTION = 0.7
+
+
+def lease_ttl(agent_ttl: float) -> int:
+    """The TTL fleetd grants its lease for `agent_ttl`: whole seconds (etcd's unit), rounded
+    up, so that a short agent_ttl (the tests' 3 s) keeps all of it."""
+    return max(1, math.ceil(agent_ttl * LEASE_FRACTION - 1e-9))
+
 
 class Presence:
     def __init__(
@@ -45,7 +60,8 @@ class Presence:
     ) -> None:
         self.registry = registry
         self._machine = machine
-        self.ttl = max(1, round(ttl))
+        self.agent_ttl = ttl
+        self.ttl = lease_ttl(ttl)  # the lease's own TTL, in whole seconds as etcd grants
         self.lease_file = lease_file
         self.clock = clock
         self.lease = 0

@@ -157,7 +157,7 @@ class Server:
                 self.machine_id,
                 self.presence.current_lease,
                 safety_interval=max(self.config.engine_reconcile_interval * 5, 10.0),
-                grace=self.presence.ttl,
+                grace=self.presence.agent_ttl,
                 settled_since=self.presence.settled_since,
                 clock=self.presence.clock,
             )

@@ -105,7 +105,7 @@ class SimCluster:
                 machine.id,
                 presence.current_lease,
                 safety_interval=self.safety_interval,
-                grace=presence.ttl,
+                grace=presence.agent_ttl,
                 settled_since=presence.settled_since,
                 clock=presence.clock,
             )
