@@ -57,6 +57,13 @@ async def _set_states(
             raise CommandFailed(f"Error {what} units: {e}") from e
 
 
+def _never_activated(view: UnitView) -> bool:
+    """Neither wanted nor seen loaded or launched: a submitted unit, or one being unloaded
+    whose machine has already unloaded it."""
+    inactive = TargetState.INACTIVE.value
+    return view.desired_state == inactive and view.current_state == inactive
+
+
 def _split_global(views: Sequence[UnitView]) -> tuple[list[UnitView], list[UnitView]]:
     return [v for v in views if v.is_global], [v for v in views if not v.is_global]
 
@@ -253,20 +260,34 @@ def stop(units: tuple[str, ...], block_attempts_: int, no_block: bool) -> None:
         failed = bool(found.missing)
         stopping = []
         for view in found.units:
-            if not view.is_global and view.current_state == TargetState.INACTIVE.value:
+            if view.is_global:
+                stopping.append(view)
+            elif _never_activated(view):
+                # fleet's refusal, kept where it is true: stopping would load the unit.
                 click.echo(f"Unable to stop unit {view.name} in state inactive", err=True)
                 failed = True
-            elif view.is_global or view.desired_state != TargetState.LOADED.value:
+            elif view.desired_state != TargetState.LOADED.value:
+                # Also a unit whose start has not reached a machine yet (a `start` that timed
+                # out leaves it wanted `launched`): fleet refused to stop it, so it started
+                # whenever a machine could take it.
                 stopping.append(view)
         await _set_states(client, stopping, TargetState.LOADED, "stopping")
         globals_, placed = _split_global(stopping)
         for view in globals_:
             click.echo(f"Triggered global unit {view.name} stop")
-        names = [v.name for v in placed]
         if attempts == NO_BLOCK:
-            for name in names:
-                click.echo(f"Triggered unit {name} stop")
+            for view in placed:
+                click.echo(f"Triggered unit {view.name} stop")
             return int(failed)
+        for view in placed:
+            if view.machine_id is None:
+                click.echo(
+                    f"Unit {view.name} is not placed on any machine: it will be loaded,"
+                    " not started, once placed",
+                    err=True,
+                )
+        # A unit on no machine has nothing to report until it is placed: no wait for it.
+        names = [v.name for v in placed if v.machine_id is not None]
         errors = await wait_for_states(
             client, names, TargetState.LOADED, attempts, MachineCache(client)
         )
