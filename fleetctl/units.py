@@ -16,7 +16,16 @@ from fleetctl.client import ClusterClient
 from fleetctl.command import FleetCommand, block_options, replace_options, run
 from fleetctl.completion import complete_files, complete_units
 from fleetctl.errors import CommandFailed
-from fleetctl.unitargs import Created, check_names, find_units, plan_units, write_step
+from fleetctl.unitargs import (
+    Created,
+    check_names,
+    find_units,
+    is_glob,
+    match_units,
+    plan_units,
+    valid_name,
+    write_step,
+)
 from fleetctl.waiting import (
     NO_BLOCK,
     MachineCache,
@@ -29,6 +38,7 @@ from fleetctl.waiting import (
 )
 from fleetd.errors import FleetError
 from fleetd.model import TargetState
+from fleetd.unitfile import mangle_name
 from fleetd.views import UnitView
 
 # Systemd active states of a unit that is (or is getting) stopped.
@@ -356,17 +366,43 @@ def destroy(units: tuple[str, ...], block_attempts_: int, no_block: bool) -> Non
     _require(units)
 
     async def work(client: ClusterClient) -> int:
-        found = await find_units(client, units)
-        failed = bool(found.missing)
-        for view in found.units:
+        try:
+            listing = await client.units()
+        except FleetError as e:
+            raise CommandFailed(f"Error retrieving list of units from repository: {e}") from e
+        found = match_units(units, listing)
+        # A name the listing lacks may still have a record the listings skip because its value
+        # is corrupt (reported as a warning): destroying it by name is how it is removed.
+        names = [v.name for v in found.units]
+        missing = []
+        for arg in found.missing:
+            name = mangle_name(arg)
+            if is_glob(arg) or not valid_name(name):
+                missing.append(arg)
+            elif name not in names:
+                names.append(name)
+        failed = bool(missing)
+        destroyed = 0
+        for name in names:
             try:
-                existed = await client.destroy_unit(view.name)
+                existed = await client.destroy_unit(name)
             except FleetError as e:
                 click.echo(f"Error destroying units: {e}", err=True)
                 failed = True
                 continue
             if existed:  # fleet ignores a unit that vanished meanwhile, without a line
-                click.echo(f"Destroyed {view.name}")
+                click.echo(f"Destroyed {name}")
+                destroyed += 1
+            elif name not in (v.name for v in found.units):
+                click.echo(f"Unit {name} not found", err=True)
+                failed = True
+        for arg in missing:
+            what = (
+                f"No unit matches {arg}" if is_glob(arg) else f"Unit {mangle_name(arg)} not found"
+            )
+            click.echo(what, err=True)
+        if not found.units and not destroyed:
+            raise CommandFailed("Units not found in registry")
         return int(failed)
 
     run(work)
