@@ -355,7 +355,11 @@ class Registry:
         # The schedule is per machine: look where a machine is registered or publishes.
         machine_ids = {keys.tail(kv.key, keys.machines) for kv in machine_kvs}
         machine_ids |= {keys.tail(kv.key, keys.unit_states(name)) for kv in state_kvs}
-        scheduled = await self.kv.get_many([keys.scheduled(m, name) for m in sorted(machine_ids)])
+        scheduled = (
+            await self.kv.get_many([keys.scheduled(m, name) for m in sorted(machine_ids)])
+            if machine_ids
+            else {}
+        )
         found: dict[str, int] = {}
 
         def check(kv: KeyValue | None, decode: Callable[[str], object]) -> None:
