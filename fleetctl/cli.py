@@ -25,6 +25,7 @@ from fleetctl.remote import fd_forward, journal, ssh, status
 from fleetctl.settings import DEFAULT_KNOWN_HOSTS, Settings
 from fleetctl.units import destroy, load, restart, start, stop, submit, unload
 from fleetctl.verify import verify, version, version_line
+from fleetd import __version__
 from fleetd.registry.keys import DEFAULT_PREFIX
 
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
@@ -95,6 +96,14 @@ class FleetGroup(click.Group):
                 if value is not None:
                     moved.append(value)
         return before[:-1] + moved + before[-1:] + after
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # fleet's usage template has a VERSION section in the help of fleetctl itself only
+        # (not of its commands), after its usage: the bare version on a tab-indented line.
+        # Written as fleet writes it, not as a click section, for the scripts that read it.
+        super().format_help_text(ctx, formatter)
+        formatter.write_paragraph()
+        formatter.write(f"VERSION:\n\t{__version__}\n")
 
     def _is_global(self, name: str) -> bool:
         if not name.startswith("--") or name in _NOT_PERSISTENT:

@@ -84,6 +84,11 @@ class ClusterClient(Protocol):
         """Set (or with None remove) one dynamic metadata key of a machine."""
         ...
 
+    def corrupt_values(self) -> dict[str, str]:
+        """key -> error of every stored value skipped so far because it does not decode
+        (the etcd driver's; the API server skips them on its side and logs them)."""
+        ...
+
 
 def check_activation(name: str, state: TargetState) -> None:
     """fleet's API refuses to load or start a template (reference §2.4); both drivers do."""
@@ -97,6 +102,8 @@ class RegistryClient:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        # The command prints them once, as plain warnings (see command.run), not log lines.
+        registry.log_corrupt = False
         # Bodies are content-addressed, so one cache serves every poll of a blocking command.
         self._bodies: dict[str, UnitFile] = {}
 
@@ -133,6 +140,15 @@ class RegistryClient:
 
     async def set_machine_metadata(self, machine_id: str, key: str, value: str | None) -> None:
         await self.registry.set_machine_metadata(machine_id, key, value)
+
+    def corrupt_values(self) -> dict[str, str]:
+        units = self.registry.keys.units
+        out = {}
+        for key, error in self.registry.corrupt.items():
+            if key.startswith(units):  # say how to get rid of it
+                error += f" (fleetctl destroy {key[len(units) :]} removes it)"
+            out[key] = error
+        return out
 
 
 # ---- version check (fleet's checkVersion, etcd driver only) ------------------------------

@@ -8,7 +8,7 @@ fleet's flags are Go pflag flags, so scripts write booleans as `--full=true` or
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -182,7 +182,10 @@ def run(work: Work) -> None:
 
     async def main() -> int:
         async with client_module.make_client(settings) as client:
-            return await work(client)
+            try:
+                return await work(client)
+            finally:
+                warn_corrupt(client.corrupt_values())
 
     try:
         code = asyncio.run(main())
@@ -192,3 +195,11 @@ def run(work: Work) -> None:
         raise CommandFailed("", 130) from None
     if code:
         ctx.exit(code)
+
+
+def warn_corrupt(corrupt: Mapping[str, str]) -> None:
+    """One stderr line per stored value the command skipped because it does not decode:
+    once per key however often the command read it (a blocking command polls), after its
+    output."""
+    for key, error in sorted(corrupt.items()):
+        click.echo(f"WARNING: skipped a corrupt value at {key}: {error}", err=True)

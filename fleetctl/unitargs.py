@@ -53,6 +53,15 @@ def is_glob(arg: str) -> bool:
     return any(ch in GLOB_CHARS for ch in arg)
 
 
+def valid_name(name: str) -> bool:
+    """Whether fleet accepts `name` as a unit name (`validate_name`)."""
+    try:
+        validate_name(name)
+    except FleetError:
+        return False
+    return True
+
+
 def read_unit_file(path: str) -> UnitFile:
     """Parse a local unit file, refusing one over MAX_UNIT_BYTES (the API's default limit).
 

@@ -16,7 +16,16 @@ from fleetctl.client import ClusterClient
 from fleetctl.command import FleetCommand, block_options, replace_options, run
 from fleetctl.completion import complete_files, complete_units
 from fleetctl.errors import CommandFailed
-from fleetctl.unitargs import Created, check_names, find_units, plan_units, write_step
+from fleetctl.unitargs import (
+    Created,
+    check_names,
+    find_units,
+    is_glob,
+    match_units,
+    plan_units,
+    valid_name,
+    write_step,
+)
 from fleetctl.waiting import (
     NO_BLOCK,
     MachineCache,
@@ -29,6 +38,7 @@ from fleetctl.waiting import (
 )
 from fleetd.errors import FleetError
 from fleetd.model import TargetState
+from fleetd.unitfile import mangle_name
 from fleetd.views import UnitView
 
 # Systemd active states of a unit that is (or is getting) stopped.
@@ -55,6 +65,13 @@ async def _set_states(
             await client.set_target_state(view.name, target)
         except FleetError as e:
             raise CommandFailed(f"Error {what} units: {e}") from e
+
+
+def _never_activated(view: UnitView) -> bool:
+    """Neither wanted nor seen loaded or launched: a submitted unit, or one being unloaded
+    whose machine has already unloaded it."""
+    inactive = TargetState.INACTIVE.value
+    return view.desired_state == inactive and view.current_state == inactive
 
 
 def _split_global(views: Sequence[UnitView]) -> tuple[list[UnitView], list[UnitView]]:
@@ -253,20 +270,34 @@ def stop(units: tuple[str, ...], block_attempts_: int, no_block: bool) -> None:
         failed = bool(found.missing)
         stopping = []
         for view in found.units:
-            if not view.is_global and view.current_state == TargetState.INACTIVE.value:
+            if view.is_global:
+                stopping.append(view)
+            elif _never_activated(view):
+                # fleet's refusal, kept where it is true: stopping would load the unit.
                 click.echo(f"Unable to stop unit {view.name} in state inactive", err=True)
                 failed = True
-            elif view.is_global or view.desired_state != TargetState.LOADED.value:
+            elif view.desired_state != TargetState.LOADED.value:
+                # Also a unit whose start has not reached a machine yet (a `start` that timed
+                # out leaves it wanted `launched`): fleet refused to stop it, so it started
+                # whenever a machine could take it.
                 stopping.append(view)
         await _set_states(client, stopping, TargetState.LOADED, "stopping")
         globals_, placed = _split_global(stopping)
         for view in globals_:
             click.echo(f"Triggered global unit {view.name} stop")
-        names = [v.name for v in placed]
         if attempts == NO_BLOCK:
-            for name in names:
-                click.echo(f"Triggered unit {name} stop")
+            for view in placed:
+                click.echo(f"Triggered unit {view.name} stop")
             return int(failed)
+        for view in placed:
+            if view.machine_id is None:
+                click.echo(
+                    f"Unit {view.name} is not placed on any machine: it will be loaded,"
+                    " not started, once placed",
+                    err=True,
+                )
+        # A unit on no machine has nothing to report until it is placed: no wait for it.
+        names = [v.name for v in placed if v.machine_id is not None]
         errors = await wait_for_states(
             client, names, TargetState.LOADED, attempts, MachineCache(client)
         )
@@ -335,17 +366,43 @@ def destroy(units: tuple[str, ...], block_attempts_: int, no_block: bool) -> Non
     _require(units)
 
     async def work(client: ClusterClient) -> int:
-        found = await find_units(client, units)
-        failed = bool(found.missing)
-        for view in found.units:
+        try:
+            listing = await client.units()
+        except FleetError as e:
+            raise CommandFailed(f"Error retrieving list of units from repository: {e}") from e
+        found = match_units(units, listing)
+        # A name the listing lacks may still have a record the listings skip because its value
+        # is corrupt (reported as a warning): destroying it by name is how it is removed.
+        names = [v.name for v in found.units]
+        missing = []
+        for arg in found.missing:
+            name = mangle_name(arg)
+            if is_glob(arg) or not valid_name(name):
+                missing.append(arg)
+            elif name not in names:
+                names.append(name)
+        failed = bool(missing)
+        destroyed = 0
+        for name in names:
             try:
-                existed = await client.destroy_unit(view.name)
+                existed = await client.destroy_unit(name)
             except FleetError as e:
                 click.echo(f"Error destroying units: {e}", err=True)
                 failed = True
                 continue
             if existed:  # fleet ignores a unit that vanished meanwhile, without a line
-                click.echo(f"Destroyed {view.name}")
+                click.echo(f"Destroyed {name}")
+                destroyed += 1
+            elif name not in (v.name for v in found.units):
+                click.echo(f"Unit {name} not found", err=True)
+                failed = True
+        for arg in missing:
+            what = (
+                f"No unit matches {arg}" if is_glob(arg) else f"Unit {mangle_name(arg)} not found"
+            )
+            click.echo(what, err=True)
+        if not found.units and not destroyed:
+            raise CommandFailed("Units not found in registry")
         return int(failed)
 
     run(work)

@@ -12,9 +12,11 @@ safer where fleet could churn or break a constraint:
   rebalanced, so a joining machine moves nothing and a lost machine moves only its own units.
 * Place: least-loaded first, ties to the lowest machine id; MachineOf peers are placed before
   the units that follow them, then units go by name. Load counts the global units a machine runs.
-* Replaces: a replaced unit moves only to a machine that can run it (fleet did not check). A new
-  unit displaces a unit it replaces only as a last resort and only if that unit can move, so
-  planning again on the result changes nothing.
+* Replaces: as in fleet, a machine running a unit that the new unit replaces is a candidate like
+  any other, in least-loaded order (the replaced unit counts in its load); when it is chosen, the
+  new unit takes it and the replaced unit moves away. Safer than fleet: the replaced unit moves
+  only to a machine that can run it (fleet did not check), and a machine whose replaced unit
+  cannot move is passed over. Planning again on the result changes nothing.
 """
 
 from __future__ import annotations
@@ -511,17 +513,14 @@ class _Planner:
     ) -> _Tally | None:
         """Place on the least-loaded candidate that can run the unit; None once placed."""
         tally = _Tally()
-        last_resort = []
         for machine_id in sorted(candidates, key=lambda m: (self.load[m], m)):
-            rejection = self._rejection(name, req, machine_id)
+            rejection = self._able_to_take(name, req, machine_id)
             if rejection is not None:
                 tally.add(machine_id, rejection)
-            elif self._victims(name, req, machine_id):
-                last_resort.append(machine_id)
             else:
                 self._assign(name, machine_id)
                 return None
-        return self._try_displacing(name, req, last_resort, tally)
+        return tally
 
     def _scan_heap(self, name: str, req: Requirements) -> _Tally | None:
         """_try_in_order over the machines matching the unit's metadata, popped lazily.
@@ -533,7 +532,6 @@ class _Planner:
         tally = _Tally()
         looked_at: list[_HeapEntry] = []
         seen: set[str] = set()
-        last_resort: list[str] = []
         chosen = None
         while heap:
             entry = heapq.heappop(heap)
@@ -542,11 +540,11 @@ class _Planner:
                 continue
             seen.add(machine_id)
             looked_at.append(entry)
-            rejection = self._rejection(name, req, machine_id)
+            # A displacement changes loads mid-scan: it pushes fresh entries, and `seen` skips
+            # the machines already looked at; a failed one is undone and leaves loads as they were.
+            rejection = self._able_to_take(name, req, machine_id)
             if rejection is not None:
                 tally.add(machine_id, rejection)
-            elif self._victims(name, req, machine_id):
-                last_resort.append(machine_id)
             else:
                 chosen = machine_id
                 break
@@ -555,19 +553,20 @@ class _Planner:
         if chosen is not None:
             self._assign(name, chosen)
             return None
-        return self._try_displacing(name, req, last_resort, tally)
-
-    def _try_displacing(
-        self, name: str, req: Requirements, candidates: list[str], tally: _Tally
-    ) -> _Tally | None:
-        # Only when no machine can take the unit as it is: moving a running unit is churn.
-        for machine_id in candidates:
-            rejection = self._displace(name, req, machine_id)
-            if rejection is None:
-                self._assign(name, machine_id)
-                return None
-            tally.add(machine_id, rejection)
         return tally
+
+    def _able_to_take(self, name: str, req: Requirements, machine_id: str) -> _Rejection | None:
+        """Why the machine cannot take the unit, or None once it can (its replaced units moved).
+
+        fleet's AbleToRun answers "reschedule", not "unschedule", for a machine running a unit
+        that the new one replaces, so its scheduler treats that machine as free, in load order,
+        and its reconciler then moves the replaced unit away. Here the move is part of the plan,
+        and happens only if every replaced unit there has another machine that can run it.
+        """
+        rejection = self._rejection(name, req, machine_id)
+        if rejection is None and self._victims(name, req, machine_id):
+            return self._displace(name, req, machine_id)
+        return rejection
 
     def _displace(self, name: str, req: Requirements, machine_id: str) -> _Rejection | None:
         """Move the units `name` replaces off `machine_id`, all or none."""

@@ -29,15 +29,11 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
 from fleetd.errors import InvalidInput, UnitFileError
 from fleetd.model import Machine, Placement, TargetState, Unit, UnitState
 from fleetd.registry.kv import KeyValue
 from fleetd.registry.registry import Registry
 from fleetd.unitfile import XFLEET_SECTION, UnitFile, UnitOption, parse_unit, requirements
-
-log = structlog.get_logger("fleetd.views")
 
 _GLOBAL = "Global"  # the [X-Fleet] key that makes a unit global
 
@@ -192,7 +188,7 @@ async def _bodies(
         try:
             body = await registry.get_body(hash_)
         except UnitFileError as e:
-            log.warning("corrupt_value_skipped", key=keys.body(hash_), error=str(e))
+            registry.skip_corrupt(keys.body(hash_), 0, str(e))  # its revision is not known here
             body = None
         if body is not None:
             cache[hash_] = body
@@ -218,7 +214,7 @@ def _parse_bodies(
             cache[hash_] = parse_unit(kv.value)
         except UnitFileError as e:
             # One unreadable body hides its units, not the whole listing.
-            log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+            registry.skip_corrupt(kv.key, kv.mod_revision, str(e))
 
 
 async def load_unit_views(

@@ -255,7 +255,7 @@ class LiveListings:
         self.machines, self.meta, self._waiting_bodies = {}, {}, {}
         for kvs in (unit_kvs, placement_kvs, state_kvs, machine_kvs, meta_kvs):
             for kv in kvs:
-                self._put(kv.key, kv.value)
+                self._put(kv.key, kv.value, kv.mod_revision)
         self._prune_bodies()
         await _bodies(self.registry, {u.hash for u in self.units.values()}, self.bodies)
         for name, listing in self.listings.items():
@@ -308,11 +308,11 @@ class LiveListings:
     def apply(self, event: WatchEvent) -> None:
         """One event from the registry's watch, in revision order."""
         if event.type is EventType.PUT:
-            self._put(event.key, event.value)
+            self._put(event.key, event.value, event.mod_revision)
         else:
             self._delete(event.key)
 
-    def _put(self, key: str, value: str) -> None:
+    def _put(self, key: str, value: str, revision: int) -> None:
         keys = self.keys
         try:
             if key.startswith(keys.units):
@@ -341,8 +341,9 @@ class LiveListings:
             elif key.startswith(keys.bodies):
                 self._body(keys.tail(key, keys.bodies), value)
         except (CorruptValue, UnitFileError) as e:
-            # As the range reads do: the record is skipped (shown as absent).
-            log.warning("corrupt_value_skipped", key=key, error=str(e))
+            # As the range reads do: the record is skipped (shown as absent), and logged once
+            # per key and revision, so a reload (after a broken watch) does not repeat it.
+            self.registry.skip_corrupt(key, revision, str(e))
             self._delete(key)
 
     def _delete(self, key: str) -> None:

@@ -7,7 +7,7 @@ same code on real etcd and on the in-memory fake.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -92,6 +92,25 @@ class Registry:
         self._bodies: dict[str, UnitFile] = {}
         # Parsed [X-Fleet] per (name, hash): specifiers make them depend on the name too.
         self._requirements: dict[tuple[str, str], Requirements] = {}
+        # Corrupt values skipped (see skip_corrupt): key -> error, and the revision logged.
+        self.corrupt: dict[str, str] = {}
+        self._corrupt_logged: dict[str, int] = {}
+        # fleetctl turns the log line off and prints `corrupt` once, as plain warnings.
+        self.log_corrupt = True
+
+    def skip_corrupt(self, key: str, revision: int, error: str) -> None:
+        """Note a stored value that does not decode and is skipped (read as absent).
+
+        Logged once per key and revision: the engine and the agent read the same keys on
+        every pass, and a line per pass would bury everything else. A new revision of the
+        key (written again, still corrupt) is logged again.
+        """
+        self.corrupt[key] = error
+        if self._corrupt_logged.get(key) == revision:
+            return
+        self._corrupt_logged[key] = revision
+        if self.log_corrupt:
+            log.warning("corrupt_value_skipped", key=key, error=error)
 
     # ---- schema -------------------------------------------------------------------------
 
@@ -197,7 +216,7 @@ class Registry:
         try:
             hash_, state = codec.decode_desired(kv.value)
         except CorruptValue as e:
-            log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+            self.skip_corrupt(kv.key, kv.mod_revision, str(e))
             return None
         return Unit(name, hash_, state)
 
@@ -285,21 +304,79 @@ class Registry:
         raise Conflict(f"unit {name} kept changing while its state was being set")
 
     async def destroy_unit(self, name: str) -> bool:
-        """Delete a unit's record; the engine then unschedules it. False if it did not exist.
+        """Delete a unit's record; the engine then unschedules it. False if nothing was there.
 
-        Its body goes too when no other unit names it (`release_bodies`).
+        Its body goes too when no other unit names it (`release_bodies`). A record whose
+        value is corrupt is deleted all the same: that is how a user removes it. So are the
+        unit's other keys whose values are corrupt (placement, published states, schedule and
+        global entries): the engine and the agents skip those, so no one else would ever
+        delete them. Keys that decode are left to their owners, as before. Each corrupt key
+        is deleted only at the revision read, so a value rewritten meanwhile is never lost.
         """
         key = self.keys.unit(name)
         for _ in range(10):
-            old = await self.kv.get(key)
+            old, corrupt = await asyncio.gather(self.kv.get(key), self._corrupt_keys_of(name))
+            guards = [Compare(k, "mod", "==", revision) for k, revision in corrupt.items()]
+            deletes: list[Op] = [Delete(k) for k in corrupt]
             if old is None:
-                return False
+                if not corrupt:
+                    return False  # no record, and nothing corrupt left behind
+                # Only corrupt leftovers of a unit that is gone.
+                result = await self.kv.txn([Compare(key, "version", "==", 0), *guards], deletes)
+                if result.succeeded:
+                    self._forget_corrupt(corrupt)
+                    return True
+                continue
             # Compare-and-swap, so the body released is the one of the record deleted.
-            result = await self.kv.txn([Compare(key, "mod", "==", old.mod_revision)], [Delete(key)])
+            result = await self.kv.txn(
+                [Compare(key, "mod", "==", old.mod_revision), *guards], [Delete(key), *deletes]
+            )
             if result.succeeded:
+                self._forget_corrupt([key, *corrupt])
                 await self._release_after_write(old)
                 return True
         raise Conflict(f"unit {name} kept changing while it was being destroyed")
+
+    def _forget_corrupt(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self.corrupt.pop(key, None)
+            self._corrupt_logged.pop(key, None)
+
+    async def _corrupt_keys_of(self, name: str) -> dict[str, int]:
+        """The keys besides units/<name> that belong to unit `name` and hold values that do
+        not decode, with the revision each was read at."""
+        keys = self.keys
+        placement, global_, (state_kvs, _), (machine_kvs, _) = await asyncio.gather(
+            self.kv.get(keys.placement(name)),
+            self.kv.get(keys.global_unit(name)),
+            self.kv.range(keys.unit_states(name)),
+            self.kv.range(keys.machines),
+        )
+        # The schedule is per machine: look where a machine is registered or publishes.
+        machine_ids = {keys.tail(kv.key, keys.machines) for kv in machine_kvs}
+        machine_ids |= {keys.tail(kv.key, keys.unit_states(name)) for kv in state_kvs}
+        scheduled = (
+            await self.kv.get_many([keys.scheduled(m, name) for m in sorted(machine_ids)])
+            if machine_ids
+            else {}
+        )
+        found: dict[str, int] = {}
+
+        def check(kv: KeyValue | None, decode: Callable[[str], object]) -> None:
+            if kv is None:
+                return
+            try:
+                decode(kv.value)
+            except CorruptValue:
+                found[kv.key] = kv.mod_revision
+
+        check(placement, codec.decode_placement)
+        check(global_, codec.decode_desired)
+        for kv in scheduled.values():
+            check(kv, codec.decode_desired)
+        for kv in state_kvs:
+            check(kv, lambda text: codec.decode_state(name, "", text))
+        return found
 
     # ---- body garbage collection (the design and its proof: gc.py) -------------------------
 
@@ -396,7 +473,7 @@ class Registry:
             try:
                 machine = codec.decode_machine(kv.value)
             except CorruptValue as e:
-                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+                self.skip_corrupt(kv.key, kv.mod_revision, str(e))
                 continue
             extra = dynamic.get(machine.id)
             if extra:
@@ -457,7 +534,7 @@ class Registry:
             try:
                 states.append(codec.decode_state(unit, machine_id, kv.value))
             except CorruptValue as e:
-                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+                self.skip_corrupt(kv.key, kv.mod_revision, str(e))
         return states
 
     # ---- schedule (engine-owned) -----------------------------------------------------------
@@ -470,7 +547,11 @@ class Registry:
         kv = await self.kv.get(self.keys.placement(name))
         if kv is None:
             return None
-        machine, reason = codec.decode_placement(kv.value)
+        try:
+            machine, reason = codec.decode_placement(kv.value)
+        except CorruptValue as e:
+            self.skip_corrupt(kv.key, kv.mod_revision, str(e))  # as placements() does
+            return None
         return Placement(name, machine, reason)
 
     def _decode_placements(self, kvs: Iterable[KeyValue]) -> dict[str, Placement]:
@@ -480,7 +561,7 @@ class Registry:
             try:
                 machine, reason = codec.decode_placement(kv.value)
             except CorruptValue as e:
-                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+                self.skip_corrupt(kv.key, kv.mod_revision, str(e))
                 continue
             out[name] = Placement(name, machine, reason)
         return out
@@ -504,7 +585,7 @@ class Registry:
             try:
                 hash_, state = codec.decode_desired(kv.value)
             except CorruptValue as e:
-                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+                self.skip_corrupt(kv.key, kv.mod_revision, str(e))
                 continue
             out.append(ScheduledUnit(self.keys.tail(kv.key, prefix), machine_id, hash_, state))
         return out
@@ -517,7 +598,7 @@ class Registry:
             try:
                 hash_, state = codec.decode_desired(kv.value)
             except CorruptValue as e:
-                log.warning("corrupt_value_skipped", key=kv.key, error=str(e))
+                self.skip_corrupt(kv.key, kv.mod_revision, str(e))
                 continue
             out.append(ScheduledUnit(name, machine_id, hash_, state))
         return out

@@ -120,6 +120,23 @@ async def test_target_state_and_destroy(backend: Backend) -> None:
         await reg.set_target_state("hello.service", TargetState.LOADED)
 
 
+async def test_destroy_removes_a_corrupt_record_and_its_corrupt_keys(backend: Backend) -> None:
+    reg = Registry(backend.kv)
+    keys = reg.keys
+    lease = await backend.kv.grant(60)
+    assert await reg.register_machine(Machine.make("m1"), lease)
+    corrupt = [keys.unit("bad.service"), keys.state("bad.service", "m1")]
+    corrupt.append(keys.scheduled("m1", "bad.service"))
+    await backend.kv.txn([], [Put(k, "{not json") for k in corrupt])
+    await reg.create_unit("ok.service", HELLO)
+    assert [u.name for u in await reg.list_units()] == ["ok.service"]
+    assert await reg.destroy_unit("bad.service")
+    for key in corrupt:
+        assert await backend.kv.get(key) is None, key
+    assert await reg.get_unit("ok.service") is not None
+    assert not await reg.destroy_unit("bad.service")
+
+
 async def test_presence_and_states_vanish_with_the_lease(backend: Backend) -> None:
     reg = Registry(backend.kv)
     lease = await backend.kv.grant(1)

@@ -160,12 +160,47 @@ async def test_patch_adds_replaces_and_removes_metadata(api: Api) -> None:
     assert stored[api.registry.keys.machine_meta_key(M2, "role")] == "web"
 
 
-async def test_patch_needs_no_content_type(api: Api) -> None:
+# fleet's machinesResource.patch decodes the body whatever its Content-Type (only PUT /units
+# calls validateContentType): `curl -d` sends a form type, other clients none at all.
+ANY_CONTENT_TYPE = [
+    None,
+    "application/x-www-form-urlencoded",
+    "text/plain",
+    "multipart/form-data; boundary=x",
+    "application/json; charset=utf-8",
+    "not a media type",
+]
+
+
+@pytest.mark.parametrize("content_type", ANY_CONTENT_TYPE)
+async def test_patch_decodes_the_body_whatever_its_content_type(
+    api: Api, content_type: str | None
+) -> None:
     ops = json.dumps([_op("add", "/m/metadata/k", {"value": "v"})]).encode()
+    headers = {"Content-Type": content_type} if content_type else {}
     response = await api.client.patch(
-        f"{V1}/machines", data=ops, skip_auto_headers=["Content-Type"]
+        f"{V1}/machines", data=ops, headers=headers, skip_auto_headers=["Content-Type"]
     )
     assert response.status == 204
+    assert api.stored()[api.registry.keys.machine_meta_key("m", "k")] == "v"
+
+
+@pytest.mark.parametrize("content_type", ANY_CONTENT_TYPE)
+async def test_patch_of_a_body_that_is_not_json_is_400_whatever_its_content_type(
+    api: Api, content_type: str | None
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    before = api.stored()
+    status, message = await api.error(
+        "PATCH",
+        f"{V1}/machines",
+        data=b"op=add&path=/m/metadata/k",
+        headers=headers,
+        skip_auto_headers=["Content-Type"],
+    )
+    assert status == 400
+    assert message.startswith("unable to decode body: invalid JSON")
+    assert api.stored() == before
 
 
 def test_parse_patch_accepts_gos_spellings() -> None:

@@ -408,6 +408,25 @@ def test_help(cluster: Cluster) -> None:
     assert cluster.invoke("start", "-h").stdout.startswith("Usage: fleetctl start")
 
 
+def test_fleetctls_help_has_fleets_version_section(cluster: Cluster) -> None:
+    # fleet's usage template: "VERSION:" then the bare version on a tab-indented line, after
+    # the usage, in fleetctl's own help only.
+    section = f"\n\nVERSION:\n\t{__version__}\n\n"
+    for args in ([], ["help"], ["--help"], ["-h"]):
+        result = cluster.invoke(*args)
+        assert section in result.stdout, args
+        usage, version, options = (
+            result.stdout.index("Usage: fleetctl"),
+            result.stdout.index(section),
+            result.stdout.index("Options:"),
+        )
+        assert usage < version < options, args
+    for args in (["help", "stop"], ["stop", "--help"], ["list-units", "-h"]):
+        result = cluster.invoke(*args)
+        assert result.exit_code == 0, args
+        assert "VERSION" not in result.stdout, args
+
+
 def test_verify_is_deprecated_with_exit_2(cluster: Cluster) -> None:
     result = cluster.invoke("verify", "hello.service")
     assert result.exit_code == 2

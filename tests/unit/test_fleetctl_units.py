@@ -413,6 +413,99 @@ def test_stop_inactive_unit_fails(cluster: Cluster) -> None:
     assert result.stderr == "Unable to stop unit idle.service in state inactive\n"
 
 
+def test_stop_after_a_start_that_timed_out(cluster: Cluster) -> None:
+    # A failed `start` leaves the unit wanted `launched` but on no machine; fleet's stop then
+    # refused ("in state inactive"), so the unit started whenever a machine could take it.
+    cluster.reactions["db.service"] = Reaction(reason=REASON, delay=0)
+    write("db.service")
+    assert cluster.invoke("start", "--block-attempts=1", "db.service").exit_code == 1
+    assert desired(cluster, "db.service") == "launched"
+    result = cluster.invoke("stop", "--block-attempts=1", "db.service")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert result.stderr == (
+        "Unit db.service is not placed on any machine: it will be loaded, not started, once"
+        " placed\nSuccessfully stopped units [db.service].\n"
+    )
+    assert desired(cluster, "db.service") == "loaded"
+    # Stopping it again is no error: nothing is wanted running.
+    assert cluster.invoke("stop", "--block-attempts=1", "db.service").exit_code == 0
+    result = cluster.invoke("stop", "--no-block", "db.service")
+    assert (result.exit_code, result.stdout) == (0, "")
+
+
+def test_stop_no_block_of_an_unplaced_unit(cluster: Cluster) -> None:
+    cluster.auto = False
+    cluster.add_unit("db.service", state=TargetState.LAUNCHED)
+    cluster.place("db.service", None, REASON)
+    result = cluster.invoke("stop", "--no-block", "db.service")
+    assert (result.exit_code, result.stdout) == (0, "Triggered unit db.service stop\n")
+    assert desired(cluster, "db.service") == "loaded"
+
+
+def test_stop_of_a_placed_unit_its_agent_has_not_reported_yet(cluster: Cluster) -> None:
+    cluster.add_unit("hello.service", state=TargetState.LAUNCHED)
+    cluster.place("hello.service", M1)  # placed; the agent has published nothing yet
+    result = cluster.invoke("stop", "hello.service")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"Unit hello.service loaded {ON_M1}\n"
+    assert desired(cluster, "hello.service") == "loaded"
+
+
+# What a failed or interrupted command can leave: (desired state, placement, agent's report).
+LEFT_BEHIND = {
+    "start timed out, unplaceable": ("launched", None, None),
+    "load timed out, unplaceable": ("loaded", None, None),
+    "start timed out, agent silent": ("launched", M1, None),
+    "start timed out, not active": ("launched", M1, TargetState.LAUNCHED),
+    "stop timed out": ("loaded", M1, TargetState.LAUNCHED),
+    "unload timed out": ("inactive", M1, TargetState.LAUNCHED),
+    "unload timed out, agent unloaded": ("inactive", M1, TargetState.INACTIVE),
+}
+
+
+def _leave(cluster: Cluster, name: str, scenario: str) -> None:
+    state, machine, reported = LEFT_BEHIND[scenario]
+    cluster.add_unit(name, state=TargetState(state))
+    cluster.place(name, machine, "" if machine else REASON)
+    if machine is None:
+        cluster.reactions[name] = Reaction(reason=REASON, delay=0)
+    elif reported is not None:
+        cluster.publish(name, machine, reported, "activating", "start")
+
+
+@pytest.mark.parametrize("scenario", sorted(LEFT_BEHIND))
+def test_unload_and_destroy_work_from_any_state(cluster: Cluster, scenario: str) -> None:
+    _leave(cluster, "a.service", scenario)
+    result = cluster.invoke("unload", "--block-attempts=1", "a.service")
+    if scenario == "unload timed out":
+        # Already wanted inactive: nothing is written, and this agent stays silent, so the wait
+        # times out again; that is the agent's doing, not a refusal.
+        assert result.stderr.endswith("Failed to unload units [a.service].\n")
+    else:
+        assert result.exit_code == 0, result.output
+    assert desired(cluster, "a.service") == "inactive"
+    result = cluster.invoke("destroy", "a.service")
+    assert (result.exit_code, result.stdout) == (0, "Destroyed a.service\n")
+    assert cluster.unit("a.service") is None
+
+
+@pytest.mark.parametrize("scenario", sorted(LEFT_BEHIND))
+def test_stop_works_from_any_state_but_never_activated(cluster: Cluster, scenario: str) -> None:
+    _leave(cluster, "a.service", scenario)
+    result = cluster.invoke("stop", "--block-attempts=1", "a.service")
+    if scenario == "unload timed out, agent unloaded":
+        # Wanted and seen inactive: stopping would load it. fleet's refusal is kept.
+        assert (result.exit_code, result.stderr) == (
+            1,
+            "Unable to stop unit a.service in state inactive\n",
+        )
+        assert desired(cluster, "a.service") == "inactive"
+        return
+    assert result.exit_code == 0, result.output
+    assert desired(cluster, "a.service") == "loaded"
+
+
 def test_stop_unknown_units(cluster: Cluster) -> None:
     result = cluster.invoke("stop", "nope", "x*")
     assert result.exit_code == 1

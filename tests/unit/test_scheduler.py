@@ -493,13 +493,65 @@ def test_circular_replaces_is_ignored() -> None:
     assert plan(reqs, THREE, current).assignments == current
 
 
-def test_new_replacing_unit_prefers_a_machine_without_displacing() -> None:
-    reqs = {"new.service": Requirements(replaces=("old.service",)), "old.service": NONE}
+def test_fleets_schedule_replace_scenario() -> None:
+    # fleet's functional TestScheduleReplace: replace.0 alone on m0, replace.1 and its MachineOf
+    # follower replace.2 on m1. replace-kick0 (Replaces=replace.0) takes m0, the least loaded,
+    # and replace.0 moves to m1.
+    reqs = {
+        "replace.0.service": NONE,
+        "replace.1.service": NONE,
+        "replace.2.service": Requirements(machine_of=("replace.1.service",)),
+        "replace-kick0.service": Requirements(replaces=("replace.0.service",)),
+    }
+    current = {"replace.0.service": "m0", "replace.1.service": "m1", "replace.2.service": "m1"}
+    result = plan(reqs, machines("m0", "m1"), current)
+    assert result.assignments == {
+        "replace-kick0.service": "m0",
+        "replace.0.service": "m1",
+        "replace.1.service": "m1",
+        "replace.2.service": "m1",
+    }
+    assert result.moves == {"replace.0.service": ("m0", "m1")}
+    assert result.reasons == {"replace.0.service": "replaced by replace-kick0.service"}
+
+
+def test_machine_of_a_replaced_unit_counts_as_free_in_load_order() -> None:
+    # As fleet's Decide: the machine running old.service is a candidate with old.service in its
+    # load; on a tie the lower id wins, so new.service takes m1 and old.service moves.
+    reqs = {
+        "new.service": Requirements(replaces=("old.service",)),
+        "old.service": NONE,
+        "x.service": NONE,
+    }
     current = {"old.service": "m1", "x.service": "m2"}
-    reqs["x.service"] = NONE
     result = plan(reqs, machines("m1", "m2"), current)
-    # m1 and m2 have equal load; m1 would displace old.service, so new.service takes m2.
-    assert result.assignments["new.service"] == "m2"
+    assert result.assignments == {"new.service": "m1", "old.service": "m2", "x.service": "m2"}
+    assert result.moves == {"old.service": ("m1", "m2")}
+    assert result.reasons == {"old.service": "replaced by new.service"}
+
+
+def test_a_less_loaded_machine_still_wins_over_the_replaced_units_machine() -> None:
+    # fleet places by load only: with an empty machine, new.service goes there and nothing moves.
+    reqs = {"new.service": Requirements(replaces=("old.service",)), "old.service": NONE}
+    current = {"old.service": "m1"}
+    result = plan(reqs, machines("m1", "m2"), current)
+    assert result.assignments == {"new.service": "m2", "old.service": "m1"}
+    assert result.moves == {}
+
+
+def test_replaced_unit_that_fits_nowhere_else_keeps_its_machine() -> None:
+    # m1 is the least loaded, but old.service runs only in the east: fleet would move it to m2
+    # anyway (its DecideReschedule checks nothing); here m1 is passed over for m2.
+    east = ("m1", {"region": "east"})
+    reqs = {
+        "new.service": Requirements(replaces=("old.service",)),
+        "old.service": Requirements(metadata=meta(region="east")),
+        "x.service": NONE,
+        "y.service": NONE,
+    }
+    current = {"old.service": "m1", "x.service": "m2", "y.service": "m2"}
+    result = plan(reqs, machines(east, "m2"), current)
+    assert result.assignments == {**current, "new.service": "m2"}
     assert result.moves == {}
 
 
