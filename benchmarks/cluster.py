@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import random
 import statistics
 import subprocess
 import tempfile
@@ -342,7 +343,10 @@ def _kill_once(cluster: Any, client: Client, name: str, ttl: float) -> dict[str,
         120,
         f"{victim.name} registered again",
     )
-    time.sleep(ttl)  # the restarted fleetd's start-up grace, see kill's docstring
+    # The restarted fleetd's start-up grace (see kill's docstring), then a random part of a
+    # TTL more: waiting a fixed time would lock the next kill to the same phase of the
+    # victim's renewals (always just after one), and measure the worst case every time.
+    time.sleep(ttl + random.uniform(0, ttl))
     return marks
 
 

@@ -1,7 +1,8 @@
 """A randomized fault soak on the real cluster: a seeded sequence of faults under a stream of
 submissions, with an invariant check after every step and at the end.
 
-Faults are drawn from: etcd paused (SIGSTOP, 0.5-3x agent_ttl) / stopped and started again;
+Faults are drawn from: etcd paused (SIGSTOP, 0.5-3x agent_ttl), its raft leader paused
+(0.5-2x agent_ttl), etcd stopped and started again;
 a machine killed (then booted again), rebooted, or partitioned (then healed); a fleetd
 SIGKILLed; the engine leader's fleetd SIGKILLed. Before each fault one or two units are
 submitted (PartitionPolicy keep, every third one stop). After each step the checker waits for
@@ -10,14 +11,14 @@ convergence and asserts:
 - every keep unit runs, on exactly one machine; every submission exists exactly once;
 - a stop unit never ran on two machines at any sample (sampled while waiting, about 2 Hz);
 - no machine is missing from the registry;
-- an etcd-side fault (pause, restart) moved and restarted nothing.
+- an etcd-side fault (pause of etcd or of its raft leader, restart) moved and restarted nothing.
 
 The seed is printed (FLEET_SOAK_SEED replays it), with restarts, moves and two-copy seconds per
 fault kind. `test_fault_soak_short` runs in CI (8 faults); `test_fault_soak` is the long form
 (marked `soak`; FLEET_SOAK_FAULTS, default 30), run with `FLEET_SOAK=1 pytest -m soak`.
 
-The session's default cluster: 3 machines, one etcd member, agent_ttl 3 s, fleetd as deployed
-(Restart=always).
+The cluster of test_faults.py (3 machines, a 3-member etcd, agent_ttl 10 s), fleetd as deployed
+(Restart=always, RestartSec=2s: a SIGKILLed fleetd is back well within its lease).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ import pytest
 from fleet_cluster import Cluster, MachineState
 from fleet_helpers import Fleet, eventually, fleet_on, report, unit
 
-AGENT_TTL = 3.0
+AGENT_TTL = 10.0
 KINDS = [
     "etcd_pause",
+    "etcd_leader_pause",
     "etcd_restart",
     "machine_kill",
     "machine_reboot",
@@ -43,8 +45,14 @@ KINDS = [
     "fleetd_kill",
     "leader_kill",
 ]
-ETCD_SIDE = {"etcd_pause", "etcd_restart"}
-CONVERGE = 6 * AGENT_TTL + 60  # the slowest step: a machine killed, its units moved, rebooted
+ETCD_SIDE = {"etcd_pause", "etcd_leader_pause", "etcd_restart"}
+pytestmark = pytest.mark.parametrize(
+    "cluster",
+    [{"n": 3, "agent_ttl": f"{AGENT_TTL:g}s", "etcd_members": 3}],  # test_faults.py's
+    indirect=True,
+    ids=["3-machines-3-etcd"],
+)
+CONVERGE = 3 * AGENT_TTL + 60  # the slowest step: a machine killed, its units moved, rebooted
 
 
 @dataclass
@@ -137,13 +145,20 @@ class Soak:
                 self.sample_for(self.rng.uniform(0.5, 3.0) * AGENT_TTL)
             finally:
                 cluster.resume_etcd()
+        elif kind == "etcd_leader_pause":
+            leader = eventually(cluster.etcd_leader, 15, "an etcd leader")
+            cluster.pause_etcd([leader])
+            try:
+                self.sample_for(self.rng.uniform(0.5, 2.0) * AGENT_TTL)
+            finally:
+                cluster.resume_etcd([leader])
         elif kind == "etcd_restart":
             cluster.stop_etcd()
             cluster.start_etcd()
         elif kind == "machine_kill":
             m = self.machine()
             cluster.kill(m)
-            self.sample_for(AGENT_TTL + 2)
+            self.sample_for(AGENT_TTL)
             cluster.restart(m)
         elif kind == "machine_reboot":
             cluster.restart(self.machine())
@@ -167,6 +182,8 @@ class Soak:
         self.submit()
         before = self.converge()
         self.inject(kind)
+        # Let what the fault set off happen (a lease running out, a move) before checking.
+        self.sample_for(AGENT_TTL)
         after = self.converge()
         moved = [n for n in before if before[n].keys() != after[n].keys()]
         restarted = [
