@@ -22,6 +22,7 @@ from fleetd.server import Server
 from fleetd.systemd.fake import FakeUnitManager
 from fleetd.unitfile import parse_unit
 from tests.integration.etcd_fixture import EtcdServer
+from tests.integration.inprocess import fleetd_config, quiet_for_pytest
 from tests.integration.waits import wait_for
 
 pytestmark = pytest.mark.integration
@@ -33,22 +34,9 @@ HELLO = "[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n"
 async def test_fleetd_serves_the_api(
     etcd_server: EtcdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    monkeypatch.delenv("LISTEN_PID", raising=False)
-    monkeypatch.setattr(Server, "_install_signals", lambda self: None)  # pytest owns them
+    quiet_for_pytest(monkeypatch)
+    config = fleetd_config(tmp_path, etcd_server.endpoints, etcd_request_timeout=5.0)
     socket_path = tmp_path / "fleet.sock"
-    config = replace(
-        Config(),
-        etcd_servers=tuple(etcd_server.endpoints),
-        etcd_request_timeout=5.0,
-        machine_id=M1,
-        public_ip="10.0.0.1",
-        agent_ttl=3.0,
-        engine_reconcile_interval=0.5,
-        state_dir=str(tmp_path / "state"),
-        api_socket=str(socket_path),
-        api_socket_group="",
-    )
     server = Server(config, manager=FakeUnitManager(tmp_path / "units"))
     running = asyncio.ensure_future(server.run())
     client = ApiClient(f"unix://{socket_path}", unix_socket=str(socket_path), timeout=5.0)

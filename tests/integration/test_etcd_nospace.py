@@ -14,14 +14,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from fleetctl.api_client import ApiClient
-from fleetd.config import Config
 from fleetd.errors import QuotaExceeded
 from fleetd.model import TargetState
 from fleetd.registry.etcd import EtcdConfig, EtcdKV
@@ -31,6 +30,7 @@ from fleetd.systemd.fake import FakeUnitManager
 from fleetd.unitfile import parse_unit
 from tests.conftest import _require_etcd
 from tests.integration.etcd_fixture import EtcdServer, running
+from tests.integration.inprocess import fleetd_config, quiet_for_pytest
 from tests.integration.waits import wait_for
 
 pytestmark = pytest.mark.integration
@@ -136,22 +136,9 @@ def recover(server: EtcdServer) -> None:
 async def test_nospace_refuses_writes_clearly_and_recovers(
     small_etcd: EtcdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    monkeypatch.delenv("LISTEN_PID", raising=False)
-    monkeypatch.setattr(Server, "_install_signals", lambda self: None)  # pytest owns them
+    quiet_for_pytest(monkeypatch)
+    config = fleetd_config(tmp_path, small_etcd.endpoints, etcd_request_timeout=5.0)
     socket_path = tmp_path / "fleet.sock"
-    config = replace(
-        Config(),
-        etcd_servers=tuple(small_etcd.endpoints),
-        etcd_request_timeout=5.0,
-        machine_id=M1,
-        public_ip="10.0.0.1",
-        agent_ttl=3.0,
-        engine_reconcile_interval=0.5,
-        state_dir=str(tmp_path / "state"),
-        api_socket=str(socket_path),
-        api_socket_group="",
-    )
     manager = FakeUnitManager(tmp_path / "units")
     server = Server(config, manager=manager)
     fleetd = asyncio.ensure_future(server.run())

@@ -14,28 +14,26 @@ credentials. Each fails with a message naming the cause, and nothing gets stored
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from fleetd.config import Config
 from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.server import Server
 from fleetd.systemd.fake import FakeUnitManager
 from tests.conftest import _require_etcd
 from tests.integration.etcd_fixture import EtcdServer, TLSFiles, running
+from tests.integration.inprocess import fleetd, fleetd_config
 from tests.integration.waits import wait_for
 
 pytestmark = pytest.mark.integration
 
-M1 = "113f16a7f2c54d35b3cde2e2ad5c2f10"
 HELLO = "[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n"
 PREFIX = "/fleet/"
 FLEETCTL_DEADLINE = 60.0
@@ -71,41 +69,6 @@ async def fleetctl(*args: str, env: Mapping[str, str] | None = None, cwd: Path) 
         pytest.fail(f"fleetctl {' '.join(args)} did not finish in {FLEETCTL_DEADLINE}s")
     assert proc.returncode is not None
     return Ran(proc.returncode, out.decode(), err.decode())
-
-
-def fleetd_config(tmp_path: Path, endpoints: list[str], **etcd: Any) -> Config:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    return replace(
-        Config(),
-        etcd_servers=tuple(endpoints),
-        etcd_request_timeout=2.0,
-        machine_id=M1,
-        public_ip="10.0.0.1",
-        agent_ttl=3.0,
-        engine_reconcile_interval=0.5,
-        state_dir=str(tmp_path / "state"),
-        api_socket=str(tmp_path / "fleet.sock"),
-        api_socket_group="",
-        **etcd,
-    )
-
-
-@contextlib.asynccontextmanager
-async def fleetd(
-    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[tuple[Server, FakeUnitManager, asyncio.Future[int]]]:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    monkeypatch.delenv("LISTEN_PID", raising=False)
-    monkeypatch.setattr(Server, "_install_signals", lambda self: None)  # pytest owns them
-    manager = FakeUnitManager(tmp_path / "units")
-    server = Server(config, manager=manager)
-    task = asyncio.ensure_future(server.run())
-    try:
-        yield server, manager, task
-    finally:
-        server.stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 30)
 
 
 async def dump(etcd: EtcdConfig) -> dict[str, str]:
