@@ -312,12 +312,13 @@ _machine_command("stop-fleetd", "Stop fleetd (fleet.service) in MACHINE.", _stop
 
 @main.command("etcd")
 @cluster_options
-@click.argument("action", type=click.Choice(["stop", "kill", "start", "leader"]))
+@click.argument("action", type=click.Choice(["stop", "kill", "start", "pause", "resume", "leader"]))
 @click.argument("members", nargs=-1, type=int)
 @_errors
 def etcd_(name: str, state_root: Path, action: str, members: tuple[int, ...]) -> None:
     """Fail etcd on purpose: stop (SIGTERM), kill (SIGKILL) or start MEMBERS (default all),
-    keeping their data; `leader` prints the raft leader's member number."""
+    keeping their data; pause (SIGSTOP: a stall, answering nothing) or resume them; `leader`
+    prints the raft leader's member number."""
     cluster = _attach(name, state_root)
     chosen = list(members) or None
     with locked(cluster.layout):
@@ -328,6 +329,10 @@ def etcd_(name: str, state_root: Path, action: str, members: tuple[int, ...]) ->
                 sys.exit(1)
         elif action == "start":
             cluster.start_etcd(chosen)
+        elif action == "pause":
+            cluster.pause_etcd(chosen)
+        elif action == "resume":
+            cluster.resume_etcd(chosen)
         else:
             cluster.stop_etcd(chosen, kill=action == "kill")
 
