@@ -113,6 +113,7 @@ def test_etcd_down_30s_stops_nothing_and_the_cluster_resumes(fleet: Fleet) -> No
     fenced_pid = fleet.systemd(fenced_host, "fenced.service").main_pid
     leases = machine_leases(fleet)
     placed = placements(fleet, [*names, "fenced.service"])
+    daemons = fleetd_pids(fleet)
 
     fleet.cluster.stop_etcd()
     down_at = time.monotonic()
@@ -137,6 +138,7 @@ def test_etcd_down_30s_stops_nothing_and_the_cluster_resumes(fleet: Fleet) -> No
     assert single_pids(fleet, names) == before
     assert machine_leases(fleet) == leases
     assert placements(fleet, [*names, "fenced.service"]) == placed
+    assert fleetd_pids(fleet) == daemons, "a fleetd exited or restarted"
     assert set(fleet.driver.units()) == {*names, "fenced.service"}
     resumed = time_to_run(fleet, "after-outage.service", timeout=30)
     fleet.record(
@@ -161,6 +163,7 @@ def test_etcd_restart_stops_nothing(fleet: Fleet) -> None:
     before = single_pids(fleet, names)
     leases = machine_leases(fleet)
     placed = placements(fleet, names)
+    daemons = fleetd_pids(fleet)
 
     started = time.monotonic()
     fleet.cluster.stop_etcd()
@@ -170,6 +173,7 @@ def test_etcd_restart_stops_nothing(fleet: Fleet) -> None:
     holds_for(lambda: single_pids(fleet, names) == before, AGENT_TTL / 2, "units on their pids")
     assert machine_leases(fleet) == leases
     assert placements(fleet, names) == placed
+    assert fleetd_pids(fleet) == daemons, "a fleetd exited or restarted"
     fleet.record(
         "etcd_restart",
         {"restart_seconds": round(restarted, 3), "new_unit_start_seconds": round(resumed, 3)},
