@@ -104,7 +104,9 @@ class Engine:
         self._grace_until = 0.0  # the engine's own reasons: etcd errors, mass machine loss
         self._holding: frozenset[str] = frozenset()  # machines the last plan held
         self._planned_machines: frozenset[str] = frozenset()
-        self._last_body_sweep = float("-inf")
+        # Body sweeps (gc.py): due since (None: not due), and the last unit destroy/replace.
+        self._sweep_due_since: float | None = None
+        self._last_churn = float("-inf")
 
     @property
     def is_leader(self) -> bool:
@@ -208,17 +210,31 @@ class Engine:
             batch_window=self._batch_window,
         )
 
-    async def _sweep_bodies(self) -> None:
-        """Unit bodies no unit names any more, deleted every gc.SWEEP_INTERVAL (the first
-        soon after taking the lead). Each delete is guarded on its own, so no fence needed."""
+    def _body_churn(self) -> None:
+        """A unit was destroyed or given another body: a body may have lost its last user."""
         now = self.clock()
-        if now - self._last_body_sweep < gc.SWEEP_INTERVAL:
+        if self._sweep_due_since is None:
+            self._sweep_due_since = now
+        self._last_churn = now
+
+    def _sweep_at(self) -> float | None:
+        """When the next body sweep is due (engine clock), None if none is."""
+        if self._sweep_due_since is None:
+            return None
+        return min(self._last_churn + gc.SWEEP_QUIET, self._sweep_due_since + gc.SWEEP_INTERVAL)
+
+    async def _sweep_bodies(self) -> None:
+        """Delete the unit bodies no unit names any more, when a sweep is due (gc.py: at
+        taking the lead, then after churn). Each delete is guarded on its own: no fence."""
+        at = self._sweep_at()
+        if at is None or self.clock() < at:
             return
-        self._last_body_sweep = now
+        self._sweep_due_since = None
         try:
             await gc.sweep_orphaned_bodies(self.registry)
         except FleetError as e:  # the next sweep retries; planning must not wait on it
             log.warning("body_sweep_failed", error=str(e))
+            self._body_churn()
 
     # ---- grace after etcd-side faults ---------------------------------------------------
 
@@ -241,13 +257,16 @@ class Engine:
         return ends is None or self.clock() < ends
 
     def _idle_interval(self) -> float:
-        """The safety pass's period; while units are held, wake when the grace ends."""
-        if not self._holding:
-            return self.safety_interval
-        ends = self.grace_ends()
-        if ends is None:
-            return min(self.safety_interval, 1.0)
-        return min(self.safety_interval, max(0.05, ends - self.clock() + 0.01))
+        """The safety pass's period; shorter to end a grace or run a body sweep on time."""
+        wait = self.safety_interval
+        now = self.clock()
+        sweep = self._sweep_at()
+        if sweep is not None:
+            wait = min(wait, max(0.05, sweep - now + 0.01))
+        if self._holding:
+            ends = self.grace_ends()
+            wait = min(wait, 1.0 if ends is None else max(0.05, ends - now + 0.01))
+        return wait
 
     def _held(self, view: EngineView) -> frozenset[str]:
         """Absent machines whose units stay put, because the grace is on."""
@@ -281,6 +300,7 @@ class Engine:
             name = keys.tail(event.key, keys.units)
             if event.type == EventType.DELETE:
                 self.view.units.pop(name, None)
+                self._body_churn()
                 return
             if not acceptable_name(name, event.key):
                 return
@@ -289,6 +309,9 @@ class Engine:
             except CorruptValue as e:
                 log.warning("corrupt_value_skipped", key=event.key, error=str(e))
                 return
+            before = self.view.units.get(name)
+            if before is not None and before.hash != hash_:
+                self._body_churn()
             self.view.units[name] = Unit(name, hash_, state)
             self._needs_body.add(name)
         elif event.key.startswith(keys.machines) or event.key.startswith(keys.machine_meta):
@@ -309,6 +332,8 @@ class Engine:
         view.placements = await registry.placements()
         self.view = view
         self._planned_machines = frozenset(view.machines)
+        # A new leader sweeps at once: orphans left before it led (or by 0.1.x) are its too.
+        self._sweep_due_since = self._last_churn = float("-inf")
         self._needs_body = set(units)
         self._machines_dirty = False
         log.info(

@@ -17,7 +17,6 @@ from fleetd.errors import (
     InvalidUnitName,
     NotFound,
     NotLeader,
-    RegistryUnavailable,
     UnitFileError,
 )
 from fleetd.model import (
@@ -237,8 +236,7 @@ class Registry:
         would refuse (`validate_name`) raises InvalidUnitName before anything is written: the
         CLI and the API check first, this is the last line.
 
-        A replace that changes the unit's body releases the old one if no unit names it any
-        more (`release_bodies`).
+        A body a replace leaves unnamed is collected by the engine leader's sweep (gc.py).
         """
         validate_name(name)
         unit_key = self.keys.unit(name)
@@ -263,27 +261,8 @@ class Registry:
             if not result.succeeded:
                 continue
             self._bodies[unit.hash] = unit
-            if old is not None:
-                await self._release_after_write(old, keep=unit.hash)
             return True
         raise Conflict(f"unit {name} kept changing while it was being replaced")
-
-    async def _release_after_write(self, old: KeyValue, keep: str = "") -> None:
-        """Release the body the record `old` named, now that it was replaced or deleted.
-
-        Best effort: the unit write has landed and is what the caller asked for, so a failure
-        here is logged, not raised; the engine's sweep collects the body later.
-        """
-        try:
-            hash_, _ = codec.decode_desired(old.value)
-        except CorruptValue:
-            return
-        if hash_ == keep:
-            return
-        try:
-            await self.release_bodies([hash_])
-        except RegistryUnavailable as e:
-            log.info("body_release_deferred", hash=hash_[:7], error=str(e))
 
     async def set_target_state(self, name: str, state: TargetState) -> None:
         """Change a unit's desired state; compare-and-swap so a concurrent replace is kept."""
@@ -306,16 +285,19 @@ class Registry:
     async def destroy_unit(self, name: str) -> bool:
         """Delete a unit's record; the engine then unschedules it. False if nothing was there.
 
-        Its body goes too when no other unit names it (`release_bodies`). A record whose
-        value is corrupt is deleted all the same: that is how a user removes it. So are the
-        unit's other keys whose values are corrupt (placement, published states, schedule and
-        global entries): the engine and the agents skip those, so no one else would ever
-        delete them. Keys that decode are left to their owners, as before. Each corrupt key
-        is deleted only at the revision read, so a value rewritten meanwhile is never lost.
+        A body no unit names any more is collected by the engine leader's sweep (gc.py). A
+        record whose value is corrupt is deleted all the same: that is how a user removes it.
+        So, then (or when the record is gone), are the unit's other keys whose values are
+        corrupt (placement, published states, schedule and global entries): the engine and
+        the agents skip those, so no one else would ever delete them. Keys that decode are
+        left to their owners, as before. Each corrupt key is deleted only at the revision
+        read, so a value rewritten meanwhile is never lost. A sound record costs one read and
+        one transaction, as in fleet: the leftovers are looked for only around a broken one.
         """
         key = self.keys.unit(name)
         for _ in range(10):
-            old, corrupt = await asyncio.gather(self.kv.get(key), self._corrupt_keys_of(name))
+            old = await self.kv.get(key)
+            corrupt = await self._corrupt_keys_of(name) if _broken(old) else {}
             guards = [Compare(k, "mod", "==", revision) for k, revision in corrupt.items()]
             deletes: list[Op] = [Delete(k) for k in corrupt]
             if old is None:
@@ -333,7 +315,6 @@ class Registry:
             )
             if result.succeeded:
                 self._forget_corrupt([key, *corrupt])
-                await self._release_after_write(old)
                 return True
         raise Conflict(f"unit {name} kept changing while it was being destroyed")
 
@@ -379,23 +360,6 @@ class Registry:
         return found
 
     # ---- body garbage collection (the design and its proof: gc.py) -------------------------
-
-    async def release_bodies(self, hashes: Iterable[str]) -> list[str]:
-        """Delete those of `hashes`' bodies that no unit record names; the hashes deleted.
-
-        One read of the candidates' revisions, then one of the unit records (in that order,
-        gc.py), then guarded deletes.
-        """
-        wanted = sorted(set(hashes))
-        if not wanted:
-            return []
-        found = await self.kv.get_many([self.keys.body(h) for h in wanted])
-        bodies = {
-            h: found[self.keys.body(h)].mod_revision for h in wanted if self.keys.body(h) in found
-        }
-        if not bodies:
-            return []
-        return await self.delete_orphaned_bodies(bodies)
 
     async def delete_orphaned_bodies(self, bodies: Mapping[str, int]) -> list[str]:
         """Of `bodies` (hash -> mod_revision, read BEFORE this call), delete those no unit
@@ -706,3 +670,15 @@ class Registry:
 
     def watch(self, prefix: str, start_revision: int) -> AsyncGenerator[list[WatchEvent], None]:
         return self.kv.watch(prefix, start_revision)
+
+
+def _broken(record: KeyValue | None) -> bool:
+    """A unit record that is missing or does not decode: its unit may have left corrupt keys
+    that nothing else deletes."""
+    if record is None:
+        return True
+    try:
+        codec.decode_desired(record.value)
+    except CorruptValue:
+        return True
+    return False

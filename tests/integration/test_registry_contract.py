@@ -297,18 +297,19 @@ async def stored_bodies(backend: Backend, reg: Registry) -> set[str]:
     return {reg.keys.tail(kv.key, reg.keys.bodies) for kv in kvs}
 
 
-async def test_replace_and_destroy_leave_no_orphaned_body(backend: Backend) -> None:
+async def test_the_sweep_leaves_no_body_orphaned_by_replace_or_destroy(backend: Backend) -> None:
     reg = Registry(backend.kv)
     assert await reg.create_unit("a@1.service", HELLO)
     assert await reg.create_unit("a@2.service", HELLO)  # one shared body
     for body in (OTHER, THIRD, OTHER):  # three replaces
         assert await reg.create_unit("a@1.service", body, replace=True)
+    assert await gc.sweep_orphaned_bodies(reg) == [THIRD.hash]
     assert await stored_bodies(backend, reg) == {HELLO.hash, OTHER.hash}  # a@2 keeps HELLO
     assert await reg.destroy_unit("a@2.service")
-    assert await stored_bodies(backend, reg) == {OTHER.hash}
+    assert await gc.sweep_orphaned_bodies(reg) == [HELLO.hash]
     assert await reg.create_unit("a@1.service", OTHER, replace=True)  # same body: kept
-    assert await stored_bodies(backend, reg) == {OTHER.hash}
     assert await reg.destroy_unit("a@1.service")
+    assert await gc.sweep_orphaned_bodies(reg) == [OTHER.hash]
     assert await stored_bodies(backend, reg) == set()
 
 
@@ -369,4 +370,5 @@ async def test_a_body_reused_during_the_sweep_is_kept(backend: Backend) -> None:
     # Once nobody uses them, they go.
     assert await reg.destroy_unit("new.service")
     assert await reg.destroy_unit("new@x.service")
+    assert sorted(await gc.sweep_orphaned_bodies(reg)) == sorted([HELLO.hash, OTHER.hash])
     assert await stored_bodies(backend, reg) == set()

@@ -77,7 +77,7 @@ async def test_changes_are_applied_in_order_without_a_reload(api: Api) -> None:
     await api.add_unit("a-new.service")
     await api.add_machine(M2, "10.0.0.2")
     await api.registry.set_machine_metadata(M1, "role", "db")
-    # Counted after the writes: a replace reads the unit records to release its old body.
+    # Counted after the writes (they read what they change).
     ranges = api.fake.stats["range"]
     listed = {c: list(await api.ctx.live_items(c)) for c in ("units", "states", "machines")}
     # The listings read no range: the changes came from the watch.

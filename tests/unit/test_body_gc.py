@@ -5,13 +5,12 @@ tests/integration/test_registry_contract.py."""
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
-from fleetd.errors import RegistryUnavailable
 from fleetd.model import Machine
 from fleetd.registry import gc
 from fleetd.registry.fake import FakeKV
-from fleetd.registry.kv import KV, Put
+from fleetd.registry.kv import Put
 from fleetd.registry.registry import Registry
 from fleetd.unitfile import parse_unit
 
@@ -74,25 +73,15 @@ async def test_one_reused_body_keeps_only_itself_in_a_batch() -> None:
     assert bodies(fake, reg) == {reused.hash}
 
 
-async def test_releasing_the_old_body_never_fails_the_unit_write() -> None:
-    """The unit write landed: a release that cannot reach etcd is left to the sweep."""
+async def test_destroying_a_sound_unit_costs_one_read_and_one_txn() -> None:
+    """As in fleet: no read of every unit record (that is the sweep's, once, after churn)."""
     fake = FakeKV()
-
-    class NoGetMany:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(fake, name)
-
-        async def get_many(self, keys: Any) -> Any:
-            raise RegistryUnavailable("etcd went away")
-
-    reg = Registry(cast(KV, NoGetMany()))
+    reg = Registry(fake)
     assert await reg.create_unit("u.service", A)
-    assert await reg.create_unit("u.service", B, replace=True)
-    assert (await reg.get_unit("u.service")) is not None
+    before = dict(fake.stats)
     assert await reg.destroy_unit("u.service")
-    assert await reg.get_unit("u.service") is None
-    assert bodies(fake, reg) == {A.hash, B.hash}  # left behind...
-    assert sorted(await gc.sweep_orphaned_bodies(Registry(fake))) == sorted([A.hash, B.hash])
+    spent = {k: v - before.get(k, 0) for k, v in fake.stats.items() if v != before.get(k, 0)}
+    assert spent == {"get": 1, "txn": 1}
 
 
 async def test_a_submit_rewrites_an_existing_body_with_the_record() -> None:
@@ -137,5 +126,31 @@ async def test_the_engine_leader_sweeps_soon_after_taking_the_lead(tmp_path: Any
                 break
             await asyncio.sleep(0.01)
         assert B.hash not in bodies(fake, reg), "the leader never swept the orphaned body"
+    finally:
+        await sim.close()
+
+
+async def test_the_leader_sweeps_after_a_replace_once_units_are_quiet(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    import asyncio
+
+    from fleetd.model import TargetState
+    from fleetd.sim import SimCluster
+
+    monkeypatch.setattr(gc, "SWEEP_QUIET", 0.2)
+    fake = FakeKV()
+    reg = Registry(fake)
+    sim = SimCluster(fake, agent_ttl=1.0, safety_interval=5.0, state_dir=tmp_path)
+    sim.add("a" * 32)
+    await sim.start_all()
+    try:
+        await reg.create_unit("u.service", A, TargetState.LAUNCHED)
+        await reg.create_unit("u.service", B, TargetState.LAUNCHED, replace=True)
+        for _ in range(500):
+            if bodies(fake, reg) == {B.hash}:
+                break
+            await asyncio.sleep(0.01)
+        assert bodies(fake, reg) == {B.hash}, "the replaced body was never collected"
     finally:
         await sim.close()
