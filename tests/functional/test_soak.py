@@ -196,12 +196,29 @@ class Soak:
             keep_restarted = [n for n in restarted if n in self.keep]
             assert not keep_restarted, f"{kind} restarted {keep_restarted} (seed {self.seed})"
 
+    def journals(self, since: float) -> str:
+        """Every machine's fleetd journal since `since` (host clock), for a failure report."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+        parts = []
+        for m in self.fleet.live():
+            done = self.cluster.exec(
+                m, ["journalctl", "-u", "fleet", "--since", stamp, "-o", "cat", "--no-pager"]
+            )
+            parts.append(f"== {m.name} ({m.machine_id})\n{done.stdout[-20000:]}")
+        return "\n".join(parts)
+
     def run(self, faults: int) -> None:
         kinds = [KINDS[i % len(KINDS)] for i in range(faults)]
         self.rng.shuffle(kinds)  # every kind at least once when faults >= len(KINDS)
         started = time.monotonic()
         for i, kind in enumerate(kinds):
-            self.step(kind)
+            began = time.time()
+            try:
+                self.step(kind)
+            except BaseException:
+                print(f"[soak] seed {self.seed} step {i + 1}/{faults}: {kind} FAILED", flush=True)
+                print(self.journals(began - 5), flush=True)
+                raise
             print(f"[soak] seed {self.seed} step {i + 1}/{faults}: {kind} ok", flush=True)
         final = self.converge()
         submitted = [*self.keep, *self.stop]
