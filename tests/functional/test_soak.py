@@ -287,11 +287,13 @@ def soak(fleet: Fleet, faults: int, chosen: Callable[[], int] = seed) -> None:
         fleet.cleanup()
 
 
+@pytest.mark.timeout(900)  # 8 steps of at most about a minute each
 def test_fault_soak_short(fleet: Fleet) -> None:
     soak(fleet, 8)
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(int(os.environ.get("FLEET_SOAK_FAULTS", "30")) * 120)
 @pytest.mark.skipif(os.environ.get("FLEET_SOAK") != "1", reason="the long soak: FLEET_SOAK=1")
 def test_fault_soak(fleet: Fleet) -> None:
     soak(fleet, int(os.environ.get("FLEET_SOAK_FAULTS", "30")))
