@@ -13,8 +13,9 @@ in CPU.
 Grace: an etcd-side fault is not a machine failure. When etcd stalls past agent_ttl it expires
 every lease at once as it resumes; every machine then re-registers within a second, units
 still running. So for one `grace` (agent_ttl) after etcd answers well again (as this fleetd's
-presence sees it, and after this fleetd's own start, when it cannot know), and after losing
-more than half the machines at once (Kubernetes' node controller stops evicting then too), the
+presence sees it, and after this fleetd's own start, when it cannot know), after an etcd leader
+election (seen in the raft term of etcd's answers), and after losing more than half the
+machines at once (Kubernetes' node controller stops evicting then too), the
 engine holds the units of absent machines where they are (engineplan.plan's `held`). A
 machine that dies while etcd is healthy is not held: its units move as soon as its lease ends.
 """
@@ -104,6 +105,7 @@ class Engine:
         self._grace_until = 0.0  # the engine's own reasons: etcd errors, mass machine loss
         self._holding: frozenset[str] = frozenset()  # machines the last plan held
         self._planned_machines: frozenset[str] = frozenset()
+        self._raft_term = 0  # etcd's raft term when last planned
         # Body sweeps (gc.py): due since (None: not due), and the last unit destroy/replace.
         self._sweep_due_since: float | None = None
         self._last_churn = float("-inf")
@@ -272,6 +274,15 @@ class Engine:
         """Absent machines whose units stay put, because the grace is on."""
         if self.grace <= 0:
             return frozenset()
+        term = self.registry.kv.raft_term
+        if self._raft_term and term > self._raft_term:
+            # An etcd leader election: leases are least trustworthy around one (a leader
+            # resuming from a stall may revoke leases the new one renewed: etcd #15247).
+            # The revoke's DELETE arrives in a watch answer of the new term, so this check,
+            # made when planning on that event, always comes first.
+            log.warning("etcd_leader_changed", raft_term=term, was=self._raft_term)
+            self._extend_grace()
+        self._raft_term = max(self._raft_term, term)
         present = frozenset(view.machines)
         before = self._planned_machines
         self._planned_machines = present

@@ -10,10 +10,11 @@ second machine claiming the same id has no such file, so it is refused loudly. T
 the machine id too: a fleetd restarted under a new id releases the old registration at once
 instead of leaving it listed until its lease runs out.
 
-Presence is also the machine's etcd health probe. A keepalive that fails, answers late, or finds
-the lease gone is *etcd trouble*; `settled_since` says since when etcd has answered well again.
-The engine reads it to tell an etcd-side fault (leases lost because etcd stalled: move nothing
-yet) from a machine that really died while etcd was healthy (move its units at once).
+Presence is also the machine's etcd health probe. A keepalive that fails, answers late, finds
+the lease gone, or shows that etcd elected a new leader is *etcd trouble*; `settled_since`
+says since when etcd has answered well again. The engine reads it to tell an etcd-side fault
+(leases lost because etcd stalled: move nothing yet) from a machine that really died while
+etcd was healthy (move its units at once).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Presence:
         # etcd health as seen from here (see settled_since): None until the first answer.
         self.in_trouble = False
         self._settled_at: float | None = None
+        self._term = 0  # etcd's raft term as last seen
 
     @property
     def slow_answer(self) -> float:
@@ -203,6 +205,16 @@ class Presence:
         log.info("old_registration_released", old_machine=old_id, lease=old, machine=machine_id)
         self._write_lease_file(0)
 
+    def _check_term(self) -> None:
+        """An etcd leader election seen in the answers' raft term is etcd trouble too: leases
+        are least trustworthy then (kv.KV.raft_term)."""
+        term = self.registry.kv.raft_term
+        if self._term and term > self._term:
+            self._trouble(
+                "election", f"etcd elected a new leader (raft term {self._term} -> {term})"
+            )
+        self._term = max(self._term, term)
+
     def _lost_lease(self) -> None:
         self.lease = 0
         self.registered.clear()
@@ -213,6 +225,7 @@ class Presence:
         took = self.clock() - sent
         if took > self.slow_answer:
             self._trouble("keepalive", f"etcd took {took:.1f}s to answer a keepalive")
+        self._check_term()
         if remaining > 0:
             self.last_renewed = self.clock()
             self._answered()

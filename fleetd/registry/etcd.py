@@ -419,6 +419,7 @@ class EtcdKV:
         self._session = _Session(config)  # reads the TLS files: ConfigError now, not later
         self._timeout = config.request_timeout
         self.stats: Counter[str] = Counter()
+        self._raft_term = 0
         self._closed = False
         self._keepalives: KeepAliveStream | None = None
         self._keepalive_lock = asyncio.Lock()
@@ -459,7 +460,11 @@ class EtcdKV:
         async def once(s: _Session) -> bytes:
             return await s.channel.unary(path, body, s.metadata)
 
-        return answer.FromString(await self._call(what, once))
+        response = answer.FromString(await self._call(what, once))
+        header = getattr(response, "header", None)
+        if header is not None:
+            self._saw_term(int(header.raft_term))
+        return response
 
     async def get(self, key: str) -> KeyValue | None:
         request = rpc.RangeRequest(key=_enc(key))
@@ -513,7 +518,17 @@ class EtcdKV:
                 raise
 
         result: int = await self._call("keepalive", once)
+        stream = self._keepalives
+        if stream is not None:
+            self._saw_term(stream.raft_term)
         return result
+
+    @property
+    def raft_term(self) -> int:
+        return self._raft_term
+
+    def _saw_term(self, term: int) -> None:
+        self._raft_term = max(self._raft_term, term)
 
     async def _keepalive_stream(self, s: _Session) -> KeepAliveStream:
         stream = self._keepalives
@@ -614,6 +629,7 @@ class EtcdKV:
                         raise RegistryUnavailable(
                             f"etcd cancelled the watch on {prefix!r}: {reason}"
                         )
+                    self._saw_term(int(response.header.raft_term))
                     if response.events:
                         batch = [_event(ev) for ev in response.events]
                         next_revision = batch[-1].mod_revision + 1

@@ -166,6 +166,7 @@ class FakeKV:
         self._fail_after_apply = False
         self._unavailable = False
         self._resumed: asyncio.Event | None = None  # set while paused (see pause)
+        self._raft_term = 1
         self._pause_timeout = 1.0
         self._closed = False
         self.stats: Counter[str] = Counter()
@@ -206,6 +207,14 @@ class FakeKV:
         self._unavailable = unavailable
         if unavailable:
             self._break_watches(RegistryUnavailable("fake etcd is unavailable"))
+
+    @property
+    def raft_term(self) -> int:
+        return self._raft_term
+
+    def elect(self) -> None:
+        """An etcd leader election: the raft term grows (what clients see in answers)."""
+        self._raft_term += 1
 
     def pause(self, request_timeout: float = 1.0) -> None:
         """Stall like a SIGSTOPped etcd: requests hang (each gives up after

@@ -40,6 +40,10 @@ class InstrumentedKV:
         self._observer = observer
         self._clock = clock
 
+    @property
+    def raft_term(self) -> int:
+        return self.inner.raft_term
+
     async def _timed(self, kind: str, call: Awaitable[T]) -> T:
         self._observer.started(kind)
         started = self._clock()

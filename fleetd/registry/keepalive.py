@@ -54,6 +54,7 @@ class KeepAliveStream(asyncio.Protocol):
     """
 
     def __init__(self, member: Member, token: str | None, timeout: float) -> None:
+        self.raft_term = 0  # the highest in its answers' headers
         self.member = member
         self.token = token
         self.timeout = timeout
@@ -172,6 +173,7 @@ class KeepAliveStream(asyncio.Protocol):
             return
         for body in found:
             answer = rpc.LeaseKeepAliveResponse.FromString(body)
+            self.raft_term = max(self.raft_term, int(answer.header.raft_term))
             lease = int(answer.ID)
             waiters = self.waiting.get(lease)
             while waiters:

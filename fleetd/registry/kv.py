@@ -85,6 +85,14 @@ MAX_TXN_OPS = 128
 class KV(Protocol):
     """What the registry needs from etcd. All methods may raise RegistryUnavailable."""
 
+    @property
+    def raft_term(self) -> int:
+        """The highest raft term seen in etcd's answers so far (0: none yet). It grows with
+        every etcd leader election, when etcd's lease state is least trustworthy: a new
+        leader extends every lease, and a leader resuming from a stall may revoke leases it
+        thinks expired (etcd issues #12528, #15247; fixed in etcd 3.4.28 and 3.5.11)."""
+        ...
+
     async def get(self, key: str) -> KeyValue | None: ...
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, KeyValue]:

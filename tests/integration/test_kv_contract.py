@@ -793,3 +793,26 @@ def etcd_watchers(server: EtcdServer) -> int:
     match = re.search(r"^etcd_debugging_mvcc_watcher_total (\S+)$", text, re.MULTILINE)
     assert match, "etcd exports no watcher gauge"
     return int(float(match.group(1)))
+
+
+# -- etcd's raft term ------------------------------------------------------------------------
+
+
+async def test_raft_term_is_seen_in_reads_keepalives_and_watches(backend: Backend) -> None:
+    """The engine's grace after an etcd leader election needs the term from every kind of
+    answer: a keepalive (presence) and a watch event (the engine plans on it)."""
+    kv = backend.kv
+    await kv.get("/term/none")
+    term = kv.raft_term
+    assert term >= 1
+    lease = await kv.grant(30)
+    assert await kv.keepalive(lease) > 0
+    assert kv.raft_term == term  # no election meanwhile
+    events = kv.watch("/term/", await kv.current_revision() + 1)
+    try:
+        await kv.txn([], [put("/term/a", "1")])
+        assert [e.key for e in await next_batch(events)] == ["/term/a"]
+    finally:
+        await events.aclose()
+    assert kv.raft_term == term
+    await kv.revoke(lease)

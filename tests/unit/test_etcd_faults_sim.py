@@ -214,6 +214,28 @@ async def test_stop_policy_units_never_run_twice_and_come_back(cluster: SimClust
     all_tasks_alive(cluster)
 
 
+async def test_a_lease_revoked_around_an_etcd_election_moves_nothing(cluster: SimCluster) -> None:
+    """etcd 3.4 before 3.4.28: a leader resuming from a stall revokes leases the new leader
+    kept renewing (etcd #15247). One machine loses its lease while etcd answers everyone
+    well; only the election (the raft term in etcd's answers) tells it from a death."""
+    names = [f"elect-{i}.service" for i in range(6)]
+    await start_units(cluster, names)
+    await wait_for(lambda: settled(cluster), what="a settled cluster")
+    pids = {n: where(cluster, n) for n in names}
+    leader = cluster.leader()
+    victim = next(m for m in cluster.machines.values() if m is not leader)
+    kv = fake_kv(cluster)
+    gate = cluster.gates[victim.id]  # type: ignore[attr-defined]
+    gate.open.clear()  # it gets through again 0.6 TTL later, as in the real case
+    kv.elect()
+    await kv.revoke(victim.presence.lease)
+    await asyncio.sleep(0.6 * TTL)
+    gate.open.set()
+    await wait_for(lambda: settled(cluster), what="the grace to end")
+    assert {n: where(cluster, n) for n in names} == pids, "a unit moved or restarted"
+    all_tasks_alive(cluster)
+
+
 async def test_machine_dying_with_etcd_healthy_moves_at_once(cluster: SimCluster) -> None:
     await wait_for(lambda: settled(cluster), what="a settled cluster")
     leader = cluster.leader()
