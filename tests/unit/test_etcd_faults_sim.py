@@ -26,6 +26,7 @@ from fleetd.server import supervise
 from fleetd.sim import SimCluster
 from fleetd.unitfile import parse_unit
 from fleetd.watching import Backoff
+from tests.integration.waits import wait_until
 
 TTL = 1.0
 UNIT = "[Unit]\nDescription=work\n\n[Service]\nExecStart=/bin/sleep 1000\n"
@@ -33,12 +34,7 @@ STOP_UNIT = UNIT + "\n[X-Fleet]\nPartitionPolicy=stop\n"
 
 
 async def wait_for(cond: Callable[[], bool], within: float = 10.0, what: str = "") -> float:
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > within:
-            pytest.fail(f"timed out after {within}s waiting for {what or cond}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
+    return await wait_until(cond, within, what)
 
 
 class Gate:

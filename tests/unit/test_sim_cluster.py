@@ -15,19 +15,14 @@ from fleetd.model import TargetState
 from fleetd.registry.fake import FakeKV
 from fleetd.sim import SimCluster, SimMachine
 from fleetd.unitfile import parse_unit
+from tests.integration.waits import wait_until
 
 HELLO = "[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n"
 TTL = 1.0
 
 
 async def wait_for(cond: Callable[[], bool], within: float = 5.0, what: str = "") -> float:
-    """Poll `cond` until true; returns the seconds it took. Fails the test at the deadline."""
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > within:
-            pytest.fail(f"timed out after {within}s waiting for {what or cond}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
+    return await wait_until(cond, within, what)
 
 
 @pytest.fixture
