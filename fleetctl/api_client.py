@@ -15,7 +15,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -210,6 +210,11 @@ class ApiClient:
         if desired_state is not None:
             body["desiredState"] = desired_state.value
         await self._put(name, body)
+
+    async def create_units(self, units: Sequence[tuple[str, UnitFile, TargetState | None]]) -> None:
+        # API v1 has no call that creates several units: one PUT each, in order.
+        for name, unit_file, state in units:
+            await self.create_unit(name, unit_file, state)
 
     async def set_target_state(self, name: str, state: TargetState) -> None:
         try:

@@ -4,7 +4,8 @@
 unit argument names a unit already in the cluster, a local unit file, or an instance
 (`hello@3.service`) of a template found in the cluster or beside the argument. Every
 argument is read and checked before anything is written; the command layer
-(fleetctl/units.py) then writes the plan with `write_step` and prints its lines.
+(fleetctl/units.py) then writes the plan with `write_steps` (through etcd, one transaction)
+and prints its lines.
 
 `find_units` resolves arguments to existing units for stop, unload, destroy, restart and
 status. Beyond fleet: an argument may be a glob (Go `path.Match`, as in [X-Fleet]: `*` does not
@@ -302,14 +303,17 @@ async def _replacement(
     return Step(name, body, state, warning=warning, done=done)
 
 
-async def write_step(client: ClusterClient, step: Step) -> None:
-    """Carry out one planned step's write (fleet's createUnit, after the checks)."""
-    if step.body is None:
+async def write_steps(client: ClusterClient, steps: Sequence[Step]) -> None:
+    """Carry out the planned steps' writes (fleet's createUnit, after every check), all of
+    them at once: through etcd one transaction, so a command's units land together."""
+    writes = [(s.name, s.body, s.state) for s in steps if s.body is not None]
+    if not writes:
         return
     try:
-        await client.create_unit(step.name, step.body, step.state)
+        await client.create_units(writes)
     except FleetError as e:
-        raise CommandFailed(f"Error creating units: failed creating unit {step.name}: {e}") from e
+        names = ", ".join(name for name, _, _ in writes)
+        raise CommandFailed(f"Error creating units: failed creating {names}: {e}") from e
 
 
 @dataclass

@@ -24,7 +24,7 @@ from fleetctl.unitargs import (
     match_units,
     plan_units,
     valid_name,
-    write_step,
+    write_steps,
 )
 from fleetctl.waiting import (
     NO_BLOCK,
@@ -109,7 +109,8 @@ async def _create_units(
     for step in plan.steps:
         if step.warning:
             click.echo(step.warning, err=True)
-        await write_step(client, step)
+    await write_steps(client, plan.steps)
+    for step in plan.steps:
         if step.done:
             click.echo(step.done)
     return plan.created()

@@ -264,6 +264,32 @@ class Registry:
             return True
         raise Conflict(f"unit {name} kept changing while it was being replaced")
 
+    async def create_units(self, units: Sequence[tuple[str, UnitFile, TargetState]]) -> None:
+        """Store (create or overwrite) several units at once: all of them in one transaction
+        when their bodies and records fit in one (64 units with bodies of their own, more
+        when they share bodies), so a command's units land together or not at all; beyond
+        that, one transaction per chunk. Each chunk puts the body of every record it writes
+        (gc.py's invariant 1.), once: etcd refuses a transaction that names a key twice."""
+        for name, _, _ in units:
+            validate_name(name)
+        chunks: list[list[Op]] = [[]]
+        in_chunk: set[str] = set()  # bodies the current chunk puts
+        for name, unit, state in units:
+            record = Put(self.keys.unit(name), codec.encode_desired(unit.hash, state))
+            body = Put(self.keys.body(unit.hash), unit.serialize())
+            group = [record] if unit.hash in in_chunk else [body, record]
+            if len(chunks[-1]) + len(group) > MAX_TXN_OPS:
+                chunks.append([])
+                in_chunk = set()
+                group = [body, record]
+            chunks[-1].extend(group)
+            in_chunk.add(unit.hash)
+        for chunk in chunks:
+            if chunk:
+                await self.kv.txn([], chunk)
+        for _, unit, _ in units:
+            self._bodies[unit.hash] = unit
+
     async def set_target_state(self, name: str, state: TargetState) -> None:
         """Change a unit's desired state; compare-and-swap so a concurrent replace is kept."""
         key = self.keys.unit(name)

@@ -17,11 +17,11 @@ import pytest
 
 from fleetd.errors import NotFound, NotLeader
 from fleetd.model import Machine, TargetState, Unit, UnitState
-from fleetd.registry import gc
+from fleetd.registry import codec, gc
 from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.keys import SCHEMA_VERSION
-from fleetd.registry.kv import KV, Delete, Put
+from fleetd.registry.kv import KV, Delete, Op, Put
 from fleetd.registry.migrations import SchemaTooNew
 from fleetd.registry.registry import Registry
 from fleetd.unitfile import parse_unit
@@ -372,3 +372,61 @@ async def test_a_body_reused_during_the_sweep_is_kept(backend: Backend) -> None:
     assert await reg.destroy_unit("new@x.service")
     assert sorted(await gc.sweep_orphaned_bodies(reg)) == sorted([HELLO.hash, OTHER.hash])
     assert await stored_bodies(backend, reg) == set()
+
+
+async def test_create_units_lands_a_command_in_one_transaction(backend: Backend) -> None:
+    reg = Registry(backend.kv)
+    before = await backend.kv.current_revision()
+    await reg.create_units(
+        [
+            ("a@1.service", HELLO, TargetState.LAUNCHED),
+            ("a@2.service", HELLO, TargetState.LAUNCHED),  # the same body, put once
+            ("b.service", OTHER, TargetState.INACTIVE),
+        ]
+    )
+    assert await backend.kv.current_revision() == before + 1  # one transaction
+    assert {u.name: (u.hash, u.target_state) for u in await reg.list_units()} == {
+        "a@1.service": (HELLO.hash, TargetState.LAUNCHED),
+        "a@2.service": (HELLO.hash, TargetState.LAUNCHED),
+        "b.service": (OTHER.hash, TargetState.INACTIVE),
+    }
+    assert await stored_bodies(backend, reg) == {HELLO.hash, OTHER.hash}
+
+
+async def test_create_units_beyond_one_transaction_puts_each_body_with_its_records(
+    backend: Backend,
+) -> None:
+    """Chunked past MAX_TXN_OPS: every chunk puts the body of every record it writes, so the
+    body sweep can never catch a body between its put and its first record (gc.py, 1.)."""
+    reg = Registry(backend.kv)
+    shared = parse_unit("[Service]\nExecStart=/bin/sleep 7\n")
+    units = [(f"s@{i}.service", shared, TargetState.INACTIVE) for i in range(70)]
+    units += [
+        (
+            f"u{i}.service",
+            parse_unit(f"[Service]\nExecStart=/bin/sleep {100 + i}\n"),
+            TargetState.INACTIVE,
+        )
+        for i in range(70)
+    ]
+    seen: list[list[Op]] = []
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(backend.kv, name)
+
+        async def txn(self, compares: Any, success: Any, failure: Any = ()) -> Any:
+            seen.append(list(success))
+            return await backend.kv.txn(compares, success, failure)
+
+    await Registry(cast(KV, Recording())).create_units(units)
+    assert len(seen) > 1
+    for chunk in seen:
+        keys = [op.key for op in chunk]
+        assert len(keys) == len(set(keys)), "a key twice in one transaction"
+        bodies = {k for k in keys if k.startswith(reg.keys.bodies)}
+        for op in chunk:
+            if op.key.startswith(reg.keys.units):
+                hash_, _ = codec.decode_desired(op.value)  # type: ignore[union-attr]
+                assert reg.keys.body(hash_) in bodies
+    assert len(await reg.list_units()) == 140

@@ -13,7 +13,7 @@ import pytest
 from test_fleetctl_harness import HELLO, HELLO_TEMPLATE, M1, Cluster
 
 from fleetctl.unitargs import read_unit_file
-from fleetd.errors import UnitFileError
+from fleetd.errors import RegistryUnavailable, UnitFileError
 from fleetd.model import TargetState
 from fleetd.unitfile import MAX_UNIT_BYTES
 
@@ -272,3 +272,29 @@ def test_a_template_submitted_with_its_instance_serves_it(cluster: Cluster) -> N
     assert result.exit_code == 0, result.stderr
     assert result.stdout == "Unit t@.service inactive\nUnit t@1.service inactive\n"
     assert cluster.unit("t@1.service").hash == cluster.unit("t@.service").hash
+
+
+def test_a_command_s_units_land_in_one_transaction(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through etcd a submit writes every unit (and its body) in one transaction: an etcd
+    error on the way leaves none of them, not the first few."""
+    names = ["one.service", "two.service", "three.service"]
+    for name in names:
+        (tmp_path / name).write_text(f"[Service]\nExecStart=/bin/echo {name}\n")
+    before = cluster.kv.revision
+    result = cluster.invoke("submit", *names, "web@4.service")
+    assert result.exit_code == 0, result.output
+    assert cluster.kv.revision == before + 1
+    for name in ("four.service", "five.service"):
+        (tmp_path / name).write_text(f"[Service]\nExecStart=/bin/echo {name}\n")
+    kept = store(cluster)
+
+    async def refused(*args: object, **kwargs: object) -> object:
+        raise RegistryUnavailable("etcd went away")
+
+    monkeypatch.setattr(cluster.kv, "txn", refused)
+    result = cluster.invoke("submit", "four.service", "five.service")
+    assert result.exit_code == 1
+    assert "Error creating units: failed creating four.service, five.service" in result.output
+    assert store(cluster) == kept

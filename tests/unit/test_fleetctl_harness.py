@@ -12,7 +12,7 @@ that the harness itself reacts as the engine and agent would.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +219,12 @@ class ReactingClient(RegistryClient):
         await super().create_unit(name, unit_file, desired_state)
         if desired_state not in (None, TargetState.INACTIVE):
             self._react(name, desired_state)
+
+    async def create_units(self, units: Sequence[tuple[str, UnitFile, TargetState | None]]) -> None:
+        await super().create_units(units)
+        for name, _, desired_state in units:
+            if desired_state not in (None, TargetState.INACTIVE):
+                self._react(name, desired_state)
 
 
 def golden(name: str) -> str:
