@@ -253,7 +253,7 @@ class Presence:
 
     def _read_lease_file(self) -> tuple[int, str | None]:
         """(lease, machine id it was registered for); the id is None in a file written by
-        fleetd 0.2.0 and older (the lease alone), which is adopted as before."""
+        fleetd 0.1.x (the lease alone), which is adopted as before."""
         if self.lease_file is None:
             return 0, None
         try:

@@ -300,7 +300,7 @@ async def test_new_machine_id_releases_the_old_registration_at_once(tmp_path: Pa
     assert kv.lease_count == 1
 
 
-async def test_a_lease_file_of_0_2_0_is_adopted(tmp_path: Path) -> None:
+async def test_a_lease_file_of_0_1_is_adopted(tmp_path: Path) -> None:
     kv = FakeKV()
     registry = Registry(kv)
     lease = await kv.grant(30)
