@@ -238,31 +238,19 @@ class Registry:
 
         A body a replace leaves unnamed is collected by the engine leader's sweep (gc.py).
         """
+        if replace:
+            await self.create_units([(name, unit, target_state)])
+            return True
         validate_name(name)
         unit_key = self.keys.unit(name)
         ops: list[Op] = [
             Put(self.keys.body(unit.hash), unit.serialize()),
             Put(unit_key, codec.encode_desired(unit.hash, target_state)),
         ]
-        if not replace:
-            result = await self.kv.txn([Compare(unit_key, "version", "==", 0)], ops)
-            if result.succeeded:
-                self._bodies[unit.hash] = unit
-            return result.succeeded
-        for _ in range(5):
-            # Compare-and-swap on what was read, so the hash replaced is known for certain.
-            old = await self.kv.get(unit_key)
-            guard = (
-                Compare(unit_key, "version", "==", 0)
-                if old is None
-                else Compare(unit_key, "mod", "==", old.mod_revision)
-            )
-            result = await self.kv.txn([guard], ops)
-            if not result.succeeded:
-                continue
+        result = await self.kv.txn([Compare(unit_key, "version", "==", 0)], ops)
+        if result.succeeded:
             self._bodies[unit.hash] = unit
-            return True
-        raise Conflict(f"unit {name} kept changing while it was being replaced")
+        return result.succeeded
 
     async def create_units(self, units: Sequence[tuple[str, UnitFile, TargetState]]) -> None:
         """Store (create or overwrite) several units at once: all of them in one transaction
@@ -335,7 +323,8 @@ class Registry:
                     self._forget_corrupt(corrupt)
                     return True
                 continue
-            # Compare-and-swap, so the body released is the one of the record deleted.
+            # Compare-and-swap: whether to look for corrupt leftovers was decided on the
+            # value read, so the delete applies only to that value.
             result = await self.kv.txn(
                 [Compare(key, "mod", "==", old.mod_revision), *guards], [Delete(key), *deletes]
             )
