@@ -164,8 +164,11 @@ class Presence:
 
     async def _register(self) -> None:
         machine = self._machine()
-        await self._release_other_id(machine.id)
-        lease, adopted = await self._adopt_or_grant()
+        old, old_id = self._read_lease_file()
+        if old and old_id is not None and old_id != machine.id:
+            await self._release_other_id(old, old_id, machine.id)
+            old = 0
+        lease, adopted = await self._adopt_or_grant(old)
         if not await self.registry.register_machine(machine, lease):
             if not adopted:
                 with contextlib.suppress(FleetError):
@@ -186,21 +189,18 @@ class Presence:
         self.registered.set()
         log.info("machine_registered", machine=machine.id, lease=lease, ttl=self.ttl)
 
-    async def _adopt_or_grant(self) -> tuple[int, bool]:
-        """A lease to register on, and whether it is one adopted from before a restart."""
-        old, _ = self._read_lease_file()
+    async def _adopt_or_grant(self, old: int) -> tuple[int, bool]:
+        """A lease to register on (`old`, from the lease file, if it lives: a restart), and
+        whether it is that adopted one."""
         if old and await self.registry.kv.keepalive(old) > 0:
             log.info("lease_adopted", lease=old)
             return old, True
         return await self.registry.kv.grant(self.ttl), False
 
-    async def _release_other_id(self, machine_id: str) -> None:
+    async def _release_other_id(self, old: int, old_id: str, machine_id: str) -> None:
         """The lease file names another machine id (the machine id changed across a restart):
         revoke that lease now, so the old registration, its unit states and any engine lead
         on it go at once instead of after agent_ttl (or never, had we adopted the lease)."""
-        old, old_id = self._read_lease_file()
-        if not old or old_id is None or old_id == machine_id:
-            return
         await self.registry.kv.revoke(old)  # a lease already gone is fine (no error)
         log.info("old_registration_released", old_machine=old_id, lease=old, machine=machine_id)
         self._write_lease_file(0)
