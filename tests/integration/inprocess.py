@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
+from fleetctl.api_client import ApiClient
 from fleetd.config import Config
 from fleetd.server import Server
 from fleetd.systemd.fake import FakeUnitManager
+from tests.integration.waits import wait_for
 
 M1 = "113f16a7f2c54d35b3cde2e2ad5c2f10"
 
@@ -59,3 +61,13 @@ async def fleetd(
         server.stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 30)
+
+
+async def wait_launched(client: ApiClient, name: str, what: str = "") -> None:
+    """Until the API reports `name` launched (fleetd's agent ran it)."""
+
+    async def launched() -> bool:
+        view = await client.unit(name)
+        return view is not None and view.current_state == "launched"
+
+    await wait_for(launched, what or f"{name} to run")

@@ -22,7 +22,7 @@ from fleetd.server import Server
 from fleetd.systemd.fake import FakeUnitManager
 from fleetd.unitfile import parse_unit
 from tests.integration.etcd_fixture import EtcdServer
-from tests.integration.inprocess import fleetd_config, quiet_for_pytest
+from tests.integration.inprocess import fleetd_config, quiet_for_pytest, wait_launched
 from tests.integration.waits import wait_for
 
 pytestmark = pytest.mark.integration
@@ -57,11 +57,7 @@ async def test_fleetd_serves_the_api(
             await wait_for(healthy, "registration")
             await client.create_unit("hello.service", parse_unit(HELLO), TargetState.LAUNCHED)
 
-            async def launched() -> bool:
-                view = await client.unit("hello.service")
-                return view is not None and view.current_state == "launched"
-
-            await wait_for(launched, "the unit to run")
+            await wait_launched(client, "hello.service", "the unit to run")
             assert [m.id for m in await client.machines()] == [M1]
             async with session.get("http://domain-sock/metrics") as response:
                 text = await response.text()

@@ -30,7 +30,7 @@ from fleetd.systemd.fake import FakeUnitManager
 from fleetd.unitfile import parse_unit
 from tests.conftest import _require_etcd
 from tests.integration.etcd_fixture import EtcdServer, running
-from tests.integration.inprocess import fleetd_config, quiet_for_pytest
+from tests.integration.inprocess import fleetd_config, quiet_for_pytest, wait_launched
 from tests.integration.waits import wait_for
 
 pytestmark = pytest.mark.integration
@@ -156,11 +156,7 @@ async def test_nospace_refuses_writes_clearly_and_recovers(
         await wait_for(listening, "the API socket")
         await client.create_unit("hello.service", parse_unit(HELLO), TargetState.LAUNCHED)
 
-        async def launched() -> bool:
-            view = await client.unit("hello.service")
-            return view is not None and view.current_state == "launched"
-
-        await wait_for(launched, "the unit to run")
+        await wait_launched(client, "hello.service", "the unit to run")
         pid = await manager.main_pid("hello.service")
 
         await fill(kv)
@@ -202,11 +198,7 @@ async def test_nospace_refuses_writes_clearly_and_recovers(
         ran = await fleetctl(*by_etcd, "start", "--no-block", str(unit_file), cwd=tmp_path)
         assert ran.code == 0, ran.err
 
-        async def later_launched() -> bool:
-            view = await client.unit("later.service")
-            return view is not None and view.current_state == "launched"
-
-        await wait_for(later_launched, "the new unit to run after recovery")
+        await wait_launched(client, "later.service", "the new unit to run after recovery")
         assert await manager.main_pid("hello.service") == pid
     finally:
         await kv.close()
