@@ -245,8 +245,8 @@ class Engine:
             self._grace_until = max(self._grace_until, self.clock() + self.grace)
 
     def grace_ends(self) -> float | None:
-        """Clock time the current grace ends, None when there is none (or while etcd is in
-        trouble as presence sees it: then it ends one grace after etcd recovers)."""
+        """Clock time the current grace ends (0 with the grace off); None while etcd is in
+        trouble as presence sees it: the grace then ends one agent_ttl after it recovers."""
         if self.grace <= 0:
             return 0.0
         settled = self._settled_since() if self._settled_since is not None else 0.0
