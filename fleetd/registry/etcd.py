@@ -453,12 +453,15 @@ class EtcdKV:
         except RpcError as e:
             raise _map_error(e, what, self.config) from e
 
-    async def _unary(self, what: str, path: bytes, request: Any, answer: Any) -> Any:
-        """A unary call: `request` out, an `answer` message (its class) back."""
+    async def _unary(
+        self, what: str, path: bytes, request: Any, answer: Any, *, read: bool = False
+    ) -> Any:
+        """A unary call: `request` out, an `answer` message (its class) back. A `read` may
+        be sent twice (Channel.unary)."""
         body = request.SerializeToString()
 
         async def once(s: _Session) -> bytes:
-            return await s.channel.unary(path, body, s.metadata)
+            return await s.channel.unary(path, body, s.metadata, idempotent=read)
 
         response = answer.FromString(await self._call(what, once))
         header = getattr(response, "header", None)
@@ -468,20 +471,20 @@ class EtcdKV:
 
     async def get(self, key: str) -> KeyValue | None:
         request = rpc.RangeRequest(key=_enc(key))
-        response = await self._unary("get", _RANGE, request, rpc.RangeResponse)
+        response = await self._unary("get", _RANGE, request, rpc.RangeResponse, read=True)
         return _kv(response.kvs[0]) if response.kvs else None
 
     async def range(self, prefix: str, *, keys_only: bool = False) -> tuple[list[KeyValue], int]:
         key, end = _prefix_range(prefix)
         # etcd sorts by key, ascending, when no sort order is asked for.
         request = rpc.RangeRequest(key=key, range_end=end, keys_only=keys_only)
-        response = await self._unary("range", _RANGE, request, rpc.RangeResponse)
+        response = await self._unary("range", _RANGE, request, rpc.RangeResponse, read=True)
         return [_kv(kv) for kv in response.kvs], int(response.header.revision)
 
     async def current_revision(self) -> int:
         # A count-only range of one key: etcd answers with just the header and a count.
         request = rpc.RangeRequest(key=b"\0", count_only=True)
-        response = await self._unary("revision", _RANGE, request, rpc.RangeResponse)
+        response = await self._unary("revision", _RANGE, request, rpc.RangeResponse, read=True)
         return int(response.header.revision)
 
     async def txn(
@@ -560,7 +563,7 @@ class EtcdKV:
                     for k in unique[start : start + MAX_TXN_OPS]
                 ]
             )
-            response = await self._unary("get_many", _TXN, request, rpc.TxnResponse)
+            response = await self._unary("get_many", _TXN, request, rpc.TxnResponse, read=True)
             for op in response.responses:
                 for kv in op.response_range.kvs:
                     item = _kv(kv)

@@ -19,8 +19,12 @@ holds fleetd for good, and 1,000 simulated machines in one process make thousand
 Liveness: a connection with a long-lived stream open (a watch) pings every `ping_interval` and
 is abandoned when the ping is not answered within the timeout, so a silently dead member is
 noticed and the watch resumed elsewhere. etcd refuses pings more often than every 5 s, or with
-no stream open. A unary call that times out also sends a ping, so a mute connection is dropped
-rather than timing out every later call.
+no stream open. A unary call that times out also sends a ping, which must be answered within
+`PROBE_TIMEOUT`: etcd answers pings from its HTTP/2 layer, whatever raft and the disk are doing,
+so a member that cannot answer that in a second is frozen (SIGSTOPped, its VM paused) or gone.
+Its connection is dropped, the next call goes to the next member, and a read that timed out
+there is sent once more to it; a write is not (it may yet be applied), its caller sees the
+timeout.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ PREFIX = struct.Struct(">BI")  # gRPC message prefix: compressed flag, length
 _WINDOW = 16 * 1024 * 1024
 _MIN_BACKOFF = 0.2
 _MAX_BACKOFF = 2.0
+# The seconds a member has to answer the ping sent after a call of its timed out (etcd's HTTP/2
+# layer answers in milliseconds, also while raft waits for a quorum or the disk).
+PROBE_TIMEOUT = 1.0
 
 
 class Compressed(Exception):
@@ -336,6 +343,7 @@ class Connection(asyncio.Protocol):
         self._flush_scheduled = False
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_deadline: asyncio.TimerHandle | None = None
+        self._pong: asyncio.Future[bool] | None = None  # the outstanding ping's answer
         self._closed = asyncio.get_running_loop().create_future()
 
     @property
@@ -486,6 +494,7 @@ class Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._ping_timer = self._ping_deadline = None
+        self._answer_ping(False)
 
     def _end(self, call: Call, error: RpcError | None) -> None:
         if self.calls.pop(call.stream_id, None) is not None and call.result is None:
@@ -552,6 +561,7 @@ class Connection(asyncio.Protocol):
         elif kind == http2.PING_ACK and self._ping_deadline is not None:
             self._ping_deadline.cancel()
             self._ping_deadline = None
+            self._answer_ping(True)
 
     def _goaway(self, last: int, code: int, debug: bytes) -> None:
         """GOAWAY: no new calls here; the calls etcd did not take fail as unprocessed (the
@@ -613,7 +623,19 @@ class Connection(asyncio.Protocol):
             call,
             RpcError(StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g}s"),
         )
-        self._send_ping()  # is the connection alive at all?
+        self._send_ping(min(self.timeout, PROBE_TIMEOUT))  # is the member alive at all?
+
+    async def responsive(self) -> bool:
+        """Whether the member answers its outstanding ping (False: the connection failed).
+        No ping outstanding: whether the connection is still up."""
+        if self._pong is None:
+            return self.broken is None
+        return await asyncio.shield(self._pong)
+
+    def _answer_ping(self, answered: bool) -> None:
+        pong, self._pong = self._pong, None
+        if pong is not None and not pong.done():
+            pong.set_result(answered)
 
     def _ping(self) -> None:
         self._ping_timer = None
@@ -622,21 +644,30 @@ class Connection(asyncio.Protocol):
         self._send_ping()
         self._ping_timer = asyncio.get_running_loop().call_later(self.ping_interval, self._ping)
 
-    def _send_ping(self) -> None:
-        if self.broken is not None or self._ping_deadline is not None:
+    def _send_ping(self, limit: float | None = None) -> None:
+        """A ping that must be answered within `limit` (the connection's timeout) seconds.
+        One is outstanding already: its deadline is brought forward to that, if later."""
+        if self.broken is not None:
+            return
+        loop = asyncio.get_running_loop()
+        limit = self.timeout if limit is None else limit
+        deadline = self._ping_deadline
+        if deadline is not None:
+            if deadline.when() > loop.time() + limit:
+                deadline.cancel()
+                self._ping_deadline = loop.call_later(limit, self._ping_overdue, limit)
             return
         self._h2.ping(b"fleetd\0\0")
         self._schedule_flush()
-        self._ping_deadline = asyncio.get_running_loop().call_later(
-            self.timeout, self._ping_overdue
-        )
+        self._pong = loop.create_future()
+        self._ping_deadline = loop.call_later(limit, self._ping_overdue, limit)
 
-    def _ping_overdue(self) -> None:
+    def _ping_overdue(self, limit: float) -> None:
         self._ping_deadline = None
         self.fail(
             RpcError(
                 StatusCode.UNAVAILABLE,
-                f"{self.member.authority}: no answer to an HTTP/2 ping within {self.timeout:g}s",
+                f"{self.member.authority}: no answer to an HTTP/2 ping within {limit:g}s",
             )
         )
 
@@ -752,16 +783,28 @@ class Channel:
         return conn
 
     async def unary(
-        self, path: bytes, message: bytes, metadata: Sequence[tuple[str, str]]
+        self,
+        path: bytes,
+        message: bytes,
+        metadata: Sequence[tuple[str, str]],
+        *,
+        idempotent: bool = False,
     ) -> bytes:
+        """One call. Sent once more, on a new connection, when etcd went away before taking
+        it (GOAWAY: as gRPC's transparent retry does), and, if `idempotent` (a read), when it
+        timed out on a member that then did not answer a ping either (frozen) while another
+        member may answer."""
         conn = await self.connection()
         try:
             return await conn.unary(path, message, metadata, self.timeout)
         except RpcError as e:
-            if not e.unprocessed:
+            if not e.unprocessed and not (
+                idempotent
+                and len(self.members) > 1
+                and e.code() == StatusCode.DEADLINE_EXCEEDED
+                and not await conn.responsive()
+            ):
                 raise
-        # etcd went away before taking the call (GOAWAY): send it once more, as gRPC's
-        # transparent retry does, on a new connection.
         conn = await self.connection()
         return await conn.unary(path, message, metadata, self.timeout)
 

@@ -38,6 +38,8 @@ from fleet_helpers import (
     unit,
 )
 
+from fleetd.errors import RegistryUnavailable
+
 AGENT_TTL = 10.0
 ETCD_DOWN_SECONDS = 30.0
 ENGINE_KILLS = 50
@@ -216,6 +218,26 @@ def test_etcd_leader_killed_stops_nothing_and_scheduling_goes_on(fleet: Fleet) -
     )
 
 
+def start_as_an_operator(fleet: Fleet, name: str) -> tuple[int, float]:
+    """Start `name` as an operator would while an etcd member is frozen: a start that times
+    out is run once more if the unit is not there (fleetctl's first call may go to the frozen
+    member: a write is not sent again by the client, it may yet be applied; the timed-out
+    connection is dropped, so the second start goes to another member). The tries, and the
+    seconds from the first start until the unit runs."""
+    started = time.monotonic()
+    tries = 1
+    try:
+        fleet.start(name, unit())
+    except RegistryUnavailable as e:
+        if "no answer" not in str(e):
+            raise
+        if name not in fleet.driver.units():
+            tries = 2
+            fleet.start(name, unit())
+    fleet.wait_running(name, timeout=30)
+    return tries, time.monotonic() - started
+
+
 def test_etcd_leader_paused_2x_ttl_stops_nothing(fleet: Fleet) -> None:
     """SIGSTOP of etcd's raft leader: the two others elect a new leader (which gives every
     lease a fresh TTL), the clients on the frozen member time out and move on."""
@@ -234,7 +256,7 @@ def test_etcd_leader_paused_2x_ttl_stops_nothing(fleet: Fleet) -> None:
             lambda: cluster.etcd_leader(among=others), 15.0, "a new etcd leader"
         )
         elected = time.monotonic() - paused_at
-        during = time_to_run(fleet, "leader-paused.service", timeout=30)
+        tries, during = start_as_an_operator(fleet, "leader-paused.service")
         left = 2 * AGENT_TTL - (time.monotonic() - paused_at)
         holds_for(lambda: single_pids(fleet, names) == before, max(left, 1.0), "units on pids")
     finally:
@@ -248,13 +270,14 @@ def test_etcd_leader_paused_2x_ttl_stops_nothing(fleet: Fleet) -> None:
         {
             "new_etcd_leader_seconds": round(elected, 3),
             "new_unit_start_seconds_leader_paused": round(during, 3),
+            "new_unit_start_tries_leader_paused": tries,
             "new_unit_start_seconds_after_resume": round(after, 3),
         },
     )
     report(
         f"etcd leader (member {leader}) paused {2 * AGENT_TTL:g} s: member {new_leader} led "
-        f"after {elected:.2f} s; a new unit ran in {during:.2f} s meanwhile; units kept their "
-        "pids, every fleetd the same process"
+        f"after {elected:.2f} s; a new unit ran in {during:.2f} s meanwhile ({tries} "
+        "fleetctl start); units kept their pids, every fleetd the same process"
     )
 
 

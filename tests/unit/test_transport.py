@@ -23,6 +23,7 @@ import h2.events
 import h2.settings
 import pytest
 
+from fleetd.registry import transport as transport_module
 from fleetd.registry.etcdpb import rpc
 from fleetd.registry.transport import (
     Channel,
@@ -37,6 +38,7 @@ from tests.unit.memory_transport import Transport, h2_server
 
 RANGE = b"/etcdserverpb.KV/Range"
 WATCH = b"/etcdserverpb.Watch/Watch"
+TXN = b"/etcdserverpb.KV/Txn"
 MEMBER = Member("127.0.0.1", 2379, "127.0.0.1:2379")
 OK_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 
@@ -502,6 +504,25 @@ async def test_unary_timeout_resets_the_stream_and_an_unanswered_ping_drops_the_
         conn.start(RANGE, [], unary=True)
 
 
+async def test_a_timed_out_call_brings_an_outstanding_pings_deadline_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A watch's ping is out with the connection's whole timeout to run; a call then times out:
+    # the member now has only the probe's time to answer that ping.
+    monkeypatch.setattr(transport_module, "PROBE_TIMEOUT", 0.05)
+    conn, peer = make(timeout=5.0, ping_interval=0.01)
+    watch = conn.start(WATCH, [], unary=False)
+    watch.write(b"watch")
+    await until(lambda: peer.pings == 1, peer.receive)  # not acknowledged
+    slow = asyncio.create_task(conn.unary(RANGE, b"slow", [], 0.05))
+    assert (await failure(slow)).code() == StatusCode.DEADLINE_EXCEEDED
+    lost = await failure(watch.read(), limit=0.5)
+    assert lost.code() == StatusCode.UNAVAILABLE
+    assert "within 0.05s" in lost.details()
+    assert peer.pings == 1  # the outstanding ping was the probe: no second one
+    assert not await conn.responsive()
+
+
 async def test_unary_timeout_with_the_ping_answered_keeps_the_connection() -> None:
     conn, peer = make(timeout=0.1)
     slow = asyncio.create_task(conn.unary(RANGE, b"slow", [], 0.05))
@@ -514,6 +535,7 @@ async def test_unary_timeout_with_the_ping_answered_keeps_the_connection() -> No
     peer.pump()  # the ping, acknowledged
     assert peer.pings == 1
     assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    assert await asyncio.wait_for(conn.responsive(), 1)
     await asyncio.sleep(0.15)  # past the ping's timeout
     assert conn.usable
     assert not peer.transport.aborted
@@ -757,6 +779,7 @@ class Site:
         self.name = name
         self.connections = 0
         self.going_away = False  # answer the next request with GOAWAY, not taking it
+        self.frozen = False  # read nothing, answer nothing (a SIGSTOPped etcd: the kernel ACKs)
         self.transports: list[asyncio.Transport] = []
         self.server: asyncio.Server | None = None
 
@@ -801,6 +824,8 @@ class _SiteProtocol(asyncio.Protocol):
         transport.write(self.conn.data_to_send())
 
     def data_received(self, data: bytes) -> None:
+        if self.site.frozen:
+            return
         if self.conn.state_machine.state is h2.connection.ConnectionState.CLOSED:
             return  # went away
         for event in self.conn.receive_data(data):
@@ -944,6 +969,66 @@ async def test_channel_sends_a_call_etcd_did_not_take_again_on_a_new_connection(
         a.going_away = True
         assert await channel.unary(RANGE, b"2", []) == b"B:2"
         assert (a.connections, b.connections) == (1, 1)
+    finally:
+        await channel.close()
+
+
+async def test_channel_moves_off_a_frozen_member_within_the_probe_and_sends_a_read_again(
+    sites: Callable[[bytes], Site], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A SIGSTOPped etcd (its raft leader, say): TCP is still up, nothing answers. The read that
+    # timed out is sent again to the next member once the probe ping went unanswered; the
+    # connection is dropped after the probe's second, not after a whole timeout more.
+    monkeypatch.setattr(transport_module, "PROBE_TIMEOUT", 0.05)
+    a, b = sites(b"A"), sites(b"B")
+    channel = Channel([await a.start(), await b.start()], 0.3)
+    loop = asyncio.get_running_loop()
+    try:
+        assert await channel.unary(RANGE, b"1", [], idempotent=True) == b"A:1"
+        a.frozen = True
+        start = loop.time()
+        assert await channel.unary(RANGE, b"2", [], idempotent=True) == b"B:2"
+        assert loop.time() - start < 0.3 + 0.05 + 0.2
+        assert (a.connections, b.connections) == (1, 1)
+    finally:
+        await channel.close()
+
+
+async def test_channel_does_not_send_a_write_again_after_a_timeout(
+    sites: Callable[[bytes], Site], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write that timed out may yet be applied (etcd may read it once it runs again): the
+    # caller sees the timeout; the connection is still dropped, so the next call goes on.
+    monkeypatch.setattr(transport_module, "PROBE_TIMEOUT", 0.05)
+    a, b = sites(b"A"), sites(b"B")
+    channel = Channel([await a.start(), await b.start()], 0.2)
+    try:
+        assert await channel.unary(TXN, b"1", []) == b"A:1"
+        conn = await channel.connection()
+        a.frozen = True
+        error = await failure(channel.unary(TXN, b"2", []))
+        assert error.code() == StatusCode.DEADLINE_EXCEEDED
+        assert b.connections == 0
+        await asyncio.wait_for(conn.wait_closed(), 1)
+        assert "within 0.05s" in str(conn.broken)
+        assert await channel.unary(TXN, b"3", []) == b"B:3"
+    finally:
+        await channel.close()
+
+
+async def test_channel_with_one_member_does_not_send_a_timed_out_read_again(
+    sites: Callable[[bytes], Site], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # There is nowhere else to go: a second try would only double the caller's wait.
+    monkeypatch.setattr(transport_module, "PROBE_TIMEOUT", 0.05)
+    a = sites(b"A")
+    channel = Channel([await a.start()], 0.2)
+    try:
+        assert await channel.unary(RANGE, b"1", [], idempotent=True) == b"A:1"
+        a.frozen = True
+        error = await failure(channel.unary(RANGE, b"2", [], idempotent=True))
+        assert error.code() == StatusCode.DEADLINE_EXCEEDED
+        assert a.connections == 1
     finally:
         await channel.close()
 
