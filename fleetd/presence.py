@@ -42,6 +42,10 @@ log = structlog.get_logger("fleetd.presence")
 # a few percent (0.7 x 2/3 = 0.47 agent_ttl) with three chances to renew instead of two, and
 # notices a kill after 0.47-0.7 agent_ttl (measured: `python -m benchmarks kill`).
 LEASE_FRACTION = 0.7
+# The longest a mute etcd member keeps etcd unsettled after an election, in agent_ttls (5
+# minutes at the default 10 s): a member silent that long is more likely dead than frozen, and
+# the units of machines that die meanwhile must move some time.
+MUTE_LIMIT = 30
 
 
 def lease_ttl(agent_ttl: float) -> int:
@@ -75,6 +79,7 @@ class Presence:
         self.in_trouble = False
         self._settled_at: float | None = None
         self._term = 0  # etcd's raft term as last seen
+        self._mute_watch: asyncio.Task[None] | None = None  # see _watch_mute_members
 
     @property
     def slow_answer(self) -> float:
@@ -89,9 +94,12 @@ class Presence:
 
     def settled_since(self) -> float | None:
         """Clock time since which etcd has answered this machine well; None while it does not
-        (or before the first answer). A fleetd that just started knows etcd only since its
+        (or before the first answer), and while an etcd member is mute after an election
+        (_watch_mute_members). A fleetd that just started knows etcd only since its
         registration, so the engine's grace covers a cold start too."""
-        return None if self.in_trouble else self._settled_at
+        if self.in_trouble or self._mute_watch is not None:
+            return None
+        return self._settled_at
 
     def _trouble(self, what: str, error: str) -> None:
         if not self.in_trouble:
@@ -125,6 +133,8 @@ class Presence:
             await self._run(stop, waiter)
         finally:
             waiter.close()
+            if self._mute_watch is not None:
+                self._mute_watch.cancel()
 
     async def _run(self, stop: asyncio.Event, waiter: StopWaiter) -> None:
         backoff = 1.0
@@ -213,7 +223,42 @@ class Presence:
             self._trouble(
                 "election", f"etcd elected a new leader (raft term {self._term} -> {term})"
             )
+            if self._mute_watch is None:
+                self._mute_watch = asyncio.ensure_future(self._watch_mute_members())
         self._term = max(self._term, term)
+
+    async def _watch_mute_members(self) -> None:
+        """After an etcd election, etcd is not settled while one of its members is mute (at
+        most MUTE_LIMIT x agent_ttl): a leader frozen past the lease TTL revokes, as it
+        resumes and before it learns it was deposed, every lease it thinks expired, although
+        the new leader kept them (etcd #15247; Debian 12's etcd 3.4.23 has it). That comes
+        any time after the election, so the engine's grace must still be on then."""
+        started = self.clock()
+        warned = False
+        try:
+            while self.clock() - started < MUTE_LIMIT * self.agent_ttl:
+                try:
+                    mute = await self.registry.kv.mute_members()
+                except FleetError as e:
+                    mute = [f"unknown: {e}"]
+                if not mute:
+                    break
+                if not warned:
+                    log.warning(
+                        "etcd_member_mute",
+                        members=mute,
+                        detail="a frozen former etcd leader may revoke leases as it resumes:"
+                        " absent machines keep their units until it answers again",
+                    )
+                    warned = True
+                await asyncio.sleep(self.renew_interval)
+            else:
+                log.warning("etcd_member_mute_limit", seconds=MUTE_LIMIT * self.agent_ttl)
+            if warned:
+                log.info("etcd_members_answer")
+        finally:
+            self._mute_watch = None
+            self._settled_at = self.clock()  # the grace starts over from here
 
     def _lost_lease(self) -> None:
         self.lease = 0

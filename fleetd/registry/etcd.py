@@ -54,7 +54,16 @@ from fleetd.registry.kv import (
     WatchEvent,
     check_txn_size,
 )
-from fleetd.registry.transport import Call, Channel, Member, RpcError, StatusCode, tls_context
+from fleetd.registry.transport import (
+    PROBE_TIMEOUT,
+    Call,
+    Channel,
+    Member,
+    RpcError,
+    StatusCode,
+    member_mute,
+    tls_context,
+)
 
 if TYPE_CHECKING:
     from fleetd.registry.keepalive import KeepAliveStream
@@ -403,6 +412,7 @@ _COMPACT = b"/etcdserverpb.KV/Compact"
 _GRANT = b"/etcdserverpb.Lease/LeaseGrant"
 _REVOKE = b"/etcdserverpb.Lease/LeaseRevoke"
 _WATCH = b"/etcdserverpb.Watch/Watch"
+_STATUS = b"/etcdserverpb.Maintenance/Status"
 
 
 class EtcdKV:
@@ -410,8 +420,9 @@ class EtcdKV:
 
     Create it anywhere; it connects lazily, on the first request, and its connections then
     belong to that event loop: use one EtcdKV per loop, and `close()` it (or `async with`).
-    Failed requests are not retried here (a write may or may not have been applied when its
-    answer is lost); callers retry on RegistryUnavailable.
+    Failed writes are not retried here (a write may or may not have been applied when its
+    answer is lost), reads only once on another member when theirs is lost or mute
+    (transport.Channel.unary); callers retry on RegistryUnavailable.
     """
 
     def __init__(self, config: EtcdConfig) -> None:
@@ -529,6 +540,18 @@ class EtcdKV:
     @property
     def raft_term(self) -> int:
         return self._raft_term
+
+    async def mute_members(self) -> list[str]:
+        """The configured members that do not answer a Status call within
+        transport.PROBE_TIMEOUT (each asked on a connection of its own, all at once)."""
+        session = self._session
+        await session.ensure()
+        body = rpc.StatusRequest().SerializeToString()
+        limit = min(self._timeout, PROBE_TIMEOUT)
+        mute = await asyncio.gather(
+            *(member_mute(m, _STATUS, body, session.metadata, limit) for m in session.members)
+        )
+        return [m.authority for m, silent in zip(session.members, mute, strict=True) if silent]
 
     def _saw_term(self, term: int) -> None:
         self._raft_term = max(self._raft_term, term)

@@ -167,6 +167,7 @@ class FakeKV:
         self._unavailable = False
         self._resumed: asyncio.Event | None = None  # set while paused (see pause)
         self._raft_term = 1
+        self.mute: set[str] = set()  # members mute_members names (a test sets them)
         self._pause_timeout = 1.0
         self._closed = False
         self.stats: Counter[str] = Counter()
@@ -211,6 +212,9 @@ class FakeKV:
     @property
     def raft_term(self) -> int:
         return self._raft_term
+
+    async def mute_members(self) -> list[str]:
+        return sorted(self.mute)
 
     def elect(self) -> None:
         """An etcd leader election: the raft term grows (what clients see in answers)."""

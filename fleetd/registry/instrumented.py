@@ -44,6 +44,9 @@ class InstrumentedKV:
     def raft_term(self) -> int:
         return self.inner.raft_term
 
+    async def mute_members(self) -> list[str]:
+        return await self.inner.mute_members()
+
     async def _timed(self, kind: str, call: Awaitable[T]) -> T:
         self._observer.started(kind)
         started = self._clock()

@@ -85,6 +85,14 @@ MAX_TXN_OPS = 128
 class KV(Protocol):
     """What the registry needs from etcd. All methods may raise RegistryUnavailable."""
 
+    async def mute_members(self) -> list[str]:
+        """The etcd members (of those configured) that are mute: they accept a connection, or
+        do not even answer the attempt, but do not answer a request within a second. A
+        frozen member (SIGSTOPped, its VM paused) is mute; a stopped one refuses connections
+        and is not. A former leader that resumes from such a freeze may revoke leases (see
+        raft_term)."""
+        ...
+
     @property
     def raft_term(self) -> int:
         """The highest raft term seen in etcd's answers so far (0: none yet). It grows with

@@ -704,6 +704,38 @@ async def connect_first(
     raise RpcError(StatusCode.UNAVAILABLE, "; ".join(errors))
 
 
+async def member_mute(
+    member: Member, path: bytes, message: bytes, metadata: Sequence[tuple[str, str]], limit: float
+) -> bool:
+    """Whether `member` is mute: it does not connect, or does not answer one call, within
+    `limit` seconds, on a connection of its own (closed after). Refusing the connection is not
+    mute: the member is down, not frozen; any answer, an error too, says it runs."""
+    loop = asyncio.get_running_loop()
+    factory = functools.partial(Connection, member, limit, 3600.0)
+    try:
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(
+                factory,
+                member.host,
+                member.port,
+                ssl=member.tls,
+                server_hostname=member.server_hostname if member.tls else None,
+            ),
+            limit,
+        )
+    except TimeoutError:
+        return True
+    except OSError:
+        return False
+    try:
+        await conn.unary(path, message, metadata, limit)
+    except RpcError as e:
+        return e.code() == StatusCode.DEADLINE_EXCEEDED
+    finally:
+        conn.fail(RpcError(StatusCode.CANCELLED, "probe done"))
+    return False
+
+
 class Channel:
     """Calls to an etcd cluster over one connection at a time, to the first member that
     accepts one (in order, starting after the member whose connection was lost last)."""
@@ -791,22 +823,27 @@ class Channel:
         idempotent: bool = False,
     ) -> bytes:
         """One call. Sent once more, on a new connection, when etcd went away before taking
-        it (GOAWAY: as gRPC's transparent retry does), and, if `idempotent` (a read), when it
-        timed out on a member that then did not answer a ping either (frozen) while another
-        member may answer."""
+        it (GOAWAY: as gRPC's transparent retry does), and, if `idempotent` (a read, as etcd's
+        own client retries those), when its connection was lost under it or it timed out on
+        a member that then did not answer a ping either (frozen), while another member may
+        answer."""
         conn = await self.connection()
         try:
             return await conn.unary(path, message, metadata, self.timeout)
         except RpcError as e:
             if not e.unprocessed and not (
-                idempotent
-                and len(self.members) > 1
-                and e.code() == StatusCode.DEADLINE_EXCEEDED
-                and not await conn.responsive()
+                idempotent and len(self.members) > 1 and await self._member_lost(conn, e)
             ):
                 raise
         conn = await self.connection()
         return await conn.unary(path, message, metadata, self.timeout)
+
+    @staticmethod
+    async def _member_lost(conn: Connection, error: RpcError) -> bool:
+        """Whether `error` ended a call because its connection is gone or its member mute."""
+        if error.code() == StatusCode.UNAVAILABLE:
+            return conn.broken is not None
+        return error.code() == StatusCode.DEADLINE_EXCEEDED and not await conn.responsive()
 
     async def stream(self, path: bytes, metadata: Sequence[tuple[str, str]]) -> Call:
         conn = await self.connection()

@@ -9,7 +9,9 @@ authentication and a 3-member cluster. Nothing sleeps and hopes: time-dependent 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -784,6 +786,34 @@ async def test_cluster_survives_first_member_loss(etcd_cluster: EtcdCluster) -> 
     assert [e.key for e in events] == ["/m/b"]
     await resumed.aclose()  # type: ignore[attr-defined]
     await kv.close()
+
+
+@pytest.mark.integration
+async def test_a_frozen_member_is_mute_and_a_read_moves_off_it(etcd_cluster: EtcdCluster) -> None:
+    """SIGSTOP of the member the channel is on (the first): mute_members names it, and not a
+    stopped member (it refuses: down, not frozen); a read that times out on it is answered by
+    another member, within one timeout and the probe."""
+    kv = etcd_kv(etcd_cluster.endpoints)
+    try:
+        await kv.txn([], [put("/mute/a", "1")])
+        assert await kv.mute_members() == []
+        first, _, third = etcd_cluster.members
+        third.stop()
+        assert await kv.mute_members() == []
+        third.start()  # two members answering: a quorum, when the first freezes
+        assert first.proc is not None
+        os.kill(first.proc.pid, signal.SIGSTOP)
+        try:
+            assert await kv.mute_members() == [etcd_cluster.endpoints[0].split("//")[1]]
+            start = time.monotonic()
+            got = await kv.get("/mute/a")
+            assert got is not None
+            assert got.value == "1"
+            assert time.monotonic() - start < TIMEOUT + 1.0 + 1.0
+        finally:
+            os.kill(first.proc.pid, signal.SIGCONT)
+    finally:
+        await kv.close()
 
 
 def etcd_watchers(server: EtcdServer) -> int:

@@ -232,6 +232,34 @@ async def test_a_lease_revoked_around_an_etcd_election_moves_nothing(cluster: Si
     all_tasks_alive(cluster)
 
 
+async def test_a_revoke_long_after_an_election_while_a_member_was_mute_moves_nothing(
+    cluster: SimCluster,
+) -> None:
+    """etcd's raft leader frozen for 3 TTL: the others elect a leader at once, and the frozen
+    one, as it resumes, revokes the leases of two machines (the engine leader's one of them).
+    The third machine's engine takes the lead long after the election's grace would have
+    ended: the mute member kept etcd unsettled meanwhile, so it holds the two machines' units
+    until they registered again."""
+    names = [f"mute-{i}.service" for i in range(6)]
+    await start_units(cluster, names)
+    await wait_for(lambda: settled(cluster), what="a settled cluster")
+    pids = {n: where(cluster, n) for n in names}
+    kv = fake_kv(cluster)
+    kv.mute = {"etcd-3:2379"}
+    kv.elect()
+    await asyncio.sleep(3 * TTL)
+    leader = cluster.leader()
+    assert leader is not None
+    revoked = [leader, next(m for m in cluster.machines.values() if m is not leader)]
+    kv.mute.clear()  # it resumes, and before it learns it was deposed:
+    for m in revoked:
+        await kv.revoke(m.presence.lease)
+    await wait_for(lambda: cluster.leader() not in (None, leader), what="another engine leader")
+    await wait_for(lambda: settled(cluster), what="the grace to end")
+    assert {n: where(cluster, n) for n in names} == pids, "a unit moved or restarted"
+    all_tasks_alive(cluster)
+
+
 async def test_machine_dying_with_etcd_healthy_moves_at_once(cluster: SimCluster) -> None:
     await wait_for(lambda: settled(cluster), what="a settled cluster")
     leader = cluster.leader()

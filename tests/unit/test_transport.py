@@ -32,6 +32,7 @@ from fleetd.registry.transport import (
     RpcError,
     StatusCode,
     connect_error,
+    member_mute,
     status_error,
 )
 from tests.unit.memory_transport import Transport, h2_server
@@ -39,6 +40,13 @@ from tests.unit.memory_transport import Transport, h2_server
 RANGE = b"/etcdserverpb.KV/Range"
 WATCH = b"/etcdserverpb.Watch/Watch"
 TXN = b"/etcdserverpb.KV/Txn"
+STATUS = b"/etcdserverpb.Maintenance/Status"
+
+
+def noop() -> None:
+    pass
+
+
 MEMBER = Member("127.0.0.1", 2379, "127.0.0.1:2379")
 OK_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 
@@ -1016,6 +1024,25 @@ async def test_channel_does_not_send_a_write_again_after_a_timeout(
         await channel.close()
 
 
+async def test_channel_sends_a_read_again_when_the_probe_fails_its_connection_under_it(
+    sites: Callable[[bytes], Site], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write times out on a frozen member; a read sent while the probe ping is still out
+    # goes to the same connection, and fails with it when the probe does: sent again to B.
+    monkeypatch.setattr(transport_module, "PROBE_TIMEOUT", 0.1)
+    a, b = sites(b"A"), sites(b"B")
+    channel = Channel([await a.start(), await b.start()], 0.2)
+    try:
+        assert await channel.unary(RANGE, b"1", [], idempotent=True) == b"A:1"
+        a.frozen = True
+        assert (await failure(channel.unary(TXN, b"w", []))).code() == StatusCode.DEADLINE_EXCEEDED
+        assert (await channel.connection()).usable  # the probe is still out
+        assert await channel.unary(RANGE, b"r", [], idempotent=True) == b"B:r"
+        assert await channel.unary(TXN, b"2", []) == b"B:2"  # and writes go on there
+    finally:
+        await channel.close()
+
+
 async def test_channel_with_one_member_does_not_send_a_timed_out_read_again(
     sites: Callable[[bytes], Site], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1031,6 +1058,23 @@ async def test_channel_with_one_member_does_not_send_a_timed_out_read_again(
         assert a.connections == 1
     finally:
         await channel.close()
+
+
+async def test_member_mute_tells_a_frozen_member_from_a_live_or_a_stopped_one(
+    unused_tcp_port_factory: Callable[[], int], sites: Callable[[bytes], Site]
+) -> None:
+    live, frozen = sites(b"A"), sites(b"B")
+    live_member, frozen_member = await live.start(), await frozen.start()
+    frozen.frozen = True
+    stopped = dead_member(unused_tcp_port_factory())  # refuses: down, not frozen
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    mute = await asyncio.gather(
+        *(member_mute(m, STATUS, b"", [], 0.2) for m in (live_member, frozen_member, stopped))
+    )
+    assert mute == [False, True, False]
+    assert loop.time() - start < 0.2 + 0.2  # asked at once, each within the limit
+    await until(lambda: not live.transports or all(t.is_closing() for t in live.transports), noop)
 
 
 async def test_channel_takes_in_a_close_it_has_not_seen_before_calling_again(
