@@ -195,6 +195,9 @@ class Presence:
         self._registered_as = machine
         self._set_lease(lease)
         self.last_renewed = self.clock()
+        # The term baseline: an election before the first renewal counts too (a fleetd that
+        # registered just before etcd's leader froze).
+        self._check_term()
         self._answered()
         self.registered.set()
         log.info("machine_registered", machine=machine.id, lease=lease, ttl=self.ttl)

@@ -83,3 +83,37 @@ async def test_expired_lease_is_replaced_and_listeners_told() -> None:
     assert presence.lease != old
     assert seen == [old, presence.lease]
     assert [m.id for m in await Registry(kv).list_machines()] == ["m1"]
+
+
+async def test_an_election_keeps_etcd_unsettled_while_a_member_is_mute() -> None:
+    # Right after registering (no renewal yet): the election still counts.
+    kv = FakeKV()
+    presence = Presence(Registry(kv), lambda: Machine.make("m1"), ttl=3)
+    await presence._register()
+    assert presence.settled_since() is not None
+    kv.mute = {"etcd-3:2379"}
+    kv.elect()
+    await presence._renew()
+    await asyncio.sleep(0)  # the mute watch asks
+    assert presence.settled_since() is None
+    before = presence.clock()
+    kv.mute.clear()
+    deadline = presence.clock() + 5
+    while presence.settled_since() is None:
+        assert presence.clock() < deadline, "still unsettled after the member answered"
+        await asyncio.sleep(0.05)
+    settled = presence.settled_since()
+    assert settled is not None
+    assert settled >= before  # the grace counts from the member's answer, not the election
+
+
+async def test_an_election_with_every_member_answering_settles_at_once() -> None:
+    kv = FakeKV()
+    presence = Presence(Registry(kv), lambda: Machine.make("m1"), ttl=3)
+    await presence._register()
+    await presence._renew()
+    kv.elect()
+    await presence._renew()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert presence.settled_since() is not None
