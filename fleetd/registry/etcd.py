@@ -543,7 +543,9 @@ class EtcdKV:
 
     async def mute_members(self) -> list[str]:
         """The configured members that do not answer a Status call within
-        transport.PROBE_TIMEOUT (each asked on a connection of its own, all at once)."""
+        transport.PROBE_TIMEOUT (each asked on a connection of its own, all at once). The
+        channel's connection is dropped if it is to one of them, so the watches and calls on
+        it go on from another member at once."""
         session = self._session
         await session.ensure()
         body = rpc.StatusRequest().SerializeToString()
@@ -551,7 +553,9 @@ class EtcdKV:
         mute = await asyncio.gather(
             *(member_mute(m, _STATUS, body, session.metadata, limit) for m in session.members)
         )
-        return [m.authority for m, silent in zip(session.members, mute, strict=True) if silent]
+        found = [m.authority for m, silent in zip(session.members, mute, strict=True) if silent]
+        session.channel.leave(found)
+        return found
 
     def _saw_term(self, term: int) -> None:
         self._raft_term = max(self._raft_term, term)

@@ -845,6 +845,15 @@ class Channel:
             return conn.broken is not None
         return error.code() == StatusCode.DEADLINE_EXCEEDED and not await conn.responsive()
 
+    def leave(self, authorities: Sequence[str]) -> None:
+        """Drop the connection if it is to one of these members (found mute elsewhere): its
+        calls fail as UNAVAILABLE (a watch resumes on the next member) instead of waiting for
+        their own deadline or the next ping."""
+        conn = self._conn
+        if conn is not None and conn.member.authority in authorities and conn.broken is None:
+            why = f"{conn.member.authority}: mute (no answer to a Status call on its own)"
+            conn.fail(RpcError(StatusCode.UNAVAILABLE, why))
+
     async def stream(self, path: bytes, metadata: Sequence[tuple[str, str]]) -> Call:
         conn = await self.connection()
         return conn.start(path, metadata, unary=False)

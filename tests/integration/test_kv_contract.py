@@ -790,30 +790,36 @@ async def test_cluster_survives_first_member_loss(etcd_cluster: EtcdCluster) -> 
 
 @pytest.mark.integration
 async def test_a_frozen_member_is_mute_and_a_read_moves_off_it(etcd_cluster: EtcdCluster) -> None:
-    """SIGSTOP of the member the channel is on (the first): mute_members names it, and not a
-    stopped member (it refuses: down, not frozen); a read that times out on it is answered by
-    another member, within one timeout and the probe."""
-    kv = etcd_kv(etcd_cluster.endpoints)
+    """SIGSTOP of the member the channels are on (the first): a read that times out on it is
+    answered by another member, within one timeout and the probe; mute_members names it, not
+    a stopped member (it refuses: down, not frozen), and a channel on it leaves it at once."""
+    kv, other = etcd_kv(etcd_cluster.endpoints), etcd_kv(etcd_cluster.endpoints)
+    first, _, third = etcd_cluster.members
+    assert first.proc is not None
     try:
         await kv.txn([], [put("/mute/a", "1")])
+        assert await other.get("/mute/a") is not None  # both on the first member now
         assert await kv.mute_members() == []
-        first, _, third = etcd_cluster.members
         third.stop()
         assert await kv.mute_members() == []
         third.start()  # two members answering: a quorum, when the first freezes
-        assert first.proc is not None
         os.kill(first.proc.pid, signal.SIGSTOP)
         try:
-            assert await kv.mute_members() == [etcd_cluster.endpoints[0].split("//")[1]]
             start = time.monotonic()
-            got = await kv.get("/mute/a")
+            got = await kv.get("/mute/a")  # timed out there, probed, sent to the next
             assert got is not None
             assert got.value == "1"
             assert time.monotonic() - start < TIMEOUT + 1.0 + 1.0
+
+            assert await other.mute_members() == [etcd_cluster.endpoints[0].split("//")[1]]
+            start = time.monotonic()
+            assert await other.get("/mute/a") is not None  # its connection was dropped
+            assert time.monotonic() - start < 1.0
         finally:
             os.kill(first.proc.pid, signal.SIGCONT)
     finally:
         await kv.close()
+        await other.close()
 
 
 def etcd_watchers(server: EtcdServer) -> int:

@@ -1077,6 +1077,26 @@ async def test_member_mute_tells_a_frozen_member_from_a_live_or_a_stopped_one(
     await until(lambda: not live.transports or all(t.is_closing() for t in live.transports), noop)
 
 
+async def test_channel_leaves_a_member_found_mute_and_its_watch_fails_at_once(
+    sites: Callable[[bytes], Site],
+) -> None:
+    a, b = sites(b"A"), sites(b"B")
+    member_a = await a.start()
+    channel = Channel([member_a, await b.start()], 5.0)
+    try:
+        assert await channel.unary(RANGE, b"1", []) == b"A:1"
+        watch = await channel.stream(WATCH, [])
+        channel.leave(["somewhere-else:2379"])
+        assert (await channel.connection()).usable
+        channel.leave([member_a.authority])
+        error = await failure(watch.read(), limit=0.5)
+        assert error.code() == StatusCode.UNAVAILABLE
+        assert "mute" in error.details()
+        assert await channel.unary(RANGE, b"2", []) == b"B:2"
+    finally:
+        await channel.close()
+
+
 async def test_channel_takes_in_a_close_it_has_not_seen_before_calling_again(
     sites: Callable[[bytes], Site], monkeypatch: pytest.MonkeyPatch
 ) -> None:
