@@ -1,4 +1,4 @@
-"""Time fleetd.scheduler.plan_schedule at cluster scale. Prints figures; never fails on time.
+"""Time fleetd.engine.scheduler.plan_schedule at cluster scale. Prints figures; never fails on time.
 
     /work/venv/bin/python benchmarks/bench_scheduler.py [--units 10000] [--machines 1000]
 
@@ -13,8 +13,8 @@ import argparse
 import time
 from collections.abc import Callable
 
+from fleetd.engine.scheduler import SchedulePlan, plan_schedule
 from fleetd.model import Machine, Requirements, TargetState, Unit
-from fleetd.scheduler import SchedulePlan, plan_schedule
 
 HASH = "5" * 40
 REGIONS = ["us-east", "us-west", "eu", "ap"]

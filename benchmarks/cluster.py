@@ -75,7 +75,7 @@ class Client:
     reading states; the figures that concern fleetctl run the real CLI)."""
 
     def __init__(self, endpoint: str) -> None:
-        from fleetd.registry.etcd import EtcdConfig, EtcdKV
+        from fleetd.etcd.client import EtcdConfig, EtcdKV
         from fleetd.registry.registry import Registry
 
         self.loop = asyncio.new_event_loop()

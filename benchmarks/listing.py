@@ -84,7 +84,7 @@ import asyncio, sys
 from aiohttp import web
 from fleetd.api.app import make_app
 from fleetd.api.context import ApiContext
-from fleetd.registry.etcd import EtcdConfig, EtcdKV
+from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.registry.registry import Registry
 
 async def main(endpoint, port):

@@ -27,8 +27,8 @@ from benchmarks.costs import raw_txn_rate, request_costs
 from benchmarks.etcd import BenchEtcd, EtcdCounters
 from benchmarks.report import ScenarioResult, progress, say
 from benchmarks.submit import submit_all, unit_specs
+from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.model import Placement, TargetState
-from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.registry.kv import KV
 from fleetd.registry.registry import Registry
 from fleetd.sim import SimCluster, SimMachine

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fleetd.errors import FleetError
+from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.model import TargetState
-from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.registry.registry import Registry
 from fleetd.unitfile import UnitFile, parse_unit
 

@@ -240,8 +240,9 @@ async def _open(settings: Settings, target: Target, stack: AsyncExitStack) -> Cl
         tunnel = transport.open_transport(transport.ssh_options(settings))
         stack.callback(tunnel.close)
     if target.driver is Driver.ETCD:
-        # Imported here: it loads h2 and protobuf, which the API driver never needs.
-        from fleetd.registry.etcd import EtcdConfig, EtcdKV
+        # Imported here: the etcd client loads hpack and protobuf, which the API driver never
+        # needs.
+        from fleetd.etcd.client import EtcdConfig, EtcdKV
 
         endpoints = list(target.endpoints)
         if tunnel is not None:

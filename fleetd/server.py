@@ -24,16 +24,16 @@ from typing import Any
 import structlog
 
 from fleetd import __version__
-from fleetd.agent import Agent
+from fleetd.agent.agent import Agent
 from fleetd.api import ApiContext, ApiServer, Metrics
 from fleetd.config import Config, detect_public_ip, load_config, read_machine_id
-from fleetd.engine import Engine
+from fleetd.engine.engine import Engine
 from fleetd.errors import ConfigError, FleetError
+from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.log import configure_logging
 from fleetd.model import Machine
 from fleetd.notify import Notifier
 from fleetd.presence import Presence
-from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.registry.instrumented import InstrumentedKV
 from fleetd.registry.migrations import SchemaTooNew
 from fleetd.registry.registry import Registry

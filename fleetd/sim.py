@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleetd import __version__
-from fleetd.agent import Agent
-from fleetd.engine import Engine
+from fleetd.agent.agent import Agent
+from fleetd.engine.engine import Engine
 from fleetd.model import Machine
 from fleetd.presence import Presence
 from fleetd.registry.kv import KV

@@ -17,7 +17,7 @@ from fleetd.registry.kv import WatchEvent
 
 Item = list[WatchEvent] | BaseException
 
-# The etcd channel retries its connection at least every 2 s (fleetd/registry/etcd.py), so
+# The etcd channel retries its connection at least every 2 s (fleetd/etcd/client.py), so
 # waiting longer between attempts only delays the resume after an outage.
 RETRY_CEILING = 2.0
 

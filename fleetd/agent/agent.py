@@ -2,7 +2,7 @@
 
 It watches only `schedule/<this machine>/`, `global/` and its own dynamic metadata, so a
 placement elsewhere costs it nothing. Each change: plan tasks with the pure planner
-(fleetd.agentplan) from (desired, what this agent did so far), run them in order, record.
+(fleetd.agent.plan) from (desired, what this agent did so far), run them in order, record.
 
 What the agent did is recorded in a file under /run (unit -> hash and loaded/launched), so a
 restarted fleetd plans against the truth and leaves healthy units alone: no restart, same PID.
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import structlog
 
-from fleetd.agentplan import (
+from fleetd.agent.plan import (
     FENCE_FRACTION,
     REASON_FILES_CHANGED,
     CurrentUnit,

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
+from fleetd.feasibility import first_fit_by_name, matching_globals
 from fleetd.model import (
     Machine,
     PartitionPolicy,
@@ -25,7 +26,6 @@ from fleetd.model import (
     TargetState,
     Unit,
 )
-from fleetd.scheduler import conflict_between
 
 __all__ = [
     "FENCE_FRACTION",
@@ -241,25 +241,18 @@ def desired_for_machine(
     never schedules a unit next to a conflicting global one, so this only matters transiently.
     A name that is both scheduled and global is taken as global (the engine will unschedule it).
     """
-    candidates: dict[str, tuple[DesiredUnit, tuple[str, ...]]] = {}
+    wanted: dict[str, DesiredUnit] = {}
+    conflicts: dict[str, tuple[str, ...]] = {}
     for entry in scheduled:
         if entry.machine_id == machine.id and entry.target_state != TargetState.INACTIVE:
-            conflicts = requirements.get(entry.name, _NO_REQUIREMENTS).conflicts
-            wanted = DesiredUnit(entry.name, entry.hash, entry.target_state)
-            candidates[entry.name] = (wanted, conflicts)
-    for name, (unit, req) in global_units.items():
-        if unit.target_state != TargetState.INACTIVE and req.metadata_matches(machine):
-            candidates[name] = (DesiredUnit(name, unit.hash, unit.target_state), req.conflicts)
-
-    chosen: dict[str, DesiredUnit] = {}
-    taken: list[tuple[str, tuple[str, ...]]] = []
-    for name in sorted(candidates):
-        wanted, conflicts = candidates[name]
-        if any(conflict_between(name, conflicts, other, theirs) for other, theirs in taken):
-            continue
-        chosen[name] = wanted
-        taken.append((name, conflicts))
-    return chosen
+            wanted[entry.name] = DesiredUnit(entry.name, entry.hash, entry.target_state)
+            conflicts[entry.name] = requirements.get(entry.name, _NO_REQUIREMENTS).conflicts
+    active = {n: g for n, g in global_units.items() if g[0].target_state != TargetState.INACTIVE}
+    for name in matching_globals(machine, ((n, req) for n, (_, req) in active.items())):
+        unit, req = active[name]
+        wanted[name] = DesiredUnit(name, unit.hash, unit.target_state)
+        conflicts[name] = req.conflicts
+    return {name: wanted[name] for name in first_fit_by_name(conflicts)}
 
 
 def lease_at_risk(

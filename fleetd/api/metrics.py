@@ -39,14 +39,13 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from fleetd import __version__
-from fleetd.engine import EngineStats
 from fleetd.errors import FleetError
 from fleetd.model import TargetState
 from fleetd.registry.registry import Registry
@@ -54,9 +53,6 @@ from fleetd.registry.registry import Registry
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import CollectorRegistry
-
-    from fleetd.agent import Agent
-    from fleetd.engine import Engine
 
 log = structlog.get_logger("fleetd.api.metrics")
 
@@ -163,21 +159,55 @@ def _histogram_family(name: str, doc: str, children: dict[str, Histogram]) -> Me
     return family
 
 
-class TimedEngineStats(EngineStats):
-    """EngineStats that also feed each plan's duration to a histogram.
+class _Counts(Protocol):
+    @property
+    def plans(self) -> int: ...
+    @property
+    def writes(self) -> int: ...
 
-    The engine sets `last_plan_seconds` once per plan; observing that assignment gives every
-    plan's duration without the engine knowing about Prometheus.
-    """
 
-    def __init__(self, base: EngineStats, histogram: Histogram) -> None:
-        super().__init__(base.plans, base.writes, base.last_plan_seconds)
-        self._histogram = histogram  # set last: the dataclass __init__ must not be observed
+class _Desired(Protocol):
+    @property
+    def target_state(self) -> TargetState: ...
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name == "last_plan_seconds" and "_histogram" in self.__dict__:
-            self._histogram.observe(value)
+
+class _EngineView(Protocol):
+    @property
+    def units(self) -> Mapping[str, _Desired]: ...
+    @property
+    def machines(self) -> Sized: ...
+
+
+class EngineProbe(Protocol):
+    """What the metrics read of an engine (fleetd/engine/engine.py's Engine), at scrape time."""
+
+    @property
+    def is_leader(self) -> bool: ...
+    @property
+    def stats(self) -> _Counts: ...
+    @property
+    def view(self) -> _EngineView: ...
+    @property
+    def plan_observers(self) -> list[Callable[[float], None]]: ...
+
+
+class _Done(Protocol):
+    @property
+    def state(self) -> TargetState: ...
+
+
+class _Record(Protocol):
+    @property
+    def units(self) -> Mapping[str, _Done]: ...
+
+
+class AgentProbe(Protocol):
+    """What the metrics read of an agent (fleetd/agent/agent.py's Agent), at scrape time."""
+
+    @property
+    def tasks_run(self) -> int: ...
+    @property
+    def record(self) -> _Record: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +226,8 @@ class Metrics:
         self.etcd = EtcdMetrics()
         self.reconcile_seconds = Histogram()
         self._registry: CollectorRegistry | None = None  # made at the first scrape
-        self.engine: Engine | None = None
-        self.agent: Agent | None = None
+        self.engine: EngineProbe | None = None
+        self.agent: AgentProbe | None = None
         self.registered: Callable[[], bool] = lambda: False
         self._clock = clock
         self._cluster: ClusterCounts | None = None
@@ -206,13 +236,13 @@ class Metrics:
     def attach(
         self,
         *,
-        engine: Engine | None = None,
-        agent: Agent | None = None,
+        engine: EngineProbe | None = None,
+        agent: AgentProbe | None = None,
         registered: Callable[[], bool] | None = None,
     ) -> None:
         """Point the scrape-time metrics at the live components (fleetd's wiring calls this)."""
         if engine is not None:
-            engine.stats = TimedEngineStats(engine.stats, self.reconcile_seconds)
+            engine.plan_observers.append(self.reconcile_seconds.observe)
             self.engine = engine
         if agent is not None:
             self.agent = agent

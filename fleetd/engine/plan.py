@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from fleetd.engine.scheduler import plan_schedule
 from fleetd.model import Machine, Placement, Requirements, ScheduledUnit, TargetState, Unit
-from fleetd.scheduler import plan_schedule
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 `plan_schedule` takes a snapshot (units, their [X-Fleet] requirements, the live machines and the
 current schedule) and returns the schedule the cluster should have, with a reason for every unit
 it cannot place and for every unit it takes off a machine. It does no I/O and reads no clock; the
-engine writes the difference (`diff_schedule`) with fenced etcd transactions.
+engine (engine/plan.py) writes the difference with fenced etcd transactions.
 
 The rules are fleet's (engine/reconciler.go, agent/state.go AbleToRun), made deterministic and
 safer where fleet could churn or break a constraint:
@@ -27,22 +27,21 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from fleetd.feasibility import (
+    MetadataRequirement,
+    describe_metadata,
+    global_units_for,
+    is_literal,
+    matches_any,
+    metadata_ok,
+)
 from fleetd.model import Machine, Requirements, TargetState, Unit
 from fleetd.unitfile import glob_match
 
-__all__ = [
-    "SchedulePlan",
-    "conflict_between",
-    "describe_metadata",
-    "diff_schedule",
-    "global_units_for",
-    "plan_schedule",
-]
+__all__ = ["SchedulePlan", "plan_schedule"]
 
 _NO_REQUIREMENTS = Requirements()
 
-# Metadata requirement as stored in Requirements: the key of one least-loaded heap.
-_MetadataKey = tuple[tuple[str, frozenset[str]], ...]
 _HeapEntry = tuple[int, str]  # (load, machine id)
 # (requirements, declared Conflicts patterns matching the name, declared Replaces patterns ditto)
 _Signature = tuple[Requirements, frozenset[str], frozenset[str]]
@@ -58,7 +57,7 @@ class SchedulePlan:
     unplaced: dict[str, str] = field(default_factory=dict)
     # unit -> (old machine, new machine), for units that change machine
     moves: dict[str, tuple[str, str]] = field(default_factory=dict)
-    # unit -> why it leaves its current machine, for every unit diff_schedule unschedules
+    # unit -> why it leaves its current machine, for every unit the engine unschedules
     reasons: dict[str, str] = field(default_factory=dict)
 
 
@@ -75,86 +74,6 @@ def plan_schedule(
     maps each scheduled non-global unit to the machine it is scheduled on now.
     """
     return _Planner(units, requirements, machines, current).run()
-
-
-def diff_schedule(
-    current: Mapping[str, str], plan: SchedulePlan
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Writes that turn `current` into `plan.assignments`.
-
-    Returns (to_unschedule: unit -> old machine, to_schedule: unit -> new machine); a unit that
-    moves appears in both.
-    """
-    to_unschedule = {
-        name: machine_id
-        for name, machine_id in sorted(current.items())
-        if plan.assignments.get(name) != machine_id
-    }
-    to_schedule = {
-        name: machine_id
-        for name, machine_id in plan.assignments.items()
-        if current.get(name) != machine_id
-    }
-    return to_unschedule, to_schedule
-
-
-def global_units_for(machine: Machine, global_units: Mapping[str, Requirements]) -> list[str]:
-    """The global units `machine` runs, in name order.
-
-    A global unit runs where its MachineMetadata matches. Two global units that conflict are
-    resolved by name, the first wins, as fleet's agent does (it walks units in sorted order).
-    The caller passes only the global units whose target state is not inactive.
-    """
-    have = machine.metadata_dict
-    chosen: list[tuple[str, tuple[str, ...]]] = []
-    for name in sorted(global_units):
-        req = global_units[name]
-        if not _metadata_ok(req.metadata, have):
-            continue
-        if any(conflict_between(name, req.conflicts, other, theirs) for other, theirs in chosen):
-            continue
-        chosen.append((name, req.conflicts))
-    return [name for name, _ in chosen]
-
-
-def conflict_between(
-    name: str, conflicts: Sequence[str], other: str, other_conflicts: Sequence[str]
-) -> str | None:
-    """Why two units may not share a machine (e.g. "a.service conflicts with b*"), or None.
-
-    Conflicts are symmetric (fleet's agent/state.go hasConflict): either unit's patterns may
-    match the other's name. A unit never conflicts with itself.
-    """
-    if name == other:
-        return None
-    for pattern in conflicts:
-        if glob_match(pattern, other):
-            return f"{name} conflicts with {pattern}"
-    for pattern in other_conflicts:
-        if glob_match(pattern, name):
-            return f"{other} conflicts with {pattern}"
-    return None
-
-
-def describe_metadata(metadata: _MetadataKey) -> str:
-    """A MachineMetadata requirement, keys sorted: `disk=ssd region=east|west`."""
-    return " ".join(f"{key}={'|'.join(sorted(values))}" for key, values in sorted(metadata))
-
-
-# Characters that make a Conflicts/Replaces value a glob rather than a plain unit name.
-_GLOB_SPECIALS = frozenset("*?[\\")
-
-
-def _is_literal(pattern: str) -> bool:
-    return _GLOB_SPECIALS.isdisjoint(pattern)
-
-
-def _matches_any(patterns: Sequence[str], name: str) -> bool:
-    return any(glob_match(pattern, name) for pattern in patterns)
-
-
-def _metadata_ok(required: _MetadataKey, have: Mapping[str, str]) -> bool:
-    return all(have.get(key) in values for key, values in required)
 
 
 # --- why a machine cannot take a unit ---------------------------------------------------------
@@ -301,8 +220,8 @@ class _Planner:
         self.load = dict.fromkeys(self.machines, 0)
         self.global_hosts: dict[str, list[str]] = {name: [] for name in self.globals}
         # One least-loaded heap per MachineMetadata requirement, built on first use.
-        self.members: dict[_MetadataKey, list[str]] = {}
-        self.heaps: dict[_MetadataKey, list[_HeapEntry]] = {}
+        self.members: dict[MetadataRequirement, list[str]] = {}
+        self.heaps: dict[MetadataRequirement, list[_HeapEntry]] = {}
         self.heaps_of: dict[str, list[list[_HeapEntry]]] = {m: [] for m in self.machines}
 
         # Every pattern any active unit declares, to compute _signature.
@@ -620,7 +539,7 @@ class _Planner:
     def _static_rejection(self, req: Requirements, machine_id: str) -> _Rejection | None:
         if req.machine_id and not self.machines[machine_id].matches_id(req.machine_id):
             return _Rejection("machine_id", req.machine_id)
-        if req.metadata and not _metadata_ok(req.metadata, self.metadata[machine_id]):
+        if req.metadata and not metadata_ok(req.metadata, self.metadata[machine_id]):
             return _Rejection("metadata", describe_metadata(req.metadata))
         return None
 
@@ -647,7 +566,7 @@ class _Planner:
         """(unit on the machine, why) for the first unit there that conflicts with `name`."""
         here = self.units_on[machine_id]
         for pattern in conflicts:
-            if _is_literal(pattern):
+            if is_literal(pattern):
                 if pattern != name and pattern in here:
                     return pattern, _Rejection("conflict", f"conflicts with {pattern}", own=True)
                 continue
@@ -666,7 +585,7 @@ class _Planner:
     def _replacer_on(self, name: str, replaces: Sequence[str], machine_id: str) -> str | None:
         """A unit on the machine that replaces `name` (one direction only; a cycle is ignored)."""
         for other, theirs in self.replacers_on[machine_id].items():
-            if other != name and _matches_any(theirs, name) and not _matches_any(replaces, other):
+            if other != name and matches_any(theirs, name) and not matches_any(replaces, other):
                 return other
         return None
 
@@ -679,8 +598,8 @@ class _Planner:
             for other in self.units_on[machine_id]
             if other != name
             and other not in self.global_names
-            and _matches_any(req.replaces, other)
-            and not _matches_any(self.requirements[other].replaces, name)
+            and matches_any(req.replaces, other)
+            and not matches_any(self.requirements[other].replaces, name)
         ]
 
     # -- MachineOf -------------------------------------------------------------------------------
@@ -762,15 +681,15 @@ class _Planner:
         for heap in self.heaps_of[machine_id]:
             heapq.heappush(heap, (load, machine_id))
 
-    def _members(self, metadata: _MetadataKey) -> list[str]:
+    def _members(self, metadata: MetadataRequirement) -> list[str]:
         """Machines (by id) whose metadata satisfies a MachineMetadata requirement."""
         members = self.members.get(metadata)
         if members is None:
-            members = [m for m in self.machines if _metadata_ok(metadata, self.metadata[m])]
+            members = [m for m in self.machines if metadata_ok(metadata, self.metadata[m])]
             self.members[metadata] = members
         return members
 
-    def _heap(self, metadata: _MetadataKey) -> list[_HeapEntry]:
+    def _heap(self, metadata: MetadataRequirement) -> list[_HeapEntry]:
         heap = self.heaps.get(metadata)
         if heap is None:
             members = self._members(metadata)

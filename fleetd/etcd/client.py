@@ -42,7 +42,17 @@ from fleetd.errors import (
     QuotaExceeded,
     RegistryUnavailable,
 )
-from fleetd.registry.etcdpb import Event, rpc
+from fleetd.etcd.etcdpb import Event, rpc
+from fleetd.etcd.transport import (
+    PROBE_TIMEOUT,
+    Call,
+    Channel,
+    Member,
+    RpcError,
+    StatusCode,
+    member_mute,
+    tls_context,
+)
 from fleetd.registry.kv import (
     MAX_TXN_OPS,
     Compare,
@@ -54,19 +64,9 @@ from fleetd.registry.kv import (
     WatchEvent,
     check_txn_size,
 )
-from fleetd.registry.transport import (
-    PROBE_TIMEOUT,
-    Call,
-    Channel,
-    Member,
-    RpcError,
-    StatusCode,
-    member_mute,
-    tls_context,
-)
 
 if TYPE_CHECKING:
-    from fleetd.registry.keepalive import KeepAliveStream
+    from fleetd.etcd.keepalive import KeepAliveStream
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 DEFAULT_PORT = 2379
@@ -570,7 +570,7 @@ class EtcdKV:
                 return stream
             if stream is not None and stream.broken is None:
                 stream.half_close()  # a new token: its answers still arrive, then it ends
-            from fleetd.registry.keepalive import open_stream as open_keepalive_stream
+            from fleetd.etcd.keepalive import open_stream as open_keepalive_stream
 
             stream, self._keepalive_member = await open_keepalive_stream(
                 s.members, self._keepalive_member, s.token, self._timeout

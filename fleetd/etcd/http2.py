@@ -1,7 +1,7 @@
 """The client side of HTTP/2 (RFC 9113) that etcd's gRPC API needs, and nothing more.
 
-Why not h2, which the keepalive stream uses: h2 is a complete, general implementation, and
-paid for it with about 100 us of Python per request (a state machine per stream and per
+Why not the h2 package (the unit tests' etcd side): h2 is a complete, general implementation,
+and paid for it with about 100 us of Python per request (a state machine per stream and per
 connection, an event object per frame, HPACK encoding of the same headers every time, a walk
 over every open stream to count them). The simulator's 1,000 machines share one connection
 and one core, and at that cost placement fell to half of what grpcio reached. This framer

@@ -6,7 +6,7 @@ thousands were pipelined (a write and a read each cross gRPC's poller thread and
 event loop), and 430 us when spread out. 1,000 simulated machines in one process renewing
 every 3.3 s then spent 10-13 % of a core on keepalives alone. The same stream as one asyncio
 protocol over a plain socket (or TLS) cost about 30 us a keepalive with h2's framing, less with
-fleetd/registry/http2.py's; the messages are etcd's protobuf types, and all of it runs in the
+fleetd/etcd/http2.py's; the messages are etcd's protobuf types, and all of it runs in the
 event loop's own thread. (The rest of the etcd client, transport.py, works the same way.)
 
 This is one gRPC method, LeaseKeepAlive, on one HTTP/2 connection to one member: the request
@@ -28,10 +28,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from fleetd.errors import RegistryUnavailable
-from fleetd.registry import http2
-from fleetd.registry.etcdpb import rpc
-from fleetd.registry.transport import PREFIX as _PREFIX
-from fleetd.registry.transport import (
+from fleetd.etcd import http2
+from fleetd.etcd.etcdpb import rpc
+from fleetd.etcd.transport import PREFIX as _PREFIX
+from fleetd.etcd.transport import (
     Compressed,
     Member,
     RpcError,

@@ -1,6 +1,6 @@
 """The key-value contract fleet needs from etcd v3, and nothing more.
 
-Two implementations honour it: `fleetd.registry.etcd.EtcdKV` (the only module that speaks
+Two implementations honour it: `fleetd.etcd.client.EtcdKV` (the only module that speaks
 to etcd) and `fleetd.registry.fake.FakeKV` (in memory, for unit tests and the simulator). The
 schema-aware `Registry` is written once against this protocol, so the same code runs on both,
 and one contract test suite checks both.

@@ -24,7 +24,6 @@ from fleetd.model import (
     Placement,
     Requirements,
     ScheduledUnit,
-    Snapshot,
     TargetState,
     Unit,
     UnitState,
@@ -581,24 +580,6 @@ class Registry:
                 continue
             out.append(ScheduledUnit(name, machine_id, hash_, state))
         return out
-
-    async def snapshot(self) -> Snapshot:
-        """Units, machines, schedule and states, each read with one range request."""
-        unit_kvs, revision = await self.kv.range(self.keys.units)
-        machine_kvs, _ = await self.kv.range(self.keys.machines)
-        meta_kvs, _ = await self.kv.range(self.keys.machine_meta)
-        schedule = await self.full_schedule()
-        state_kvs, _ = await self.kv.range(self.keys.states)
-        units = {u.name: u for u in (self._decode_unit(kv) for kv in unit_kvs) if u is not None}
-        machines = {m.id: m for m in self._decode_machines(machine_kvs, meta_kvs)}
-        states = {(s.name, s.machine_id): s for s in self._decode_states(state_kvs)}
-        return Snapshot(
-            revision=revision,
-            units=units,
-            machines=machines,
-            schedule={s.name: s for s in schedule},
-            states=states,
-        )
 
     # ---- engine leadership and fenced writes ----------------------------------------------
 

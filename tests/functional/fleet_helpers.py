@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import pytest
 from fleet_cluster import Cluster, MachineState
 
+from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.model import Machine, Placement, TargetState, Unit, UnitState
-from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.registry.registry import Registry
 from fleetd.unitfile import UnitFile, parse_unit, validate_options
 

@@ -23,7 +23,7 @@ import pytest
 from fleetd.api.context import ApiContext
 from fleetd.api.server import ApiServer
 from fleetd.config import Config
-from fleetd.registry.etcd import EtcdConfig, EtcdKV
+from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.sim import SimCluster
 from tests.integration.etcd_fixture import EtcdServer, TLSFiles
 

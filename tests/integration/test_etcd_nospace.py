@@ -22,8 +22,8 @@ import pytest
 
 from fleetctl.api_client import ApiClient
 from fleetd.errors import QuotaExceeded
+from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.model import TargetState
-from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.registry.kv import Put
 from fleetd.server import Server
 from fleetd.systemd.fake import FakeUnitManager

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fleetd.errors import Compacted, ConfigError, NotFound, RegistryUnavailable
-from fleetd.registry.etcd import EtcdConfig, EtcdKV
+from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.kv import (
     KV,
@@ -645,7 +645,7 @@ async def _fails_within_timeout(kv: EtcdKV, match: str) -> None:
         await kv.get("/a")
     assert time.monotonic() - started < TIMEOUT + 1.0
     await kv.close()
-    # The keepalive stream has a connection of its own (fleetd/registry/keepalive.py): it is
+    # The keepalive stream has a connection of its own (fleetd/etcd/keepalive.py): it is
     # refused the same way.
     kv = EtcdKV(kv.config)
     started = time.monotonic()

@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from fleetctl.cli import cli
-from fleetd.registry.etcd import EtcdConfig, EtcdKV
+from fleetd.etcd.client import EtcdConfig, EtcdKV
 from tests.conftest import _require_etcd
 from tests.integration.etcd_fixture import EtcdServer, running
 

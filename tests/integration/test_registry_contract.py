@@ -16,9 +16,9 @@ from typing import Any, cast
 import pytest
 
 from fleetd.errors import NotFound, NotLeader
+from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.model import Machine, TargetState, Unit, UnitState
 from fleetd.registry import codec, gc
-from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.keys import SCHEMA_VERSION
 from fleetd.registry.kv import KV, Delete, Op, Put

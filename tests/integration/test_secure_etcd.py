@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from fleetd.registry.etcd import EtcdConfig, EtcdKV
+from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.server import Server
 from fleetd.systemd.fake import FakeUnitManager
 from tests.conftest import _require_etcd
@@ -49,7 +49,7 @@ class Ran:
 async def fleetctl(*args: str, env: Mapping[str, str] | None = None, cwd: Path) -> Ran:
     """The real fleetctl in its own process (its own event loop, like a user's shell)."""
     # As from a user's shell: none of this process's settings (GRPC_VERBOSITY is set by
-    # fleetd.registry.etcd, imported here) leak into fleetctl.
+    # fleetd.etcd.client, imported here) leak into fleetctl.
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("FLEETCTL_", "GRPC_"))}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -97,7 +97,7 @@ def test_wheel_carries_every_package_the_units_and_the_etcd_messages(built: Buil
         assert f"{package}/__init__.py" in names
         assert f"{package}/py.typed" in names
     for generated in ("rpc_pb2.py", "kv_pb2.py", "auth_pb2.py"):
-        assert f"fleetd/registry/etcdpb/{generated}" in names
+        assert f"fleetd/etcd/etcdpb/{generated}" in names
     for unit in ("fleet.service", "fleet.socket"):
         assert f"fleetd/deploy/{unit}" in names
     # The OpenAPI document fleetd serves at /fleet/v1/openapi.json (package data).
@@ -116,7 +116,7 @@ def test_sdist_builds_and_names_the_version(built: Built) -> None:
         members = archive.getnames()
     top = f"fleet_py-{__version__}"
     assert f"{top}/pyproject.toml" in members
-    assert f"{top}/fleetd/registry/etcdpb/rpc_pb2.py" in members
+    assert f"{top}/fleetd/etcd/etcdpb/rpc_pb2.py" in members
     assert built.wheel.name.startswith(f"fleet_py-{__version__}-")
 
 

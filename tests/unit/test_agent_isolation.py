@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from fleetd import agentplan
-from fleetd.agent import Agent
-from fleetd.agentplan import RETRY_CEILING, TaskKind, failure_after, holds_back, retry_delay
+from fleetd.agent import plan as agentplan
+from fleetd.agent.agent import Agent
+from fleetd.agent.plan import RETRY_CEILING, TaskKind, failure_after, holds_back, retry_delay
 from fleetd.errors import RegistryUnavailable
 from fleetd.model import Machine, TargetState, UnitState
 from fleetd.registry import codec

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from fleetd import agent as agent_module
-from fleetd.agent import Agent, AgentRecord
+from fleetd.agent import agent as agent_module
+from fleetd.agent.agent import Agent, AgentRecord
 from fleetd.model import Machine, PartitionPolicy, TargetState
 from fleetd.registry import codec
 from fleetd.registry.fake import FakeKV

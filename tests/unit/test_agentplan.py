@@ -1,4 +1,4 @@
-"""fleetd.agentplan: fleet's per-unit task table, task order, desired state and invariants."""
+"""fleetd.agent.plan: fleet's per-unit task table, task order, desired state and invariants."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetd.agentplan import (
+from fleetd.agent.plan import (
     REASON_FILES_CHANGED,
     REASON_HASH_CHANGED,
     REASON_NOT_DESIRED,

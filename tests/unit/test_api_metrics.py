@@ -18,13 +18,14 @@ from test_api_harness import HELLO, M1, V1, Api, serving_api
 from fleetd import __version__
 from fleetd.api.app import make_app
 from fleetd.api.context import ApiContext
-from fleetd.api.metrics import CLUSTER_CACHE_SECONDS, Metrics, TimedEngineStats
-from fleetd.engine import EngineStats
+from fleetd.api.metrics import CLUSTER_CACHE_SECONDS, Metrics
+from fleetd.engine.engine import Engine
 from fleetd.errors import Compacted, RegistryUnavailable
 from fleetd.model import TargetState
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.instrumented import InstrumentedKV
 from fleetd.registry.kv import Put
+from fleetd.registry.registry import Registry
 from fleetd.sim import SimCluster
 from fleetd.unitfile import parse_unit
 
@@ -111,15 +112,13 @@ async def test_instrumented_watch_passes_events_and_failures_through() -> None:
         await kv.watch("/w/", 1).__anext__()
 
 
-def test_timed_engine_stats_observe_each_plan() -> None:
+def test_an_attached_engine_feeds_each_plan_to_the_histogram() -> None:
     metrics = Metrics()
-    stats = TimedEngineStats(
-        EngineStats(plans=3, writes=4, last_plan_seconds=9.0), metrics.reconcile_seconds
-    )
-    assert (stats.plans, stats.writes, stats.last_plan_seconds) == (3, 4, 9.0)
-    stats.last_plan_seconds = 0.25
-    stats.last_plan_seconds = 0.5
-    stats.plans += 1
+    engine = Engine(Registry(FakeKV()), M1, lambda: asyncio.sleep(0, 1))
+    metrics.attach(engine=engine)
+    for seconds in (0.25, 0.5):
+        for observe in engine.plan_observers:
+            observe(seconds)
     got = samples(metrics.render().decode())
     assert got[("fleet_engine_reconcile_seconds_count", ())] == 2
     assert got[("fleet_engine_reconcile_seconds_sum", ())] == 0.75

@@ -1,12 +1,12 @@
 """The engine's writes: sent many transactions at once, yet a moved unit is always gone from
-its old machine before it appears on the new one (fleetd/engine.py, Registry.fenced)."""
+its old machine before it appears on the new one (fleetd/engine/engine.py, Registry.fenced)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any, cast
 
-from fleetd.engine import Engine
+from fleetd.engine.engine import Engine
 from fleetd.model import Machine, TargetState, Unit
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.kv import KV, Delete, Put

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetd.engineplan import (
+from fleetd.engine.plan import (
     DeleteGlobal,
     DeletePlacement,
     DeleteSchedule,

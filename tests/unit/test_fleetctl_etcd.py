@@ -17,8 +17,8 @@ from test_fleetctl_harness import HELLO
 
 from fleetctl.cli import cli
 from fleetd import __version__
+from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.model import Machine
-from fleetd.registry.etcd import EtcdConfig, EtcdKV
 from fleetd.registry.registry import Registry
 from tests.integration.etcd_fixture import EtcdServer
 

@@ -1,4 +1,4 @@
-"""The HTTP/2 client framer (fleetd/registry/http2.py) against an independent implementation.
+"""The HTTP/2 client framer (fleetd/etcd/http2.py) against an independent implementation.
 
 Most tests connect a `ClientConnection` to h2's server side by hand, shuttling the bytes each
 writes to the other. Cases h2 will not produce (padding, CONTINUATION, priorities, frames that
@@ -19,7 +19,7 @@ import h2.settings
 import hpack
 import pytest
 
-from fleetd.registry.http2 import (
+from fleetd.etcd.http2 import (
     CANCEL,
     DATA,
     GOAWAY,

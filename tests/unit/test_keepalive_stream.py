@@ -1,4 +1,4 @@
-"""The lease keepalive stream (fleetd/registry/keepalive.py) against an in-memory HTTP/2 peer.
+"""The lease keepalive stream (fleetd/etcd/keepalive.py) against an in-memory HTTP/2 peer.
 
 The peer is h2's own server side, driven by the test: it sees exactly the bytes the stream
 writes and answers with the frames etcd would send (or would not). Against a real etcd the
@@ -18,9 +18,9 @@ import h2.settings
 import pytest
 
 from fleetd.errors import RegistryUnavailable
-from fleetd.registry.etcdpb import rpc
-from fleetd.registry.keepalive import PATH, KeepAliveStream, open_stream
-from fleetd.registry.transport import Member, RpcError, StatusCode
+from fleetd.etcd.etcdpb import rpc
+from fleetd.etcd.keepalive import PATH, KeepAliveStream, open_stream
+from fleetd.etcd.transport import Member, RpcError, StatusCode
 from tests.unit.memory_transport import Transport, h2_server
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fleetd.agent import Agent
-from fleetd.agentplan import FENCE_FRACTION, CurrentUnit, lease_at_risk, units_to_fence
+from fleetd.agent.agent import Agent
+from fleetd.agent.plan import FENCE_FRACTION, CurrentUnit, lease_at_risk, units_to_fence
 from fleetd.model import Machine, PartitionPolicy, TargetState
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.registry import Registry

@@ -11,8 +11,8 @@ import pytest
 from test_api_harness import HELLO, V1, Api, api_options, serving_api
 
 from fleetd.errors import QuotaExceeded, RegistryUnavailable
-from fleetd.registry.etcd import EtcdConfig, _map_error
-from fleetd.registry.transport import RpcError, StatusCode
+from fleetd.etcd.client import EtcdConfig, _map_error
+from fleetd.etcd.transport import RpcError, StatusCode
 
 CONFIG = EtcdConfig(endpoints=["http://10.0.0.1:2379"])
 

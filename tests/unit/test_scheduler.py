@@ -1,4 +1,4 @@
-"""fleetd.scheduler: a table of cases per constraint and reason, and Hypothesis invariants."""
+"""fleetd.engine.scheduler: a table of cases per constraint and reason, Hypothesis invariants."""
 
 from __future__ import annotations
 
@@ -11,18 +11,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetd.agentplan import desired_for_machine
+from fleetd.agent.plan import desired_for_machine
+from fleetd.engine.scheduler import SchedulePlan, plan_schedule
+from fleetd.feasibility import conflict_between, describe_metadata, global_units_for, metadata_ok
 from fleetd.model import Machine, Requirements, ScheduledUnit, TargetState, Unit
-from fleetd.scheduler import (
-    SchedulePlan,
-    conflict_between,
-    describe_metadata,
-    diff_schedule,
-    global_units_for,
-    plan_schedule,
-)
 
 HASH = "5" * 40
+
+
+def diff_schedule(
+    current: Mapping[str, str], plan: SchedulePlan
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(to unschedule: unit -> old machine, to schedule: unit -> new machine) from `current`
+    to the plan's assignments; a unit that moves is in both (what engine/plan.py writes)."""
+    gone = {n: m for n, m in sorted(current.items()) if plan.assignments.get(n) != m}
+    new = {n: m for n, m in plan.assignments.items() if current.get(n) != m}
+    return gone, new
+
+
 LAUNCHED = TargetState.LAUNCHED
 LOADED = TargetState.LOADED
 INACTIVE = TargetState.INACTIVE
@@ -751,7 +757,7 @@ def _oracle_globals_on(machine: Machine, globals_: dict[str, Requirements]) -> l
     running: list[str] = []
     for name in sorted(globals_):
         req = globals_[name]
-        if not req.metadata_matches(machine):
+        if not metadata_ok(req.metadata, machine.metadata_dict):
             continue
         if any(_oracle_conflict(name, req, other, globals_[other]) for other in running):
             continue
@@ -774,7 +780,7 @@ def check_invariants(cluster: Cluster, result: SchedulePlan) -> None:
         for name in on_machine:
             req = reqs[name]
             assert req.machine_id is None or machine.matches_id(req.machine_id)
-            assert req.metadata_matches(machine)
+            assert metadata_ok(req.metadata, machine.metadata_dict)
             assert all(peer in here for peer in req.machine_of if peer != name)
             for other in on_machine:
                 assert not _oracle_replaces(other, reqs[other], name, req)

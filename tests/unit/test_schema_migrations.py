@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from fleetd.engine import Engine
+from fleetd.engine.engine import Engine
 from fleetd.model import Machine
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.keys import SCHEMA_VERSION

@@ -1,4 +1,4 @@
-"""The gRPC-over-HTTP/2 client (fleetd/registry/transport.py) against HTTP/2 peers.
+"""The gRPC-over-HTTP/2 client (fleetd/etcd/transport.py) against HTTP/2 peers.
 
 Most tests drive one `Connection` against an in-memory peer: h2's own server side, fed the
 exact bytes the connection writes and answering with the frames etcd would send (or would
@@ -23,9 +23,9 @@ import h2.events
 import h2.settings
 import pytest
 
-from fleetd.registry import transport as transport_module
-from fleetd.registry.etcdpb import rpc
-from fleetd.registry.transport import (
+from fleetd.etcd import transport as transport_module
+from fleetd.etcd.etcdpb import rpc
+from fleetd.etcd.transport import (
     Channel,
     Connection,
     Member,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from fleetd.agent import Agent
+from fleetd.agent.agent import Agent
 from fleetd.errors import InvalidUnitName
 from fleetd.model import Machine, TargetState
 from fleetd.registry import codec

@@ -1,0 +1,167 @@
+"""The house rules: which room may import which (docs/architecture.md).
+
+Every import of every module is read from its source (also imports inside functions and under
+TYPE_CHECKING: a type import is still a dependency of the room). A rule broken names the module
+and the import, so a new module lands in a room, or the rule is changed here on purpose.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("fleetd", "fleetctl", "deploy/fleet_cluster")
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] == "deploy":
+        parts = parts[1:]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.name.endswith("_pb2.py"):
+                continue  # protoc's output
+            found[module_name(path)] = path
+    return found
+
+
+MODULES = modules()
+
+
+def imports(path: Path) -> Iterator[str]:
+    """Every module `path` imports (for `from x import y`, both x and x.y, if y is one)."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module_name(path)
+    if path.name != "__init__.py":
+        package = package.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")
+                parent = parent[: len(parent) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            yield base
+            for alias in node.names:
+                if f"{base}.{alias.name}" in MODULES:
+                    yield f"{base}.{alias.name}"
+
+
+def within(name: str, *rooms: str) -> bool:
+    return any(name == room or name.startswith(room + ".") for room in rooms)
+
+
+IMPORTS = {name: sorted(set(imports(path))) for name, path in MODULES.items()}
+
+# The planners and the vocabulary they use: pure functions of their input.
+PURE = [
+    "fleetd.engine.plan",
+    "fleetd.engine.scheduler",
+    "fleetd.agent.plan",
+    "fleetd.feasibility",
+    "fleetd.unitfile",
+    "fleetd.model",
+    "fleetd.errors",
+]
+# Modules that do I/O, keep time or schedule work: a planner importing one is not pure.
+IO = [
+    "asyncio",
+    "socket",
+    "ssl",
+    "subprocess",
+    "os",
+    "time",
+    "threading",
+    "pathlib",
+    "aiohttp",
+    "dbus_fast",
+    "structlog",
+    "paramiko",
+    "fleetd.registry",
+    "fleetd.etcd",
+    "fleetd.systemd",
+    "fleetd.api",
+    "fleetd.presence",
+    "fleetd.server",
+    "fleetd.config",
+]
+
+# (room, rooms it must not import, why)
+FORBIDDEN = [
+    ("fleetd.registry", ["fleetd.etcd"], "the schema is written against the KV contract"),
+    (
+        "fleetd.registry",
+        ["fleetd.engine", "fleetd.agent", "fleetd.api", "fleetd.server", "fleetd.presence"],
+        "the registry serves every component and knows none of them",
+    ),
+    ("fleetd.etcd", ["fleetd.engine", "fleetd.agent", "fleetd.api", "fleetd.server"], "a client"),
+    ("fleetd.agent", ["fleetd.engine"], "the agent follows etcd, not the engine's code"),
+    ("fleetd.engine", ["fleetd.agent"], "the engine writes etcd, not the agent's code"),
+    ("fleetd.api", ["fleetd.engine", "fleetd.agent"], "the API reads etcd and probes, not them"),
+    ("fleetd.systemd", ["fleetd.registry", "fleetd.etcd", "fleetd.engine"], "the machine only"),
+    ("fleetd", ["fleetctl", "fleet_cluster"], "the daemon needs no client or cluster tool"),
+    ("fleetctl", ["fleetd.engine", "fleetd.agent", "fleetd.server"], "a client of the cluster"),
+]
+
+
+@pytest.mark.parametrize("planner", PURE)
+def test_planners_import_no_io(planner: str) -> None:
+    assert planner in MODULES, f"{planner} moved: update the rule"
+    bad = [name for name in IMPORTS[planner] if within(name, *IO)]
+    assert not bad, f"{planner} imports {bad}: planners do no I/O and read no clock"
+
+
+@pytest.mark.parametrize(("room", "others", "why"), FORBIDDEN, ids=[r for r, _, _ in FORBIDDEN])
+def test_rooms_do_not_import_what_they_must_not(room: str, others: list[str], why: str) -> None:
+    bad = [
+        f"{name} imports {imported}"
+        for name, found in IMPORTS.items()
+        if within(name, room)
+        for imported in found
+        if within(imported, *others)
+    ]
+    assert not bad, f"{why}: " + "; ".join(bad)
+
+
+def test_only_fleetctl_ssh_imports_paramiko() -> None:
+    users = sorted(n for n, found in IMPORTS.items() if any(within(i, "paramiko") for i in found))
+    assert users == ["fleetctl.ssh"]
+
+
+def test_only_the_wiring_builds_presence_agent_and_engine_together() -> None:
+    # The one composition root of a node, for fleetd and for the simulator.
+    together = sorted(
+        name
+        for name, found in IMPORTS.items()
+        if all(
+            any(within(i, room) for i in found)
+            for room in ("fleetd.presence", "fleetd.agent", "fleetd.engine")
+        )
+    )
+    assert together == ["fleetd.server", "fleetd.sim"]
+
+
+def test_every_package_says_what_its_room_is_for() -> None:
+    missing = [
+        name
+        for name, path in MODULES.items()
+        if path.name == "__init__.py"
+        and not ast.get_docstring(ast.parse(path.read_text()))
+        and name != "fleetctl"
+    ]
+    assert not missing, f"packages without a docstring: {missing}"
