@@ -87,7 +87,7 @@ class Client:
 
     def start_units(self, names: list[str]) -> None:
         from fleetd.model import TargetState
-        from fleetd.unitfile import parse_unit
+        from fleetd.unit.file import parse_unit
 
         async def go() -> None:
             sem = asyncio.Semaphore(32)
@@ -104,7 +104,7 @@ class Client:
     def start_and_wait(self, name: str) -> float:
         """Seconds from creating a launched unit to its active state being published."""
         from fleetd.model import TargetState
-        from fleetd.unitfile import parse_unit
+        from fleetd.unit.file import parse_unit
 
         unit = parse_unit(UNIT_TEXT.format(name=name))
 

@@ -19,7 +19,7 @@ from fleetd.errors import FleetError
 from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.model import TargetState
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import UnitFile, parse_unit
+from fleetd.unit.file import UnitFile, parse_unit
 
 TEMPLATE_TEXT = (
     "[Unit]\nDescription=bench instance %i\n\n[Service]\nExecStart=/bin/sleep infinity\n"

@@ -24,7 +24,7 @@ import aiohttp
 from fleetd import __version__
 from fleetd.errors import FleetError, InvalidInput, NotFound, RegistryUnavailable
 from fleetd.model import TargetState
-from fleetd.unitfile import UnitFile
+from fleetd.unit.file import UnitFile
 from fleetd.views import (
     MachineView,
     StateView,

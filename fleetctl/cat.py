@@ -8,7 +8,7 @@ from fleetctl.client import ClusterClient
 from fleetctl.command import FleetCommand, run
 from fleetctl.completion import complete_units
 from fleetctl.errors import CommandFailed
-from fleetd.unitfile import mangle_name
+from fleetd.unit.names import mangle_name
 
 
 @click.command(cls=FleetCommand, short_help="Output the contents of a submitted unit.")

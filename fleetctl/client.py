@@ -30,7 +30,8 @@ from fleetd.registry.instrumented import InstrumentedKV
 from fleetd.registry.kv import KV
 from fleetd.registry.migrations import version_key
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import UnitFile, UnitNameInfo
+from fleetd.unit.file import UnitFile
+from fleetd.unit.names import UnitNameInfo
 from fleetd.views import (
     MachineView,
     StateView,

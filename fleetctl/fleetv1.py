@@ -29,14 +29,9 @@ from typing import Any
 
 from fleetd.errors import FleetError
 from fleetd.model import TargetState
-from fleetd.unitfile import (
-    UnitFile,
-    UnitNameInfo,
-    parse_unit,
-    unknown_xfleet_keys,
-    validate_name,
-    validate_options,
-)
+from fleetd.unit.file import UnitFile, parse_unit
+from fleetd.unit.names import UnitNameInfo, validate_name
+from fleetd.unit.xfleet import unknown_xfleet_keys, validate_options
 
 DEFAULT_FLEET_PREFIX = "/_coreos.com/fleet/"
 _HASH_BYTES = 20

@@ -33,7 +33,7 @@ from fleetctl.transport import SshError, SshTransport, ssh_options
 from fleetctl.unitargs import find_units
 from fleetctl.waiting import MachineCache
 from fleetd.model import TargetState
-from fleetd.unitfile import mangle_name
+from fleetd.unit.names import mangle_name
 from fleetd.views import MachineView, UnitView
 
 T = TypeVar("T")

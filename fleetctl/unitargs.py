@@ -24,18 +24,13 @@ from fleetctl.client import ClusterClient, RegistryClient
 from fleetctl.errors import CommandFailed
 from fleetd.errors import FleetError, UnitFileError
 from fleetd.model import TargetState
-from fleetd.unitfile import (
-    MAX_UNIT_BYTES,
-    UnitFile,
-    UnitNameInfo,
+from fleetd.unit.file import MAX_UNIT_BYTES, UnitFile, parse_unit_bytes
+from fleetd.unit.glob import glob_match
+from fleetd.unit.names import UnitNameInfo, mangle_name, maybe_append_default_type, validate_name
+from fleetd.unit.xfleet import (
     UnknownXFleetOption,
     check_requirements,
-    glob_match,
-    mangle_name,
-    maybe_append_default_type,
-    parse_unit_bytes,
     unknown_xfleet_keys,
-    validate_name,
     validate_options,
 )
 from fleetd.views import UnitView

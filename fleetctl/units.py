@@ -38,7 +38,7 @@ from fleetctl.waiting import (
 )
 from fleetd.errors import FleetError
 from fleetd.model import TargetState
-from fleetd.unitfile import mangle_name
+from fleetd.unit.names import mangle_name
 from fleetd.views import UnitView
 
 # Systemd active states of a unit that is (or is getting) stopped.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from fleetd.model import Machine, Requirements
-from fleetd.unitfile import glob_match
+from fleetd.unit.glob import glob_match
 
 __all__ = [
     "MetadataRequirement",

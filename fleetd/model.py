@@ -70,7 +70,7 @@ class Machine:
 class Unit:
     """A unit as the cluster knows it: its name, its body's hash and its desired state.
 
-    The body itself is stored once per hash (content-addressed); see fleetd.unitfile.UnitFile.
+    The body itself is stored once per hash (content-addressed); see fleetd.unit.file.UnitFile.
     """
 
     name: str

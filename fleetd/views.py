@@ -33,7 +33,8 @@ from fleetd.errors import InvalidInput, UnitFileError
 from fleetd.model import Machine, Placement, TargetState, Unit, UnitState
 from fleetd.registry.kv import KeyValue
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import XFLEET_SECTION, UnitFile, UnitOption, parse_unit, requirements
+from fleetd.unit.file import XFLEET_SECTION, UnitFile, UnitOption, parse_unit
+from fleetd.unit.xfleet import requirements
 
 _GLOBAL = "Global"  # the [X-Fleet] key that makes a unit global
 

@@ -75,7 +75,7 @@ from fleetd.registry.codec import CorruptValue
 from fleetd.registry.kv import EventType, WatchEvent
 from fleetd.registry.registry import Registry, acceptable_name
 from fleetd.systemd.manager import SystemdState, UnitManager
-from fleetd.unitfile import UnitFile
+from fleetd.unit.file import UnitFile
 from fleetd.watching import Backoff, StopWaiter, follow, grid_delay, sleep_or_stop
 
 log = structlog.get_logger("fleetd.agent")

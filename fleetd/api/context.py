@@ -12,7 +12,7 @@ from fleetd import __version__
 from fleetd.api.live import LiveListings
 from fleetd.api.snapshots import SnapshotCache
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import MAX_UNIT_BYTES, UnitFile
+from fleetd.unit.file import MAX_UNIT_BYTES, UnitFile
 
 if TYPE_CHECKING:
     from fleetd.api.metrics import Metrics

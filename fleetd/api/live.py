@@ -39,7 +39,7 @@ from fleetd.registry import codec
 from fleetd.registry.codec import CorruptValue
 from fleetd.registry.kv import EventType, WatchEvent
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import UnitFile, parse_unit
+from fleetd.unit.file import UnitFile, parse_unit
 from fleetd.views import (
     _bodies,
     build_unit_view,

@@ -9,7 +9,7 @@ with fleet's quirks fixed (reference §9.14):
   skipped ValidateOptions there);
 - a template cannot be created already loaded or launched (fleet only refused it on update);
 - [X-Fleet] options fleet silently ignored (unknown keys, malformed values, see
-  `fleetd.unitfile.check_requirements`) are a 400 naming the option.
+  `fleetd.unit.xfleet.check_requirements`) are a 400 naming the option.
 
 The decision is the pure `plan_put`; the handler only reads the body and applies the plan.
 """
@@ -37,13 +37,9 @@ from fleetd.api.pagination import find_page_token, page_of
 from fleetd.api.snapshots import encode_page
 from fleetd.errors import Conflict, InvalidInput, NotFound
 from fleetd.model import TargetState
-from fleetd.unitfile import (
-    UnitFile,
-    UnitNameInfo,
-    check_requirements,
-    validate_name,
-    validate_options,
-)
+from fleetd.unit.file import UnitFile
+from fleetd.unit.names import UnitNameInfo, validate_name
+from fleetd.unit.xfleet import check_requirements, validate_options
 from fleetd.views import UnitView, load_unit_view, unit_to_api
 
 # A PUT body is the unit's options as JSON: each option costs ~40 bytes of framing

@@ -36,7 +36,7 @@ from fleetd.feasibility import (
     metadata_ok,
 )
 from fleetd.model import Machine, Requirements, TargetState, Unit
-from fleetd.unitfile import glob_match
+from fleetd.unit.glob import glob_match
 
 __all__ = ["SchedulePlan", "plan_schedule"]
 

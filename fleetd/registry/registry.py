@@ -43,8 +43,9 @@ from fleetd.registry.kv import (
     WatchEvent,
 )
 from fleetd.registry.migrations import SchemaTooNew
-from fleetd.unitfile import UnitFile, parse_unit, validate_name
-from fleetd.unitfile import requirements as parse_requirements
+from fleetd.unit.file import UnitFile, parse_unit
+from fleetd.unit.names import validate_name
+from fleetd.unit.xfleet import requirements as parse_requirements
 
 log = structlog.get_logger("fleetd.registry")
 

@@ -69,7 +69,7 @@ from fleetd.systemd.manager import (
     unit_object_path,
     unit_path,
 )
-from fleetd.unitfile import UNIT_NAME_MAX
+from fleetd.unit.names import UNIT_NAME_MAX
 
 log = logging.getLogger(__name__)
 

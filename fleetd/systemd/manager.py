@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from fleetd.errors import FleetError
-from fleetd.unitfile import UNIT_NAME_MAX  # 255 bytes: systemd's limit and NAME_MAX
+from fleetd.unit.names import UNIT_NAME_MAX  # 255 bytes: systemd's limit and NAME_MAX
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class UnitManager(Protocol):
 def check_unit_name(name: str) -> str:
     """Return `name` if it is safe as a file name inside the units directory, else raise.
 
-    This is a safety net below fleet's own name validation (fleetd.unitfile): whatever
+    This is a safety net below fleet's own name validation (fleetd.unit.names): whatever
     reaches the agent, it must not be able to write or delete outside its directory.
     """
     if not isinstance(name, str) or not name:

@@ -32,7 +32,8 @@ from fleet_cluster import Cluster, MachineState
 from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.model import Machine, Placement, TargetState, Unit, UnitState
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import UnitFile, parse_unit, validate_options
+from fleetd.unit.file import UnitFile, parse_unit
+from fleetd.unit.xfleet import validate_options
 
 T = TypeVar("T")
 

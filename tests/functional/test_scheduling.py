@@ -22,7 +22,7 @@ from fleet_cluster import Cluster, MachineState
 from fleet_helpers import Fleet, eventually, fleet_on, holds_for, report, summary
 
 from fleetd.model import TargetState
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 
 AGENT_TTL = 3.0
 METADATA = {

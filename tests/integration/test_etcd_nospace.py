@@ -27,7 +27,7 @@ from fleetd.model import TargetState
 from fleetd.registry.kv import Put
 from fleetd.server import Server
 from fleetd.systemd.fake import FakeUnitManager
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 from tests.conftest import _require_etcd
 from tests.integration.etcd_fixture import EtcdServer, running
 from tests.integration.inprocess import fleetd_config, quiet_for_pytest, wait_launched

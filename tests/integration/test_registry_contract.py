@@ -24,7 +24,7 @@ from fleetd.registry.keys import SCHEMA_VERSION
 from fleetd.registry.kv import KV, Delete, Op, Put
 from fleetd.registry.migrations import SchemaTooNew
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 from tests.integration.etcd_fixture import EtcdServer
 
 HELLO = parse_unit("[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n")

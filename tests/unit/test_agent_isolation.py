@@ -25,7 +25,7 @@ from fleetd.registry.fake import FakeKV
 from fleetd.registry.kv import Put
 from fleetd.registry.registry import Registry
 from fleetd.systemd.fake import RUNNING, FakeUnitManager
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 
 M1 = "113f16a7f2c54d35b3cde2e2ad5c2f10"
 BODY = "[Unit]\nDescription=unit {i}\n\n[Service]\nExecStart=/bin/sleep 1000\n"

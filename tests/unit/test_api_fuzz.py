@@ -28,7 +28,7 @@ from fleetd.config import Config
 from fleetd.model import Machine, TargetState
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 
 
 class Served:

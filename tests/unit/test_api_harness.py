@@ -25,7 +25,7 @@ from fleetd.registry.fake import FakeKV
 from fleetd.registry.instrumented import InstrumentedKV
 from fleetd.registry.kv import Put
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import UnitFile, parse_unit
+from fleetd.unit.file import UnitFile, parse_unit
 
 HELLO = """[Unit]
 Description=Hello World

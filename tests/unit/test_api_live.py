@@ -19,7 +19,7 @@ from fleetd.errors import Compacted
 from fleetd.model import TargetState
 from fleetd.registry import codec
 from fleetd.registry.kv import Delete, Put
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 from fleetd.views import (
     load_machine_views,
     load_state_views,

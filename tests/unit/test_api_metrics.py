@@ -27,7 +27,7 @@ from fleetd.registry.instrumented import InstrumentedKV
 from fleetd.registry.kv import Put
 from fleetd.registry.registry import Registry
 from fleetd.sim import SimCluster
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 
 
 @pytest.fixture

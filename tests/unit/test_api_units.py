@@ -17,7 +17,7 @@ from test_api_harness import HELLO, M1, M2, TEMPLATE, V1, Api, api_options, serv
 from fleetd.api.errors import ApiError
 from fleetd.api.units import Create, SetState, UnitRequest, plan_put
 from fleetd.model import TargetState
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 
 GLOBAL = """[Service]
 ExecStart=/bin/true

@@ -12,7 +12,7 @@ from fleetd.registry import gc
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.kv import Put
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 
 A = parse_unit("[Service]\nExecStart=/bin/sleep 1\n")
 B = parse_unit("[Service]\nExecStart=/bin/sleep 2\n")

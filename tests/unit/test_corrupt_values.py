@@ -15,7 +15,7 @@ from fleetd.model import Machine, TargetState
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.kv import Put
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 
 GOOD = "[Service]\nExecStart=/bin/true\n"
 

@@ -11,7 +11,7 @@ from fleetd.model import Machine, TargetState, Unit
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.kv import KV, Delete, Put
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 
 BODY = parse_unit("[Service]\nExecStart=/bin/sleep 1000\n")
 

@@ -24,7 +24,7 @@ from fleetd.registry.fake import FakeKV
 from fleetd.registry.registry import Registry
 from fleetd.server import supervise
 from fleetd.sim import SimCluster
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 from fleetd.watching import Backoff
 from tests.integration.waits import wait_until
 

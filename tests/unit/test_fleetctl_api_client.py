@@ -25,7 +25,8 @@ from fleetctl.api_client import ApiClient, ApiError, base_url
 from fleetctl.cli import cli
 from fleetd.errors import InvalidInput, NotFound, RegistryUnavailable
 from fleetd.model import TargetState
-from fleetd.unitfile import UnitNameInfo, parse_unit
+from fleetd.unit.file import parse_unit
+from fleetd.unit.names import UnitNameInfo
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -15,7 +15,7 @@ from test_fleetctl_harness import HELLO, HELLO_TEMPLATE, M1, Cluster
 from fleetctl.unitargs import read_unit_file
 from fleetd.errors import RegistryUnavailable, UnitFileError
 from fleetd.model import TargetState
-from fleetd.unitfile import MAX_UNIT_BYTES
+from fleetd.unit.file import MAX_UNIT_BYTES
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from fleetd.registry import codec
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.kv import Delete, Put
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import UnitFile, parse_unit
+from fleetd.unit.file import UnitFile, parse_unit
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ from test_fleetctl_harness import (
 )
 
 from fleetd.model import TargetState
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 
 M1_IP = "172.17.8.103"
 ON_M1 = f"on 113f16a7.../{M1_IP}"

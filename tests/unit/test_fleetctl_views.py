@@ -11,7 +11,8 @@ from fleetd.registry import codec
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.kv import Put
 from fleetd.registry.registry import Registry
-from fleetd.unitfile import UnitFile, parse_unit, requirements
+from fleetd.unit.file import UnitFile, parse_unit
+from fleetd.unit.xfleet import requirements
 from fleetd.views import (
     MachineView,
     StateView,

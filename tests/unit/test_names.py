@@ -1,4 +1,4 @@
-"""fleetd.unitfile names: fleet's ValidateName, NewUnitNameInfo, fleetctl's name mangling.
+"""fleetd.unit.names: fleet's ValidateName, NewUnitNameInfo, fleetctl's name mangling.
 
 fleet's api/units_test.go TestValidateName could not be read at fleet's final commit; the cases
 below are its categories (empty, too long, no ".", trailing ".", bad type, case-sensitive type,
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from fleetd.errors import InvalidUnitName
 from fleetd.systemd.manager import UnitManagerError, check_unit_name
-from fleetd.unitfile import (
+from fleetd.unit.names import (
     RECOGNIZED_UNIT_TYPES,
     UNIT_NAME_MAX,
     VALID_UNIT_TYPES,

@@ -14,7 +14,7 @@ import pytest
 from fleetd.model import TargetState
 from fleetd.registry.fake import FakeKV
 from fleetd.sim import SimCluster, SimMachine
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 from tests.integration.waits import wait_until
 
 HELLO = "[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n"

@@ -24,7 +24,7 @@ from fleetd.systemd.manager import (
     UnitManagerError,
     unit_object_path,
 )
-from fleetd.unitfile import UNIT_NAME_MAX, validate_name
+from fleetd.unit.names import UNIT_NAME_MAX, validate_name
 
 # Only fleetd.systemd.dbus imports dbus-fast; the tests borrow its import.
 MessageType = sd.MessageType  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""fleetd.unitfile: parsing, serialization, HASH, [X-Fleet] requirements, option validation, globs.
+"""fleetd.unit: parsing, serialization, HASH, [X-Fleet] requirements, option validation, globs.
 
 Expected values come from fleet (unit/unit_test.go, api/units.go, job/job.go) and from the
 feature inventory's verified vectors; parser cases marked "go-systemd" were cross-checked
@@ -16,20 +16,24 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from fleetd import unitfile
 from fleetd.errors import UnitFileError
 from fleetd.model import PartitionPolicy, Requirements
-from fleetd.unitfile import (
+from fleetd.unit import file as unit_file
+from fleetd.unit import glob as unit_glob
+from fleetd.unit import xfleet as unit_xfleet
+from fleetd.unit.file import (
     LINE_MAX,
     MAX_UNIT_BYTES,
     UnitFile,
     UnitOption,
-    UnknownXFleetOption,
-    check_requirements,
-    glob_match,
     parse_multivalue,
     parse_unit,
     parse_unit_bytes,
+)
+from fleetd.unit.glob import glob_match
+from fleetd.unit.xfleet import (
+    UnknownXFleetOption,
+    check_requirements,
     requirements,
     unknown_xfleet_keys,
     validate_options,
@@ -708,7 +712,7 @@ def test_check_requirements_allow_unknown() -> None:
 def test_prop_malformed_pattern_is_what_never_matches(pattern: str) -> None:
     """A pattern is refused exactly when Go's path.Match calls it malformed (ErrBadPattern),
     which glob_match turns into "matches nothing": the regex translation agrees."""
-    assert unitfile._is_bad_pattern(pattern) is (unitfile._glob_regex(pattern) is None)
+    assert unit_xfleet._is_bad_pattern(pattern) is (unit_glob._glob_regex(pattern) is None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -981,7 +985,7 @@ def test_prop_parsed_text_roundtrips(text: str) -> None:
 def _lexed(text: str) -> UnitFile | None:
     """What the lexer alone makes of `text` (None if it refuses it)."""
     try:
-        return UnitFile(tuple(unitfile._Lexer(text.encode()).run()))
+        return UnitFile(tuple(unit_file._Lexer(text.encode()).run()))
     except UnitFileError:
         return None
 
@@ -1017,7 +1021,7 @@ _NEAR_SERIALIZED = (
 def test_prop_serialized_split_agrees_with_lexer(text: str) -> None:
     """The lexer-free split answers only for text the lexer reads the same way: it may
     decline, and never disagrees."""
-    split = unitfile._parse_serialized(text)
+    split = unit_file._parse_serialized(text)
     if split is not None:
         assert split == _lexed(text)
 
@@ -1026,7 +1030,7 @@ def test_prop_serialized_split_agrees_with_lexer(text: str) -> None:
 def test_prop_serializations_take_the_split(options: list[UnitOption]) -> None:
     """What etcd holds (serializations) is split without the lexer, to the lexer's result."""
     text = UnitFile(tuple(options)).serialize()
-    split = unitfile._parse_serialized(text)
+    split = unit_file._parse_serialized(text)
     assert split is not None
     assert split == _lexed(text) == parse_unit(text)
 
@@ -1053,7 +1057,7 @@ def test_prop_serializations_take_the_split(options: list[UnitOption]) -> None:
 )
 def test_serialized_split_declines(text: str) -> None:
     """Text that is not exactly a serialization goes to the lexer, whatever it makes of it."""
-    assert unitfile._parse_serialized(text) is None
+    assert unit_file._parse_serialized(text) is None
 
 
 @given(_options)
@@ -1081,10 +1085,10 @@ _GLOB_ASCII = st.text(st.sampled_from("*?[]^-\\/abc.z@"), max_size=10)
 def test_prop_glob_regex_path_equals_go_port(pattern: str, name: str) -> None:
     """ASCII input takes the cached-regex path; it must agree with the line-by-line port of
     Go's path.Match (which was cross-checked against Go itself)."""
-    from fleetd.unitfile import _BadPattern, _path_match
+    from fleetd.unit.glob import BadPattern, path_match
 
     try:
-        expected = _path_match(pattern.encode(), name.encode())
-    except _BadPattern:
+        expected = path_match(pattern.encode(), name.encode())
+    except BadPattern:
         expected = False
     assert glob_match(pattern, name) is expected

@@ -17,18 +17,9 @@ from hypothesis import strategies as st
 
 from fleetd.errors import InvalidUnitName, UnitFileError
 from fleetd.model import PartitionPolicy
-from fleetd.unitfile import (
-    RECOGNIZED_UNIT_TYPES,
-    UnitFile,
-    UnitNameInfo,
-    UnitOption,
-    mangle_name,
-    parse_multivalue,
-    parse_unit,
-    requirements,
-    validate_name,
-    validate_options,
-)
+from fleetd.unit.file import UnitFile, UnitOption, parse_multivalue, parse_unit
+from fleetd.unit.names import RECOGNIZED_UNIT_TYPES, UnitNameInfo, mangle_name, validate_name
+from fleetd.unit.xfleet import requirements, validate_options
 
 XFLEET_KEYS = st.sampled_from(
     [

@@ -27,7 +27,7 @@ from fleetd.registry.registry import Registry
 from fleetd.sim import SimCluster
 from fleetd.systemd.fake import FakeUnitManager
 from fleetd.systemd.manager import unit_path
-from fleetd.unitfile import parse_unit
+from fleetd.unit.file import parse_unit
 
 M1 = "113f16a7f2c54d35b3cde2e2ad5c2f10"
 HELLO = "[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n"
