@@ -70,8 +70,6 @@ from fleetd.model import (
     Unit,
     UnitState,
 )
-from fleetd.registry import codec
-from fleetd.registry.codec import CorruptValue
 from fleetd.registry.kv import EventType, WatchEvent
 from fleetd.registry.registry import Registry, acceptable_name
 from fleetd.systemd.manager import SystemdState, UnitManager
@@ -267,22 +265,19 @@ class Agent:
                 self.dynamic_meta[key] = event.value
             return
         if event.key.startswith(mine):
-            target, name, machine_id = self.scheduled, keys.tail(event.key, mine), self.machine_id
+            target, prefix, machine_id = self.scheduled, mine, self.machine_id
         elif event.key.startswith(keys.globals):
-            target, name, machine_id = self.globals, keys.tail(event.key, keys.globals), ""
+            target, prefix, machine_id = self.globals, keys.globals, ""
         else:
             return
-        if event.type == EventType.DELETE:
+        decoded = self.registry.desired_event(event, prefix)
+        if decoded is None:
+            return
+        name, record = decoded
+        if record is None:
             target.pop(name, None)
             return
-        if not acceptable_name(name, event.key):
-            return
-        try:
-            hash_, state = codec.decode_desired(event.value)
-        except CorruptValue as e:
-            log.warning("corrupt_value_skipped", key=event.key, error=str(e))
-            return
-        target[name] = ScheduledUnit(name, machine_id, hash_, state)
+        target[name] = ScheduledUnit(name, machine_id, *record)
 
     async def _load_desired(self) -> int:
         scheduled, revision = await self.registry.machine_schedule(self.machine_id)

@@ -42,8 +42,7 @@ from fleetd.errors import (
     RegistryUnavailable,
 )
 from fleetd.model import Unit
-from fleetd.registry import codec, gc
-from fleetd.registry.codec import CorruptValue
+from fleetd.registry import gc
 from fleetd.registry.keys import SCHEMA_VERSION
 from fleetd.registry.kv import EventType, Op, WatchEvent
 from fleetd.registry.migrations import SchemaTooNew, migrate
@@ -310,18 +309,15 @@ class Engine:
             return
         self._changed = True
         if event.key.startswith(keys.units):
-            name = keys.tail(event.key, keys.units)
-            if event.type == EventType.DELETE:
+            decoded = self.registry.desired_event(event, keys.units)
+            if decoded is None:
+                return
+            name, record = decoded
+            if record is None:
                 self.view.units.pop(name, None)
                 self._body_churn()
                 return
-            if not acceptable_name(name, event.key):
-                return
-            try:
-                hash_, state = codec.decode_desired(event.value)
-            except CorruptValue as e:
-                log.warning("corrupt_value_skipped", key=event.key, error=str(e))
-                return
+            hash_, state = record
             before = self.view.units.get(name)
             if before is not None and before.hash != hash_:
                 self._body_churn()

@@ -36,6 +36,7 @@ from fleetd.registry.kv import (
     MAX_TXN_OPS,
     Compare,
     Delete,
+    EventType,
     KeyValue,
     Op,
     Put,
@@ -667,6 +668,24 @@ class Registry:
 
     def watch(self, prefix: str, start_revision: int) -> AsyncGenerator[list[WatchEvent], None]:
         return self.kv.watch(prefix, start_revision)
+
+    def desired_event(
+        self, event: WatchEvent, prefix: str
+    ) -> tuple[str, tuple[str, TargetState] | None] | None:
+        """A watch event of a desired-state record under `prefix` (units/, schedule/<machine>/
+        or global/): (unit name, (hash, target state)), or (name, None) for a delete. None
+        for an event to skip: a name fleet refuses, or a value that does not decode (each
+        logged, as a read would)."""
+        name = self.keys.tail(event.key, prefix)
+        if event.type == EventType.DELETE:
+            return name, None
+        if not acceptable_name(name, event.key):
+            return None
+        try:
+            return name, codec.decode_desired(event.value)
+        except CorruptValue as e:
+            log.warning("corrupt_value_skipped", key=event.key, error=str(e))
+            return None
 
 
 def _broken(record: KeyValue | None) -> bool:
