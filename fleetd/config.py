@@ -39,9 +39,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
-from urllib.parse import urlsplit
 
 from fleetd.errors import ConfigError
+from fleetd.etcd.endpoints import EndpointError, Problem, parse_endpoints
 from fleetd.registry.keys import DEFAULT_PREFIX, normalize_prefix
 
 DEFAULT_CONFIG_FILE = "/etc/fleet/fleet.conf"
@@ -248,37 +248,35 @@ def parse_metadata(text: str, warnings: list[str] | None = None) -> dict[str, st
 
 def _parse_etcd_servers(text: str) -> tuple[str, ...]:
     servers = parse_string_slice(text)
-    for server in servers:
-        _check_etcd_url(server)
-    schemes = {urlsplit(server).scheme for server in servers}
-    # The etcd adapter reaches every member the same way: it is either TLS or not.
-    if len(schemes) > 1:
-        raise ConfigError("mixes http:// and https:// servers; use one scheme for all")
+    try:
+        parse_endpoints(servers, default_port=None)  # fleet.conf names every port
+    except EndpointError as e:
+        raise ConfigError(_server_error(e)) from None
     return servers
 
 
-def _check_etcd_url(url: str) -> None:
-    if not url:
-        raise ConfigError("empty server entry (a stray comma?)")
-    # urlsplit silently drops tabs and newlines, so a value with them would not be what we use.
-    if any(ch.isspace() or not ch.isprintable() for ch in url):
-        raise ConfigError(f"server {_q(url)} contains whitespace or control characters")
+def _server_error(e: EndpointError) -> str:
+    """The etcd endpoint rule (fleetd/etcd/endpoints.py) in fleet.conf's words."""
     example = "use http://host:port or https://host:port"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"invalid server URL {_q(url)}: {exc}; {example}") from None
-    if parts.scheme not in ("http", "https"):
-        raise ConfigError(f"server {_q(url)} must use http or https; {example}")
-    if not parts.hostname or port is None or port == 0:
-        raise ConfigError(f"server {_q(url)} needs a host and a port; {example}")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(
-            f"server {_q(url)} carries credentials; set etcd_username and etcd_password instead"
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"server {_q(url)} must not have a path or query; {example}")
+    server = f"server {_q(e.url)}"
+    match e.problem:
+        case Problem.NONE | Problem.EMPTY:
+            return "empty server entry (a stray comma?)"
+        case Problem.UNPARSABLE:
+            return f"invalid server URL {_q(e.url)}: {e.detail}; {example}"
+        case Problem.WHITESPACE:
+            return f"{server} contains whitespace or control characters"
+        case Problem.SCHEME:
+            return f"{server} must use http or https; {example}"
+        case Problem.HOST_PORT:
+            return f"{server} needs a host and a port; {example}"
+        case Problem.CREDENTIALS:
+            return f"{server} carries credentials; set etcd_username and etcd_password instead"
+        case Problem.PATH:
+            return f"{server} must not have a path or query; {example}"
+        case Problem.MIXED:
+            # The etcd adapter reaches every member the same way: it is either TLS or not.
+            return "mixes http:// and https:// servers; use one scheme for all"
 
 
 def _parse_positive_float(text: str) -> float:
@@ -595,7 +593,8 @@ def _check_combinations(config: Config) -> None:
     _require_pair(config.api_tls_cert, "api_tls_cert", config.api_tls_key, "api_tls_key")
     # etcd auth needs both; the etcd adapter refuses one without the other, so say it here.
     _require_pair(config.etcd_username, "etcd_username", config.etcd_password, "etcd_password")
-    if _uses_plain_http(config.etcd_servers):
+    # etcd_servers is valid here: parsed like every option, or the default.
+    if not parse_endpoints(config.etcd_servers, default_port=None).tls:
         tls_files = [
             name
             for name in ("etcd_cafile", "etcd_certfile", "etcd_keyfile")
@@ -616,10 +615,6 @@ def _check_combinations(config: Config) -> None:
             " api_tls_cert and api_tls_key, or api_tcp_insecure=true to accept that anyone"
             " who can reach the port controls the cluster"
         )
-
-
-def _uses_plain_http(servers: tuple[str, ...]) -> bool:
-    return any(urlsplit(server).scheme == "http" for server in servers)
 
 
 def _require_pair(first: str, first_name: str, second: str, second_name: str) -> None:

@@ -299,11 +299,7 @@ class Agent:
     # ---- reconciliation --------------------------------------------------------------------
 
     def machine(self) -> Machine:
-        base = self._machine()
-        if not self.dynamic_meta:
-            return base
-        merged = base.metadata_dict | self.dynamic_meta
-        return Machine.make(base.id, base.public_ip, merged, base.version, base.disable_engine)
+        return self._machine().with_dynamic_metadata(self.dynamic_meta)
 
     async def desired(self) -> dict[str, DesiredUnit]:
         requirements: dict[str, Requirements] = {}

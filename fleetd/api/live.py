@@ -229,17 +229,7 @@ class LiveListings:
         machine = self.machines.get(key)
         if machine is None:
             return None
-        extra = self.meta.get(key)
-        if extra:
-            # Dynamic metadata (set through the API) wins over the config's, merged exactly
-            # as the registry's own machine listing does (Machine.make sorts it).
-            machine = Machine.make(
-                machine.id,
-                machine.public_ip,
-                machine.metadata_dict | extra,
-                machine.version,
-                machine.disable_engine,
-            )
+        machine = machine.with_dynamic_metadata(self.meta.get(key, {}))
         return machine_to_api(machine_view(machine))
 
     # ---- loading -----------------------------------------------------------------------

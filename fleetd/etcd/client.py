@@ -32,7 +32,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from fleetd.errors import (
     Compacted,
@@ -42,6 +41,7 @@ from fleetd.errors import (
     QuotaExceeded,
     RegistryUnavailable,
 )
+from fleetd.etcd.endpoints import EndpointError, Endpoints, Problem, parse_endpoints
 from fleetd.etcd.etcdpb import Event, rpc
 from fleetd.etcd.transport import (
     PROBE_TIMEOUT,
@@ -129,41 +129,38 @@ class EtcdConfig:
 
     @property
     def tls(self) -> bool:
-        return _parse_endpoints(self.endpoints)[0] == "https"
+        return _parse_endpoints(self.endpoints).tls
 
 
-@dataclass(frozen=True, slots=True)
-class _Endpoint:
-    host: str  # an IP literal (without brackets) or a DNS name
-    port: int
+def _parse_endpoints(endpoints: Sequence[str]) -> Endpoints:
+    """The endpoints by the shared rule (fleetd/etcd/endpoints.py), in the client's words; a
+    missing port is etcd's 2379, and spaces around a URL are dropped."""
+    try:
+        return parse_endpoints([url.strip() for url in endpoints], default_port=DEFAULT_PORT)
+    except EndpointError as e:
+        raise ConfigError(_endpoint_error(e, endpoints)) from None
 
 
-def _parse_endpoints(endpoints: Sequence[str]) -> tuple[str, list[_Endpoint]]:
-    """The common scheme ("http" or "https") and the parsed endpoints."""
-    if not endpoints:
-        raise ConfigError("no etcd endpoints given")
-    schemes: set[str] = set()
-    parsed: list[_Endpoint] = []
-    for url in endpoints:
-        try:
-            parts = urlsplit(url.strip())
-            port = parts.port or DEFAULT_PORT
-        except ValueError as e:
-            raise ConfigError(f"bad etcd endpoint {url!r}: {e}") from None
-        if parts.scheme not in ("http", "https"):
-            raise ConfigError(
-                f"bad etcd endpoint {url!r}: expected http://host:port or https://host:port"
+def _endpoint_error(e: EndpointError, endpoints: Sequence[str]) -> str:
+    bad = f"bad etcd endpoint {e.url!r}"
+    match e.problem:
+        case Problem.NONE:
+            return "no etcd endpoints given"
+        case Problem.UNPARSABLE:
+            return f"{bad}: {e.detail}"
+        case Problem.SCHEME | Problem.EMPTY:
+            return f"{bad}: expected http://host:port or https://host:port"
+        case Problem.HOST_PORT | Problem.PATH:
+            return f"{bad}: expected scheme://host:port only"
+        case Problem.WHITESPACE:
+            return f"{bad}: contains whitespace or control characters"
+        case Problem.CREDENTIALS:
+            return f"{bad}: credentials do not go in the URL; give the etcd username and password"
+        case Problem.MIXED:
+            return (
+                "etcd endpoints mix http:// and https://; one channel cannot be both plaintext"
+                f" and TLS: {', '.join(endpoints)}"
             )
-        if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ConfigError(f"bad etcd endpoint {url!r}: expected scheme://host:port only")
-        schemes.add(parts.scheme)
-        parsed.append(_Endpoint(parts.hostname, port))
-    if len(schemes) > 1:
-        raise ConfigError(
-            "etcd endpoints mix http:// and https://; one channel cannot be both plaintext"
-            f" and TLS: {', '.join(endpoints)}"
-        )
-    return schemes.pop(), parsed
 
 
 def _hostport(host: str, port: int) -> str:
@@ -185,12 +182,13 @@ def _read_pem(path: str | None, what: str) -> bytes | None:
 def _members(config: EtcdConfig) -> list[Member]:
     """The members as the channel and the keepalive stream reach them. Reads the TLS files:
     a missing or broken one is a ConfigError now, not at the first request."""
-    scheme, endpoints = _parse_endpoints(config.endpoints)
+    parsed = _parse_endpoints(config.endpoints)
+    endpoints = parsed.members
     ca = _read_pem(config.ca_file, "CA file")
     _read_pem(config.cert_file, "client certificate")
     _read_pem(config.key_file, "client key")
     tls = None
-    if scheme == "https":
+    if parsed.tls:
         try:
             tls = tls_context(ca, config.cert_file, config.key_file)
         except (ssl.SSLError, OSError) as e:

@@ -444,10 +444,7 @@ class Registry:
     def _decode_machines(
         self, kvs: Iterable[KeyValue], meta_kvs: Iterable[KeyValue]
     ) -> list[Machine]:
-        dynamic: dict[str, dict[str, str]] = {}
-        for kv in meta_kvs:
-            machine_id, _, key = self.keys.tail(kv.key, self.keys.machine_meta).partition("/")
-            dynamic.setdefault(machine_id, {})[key] = kv.value
+        dynamic = self._group_metadata(meta_kvs)
         machines = []
         for kv in kvs:
             try:
@@ -455,20 +452,17 @@ class Registry:
             except CorruptValue as e:
                 self.skip_corrupt(kv.key, kv.mod_revision, str(e))
                 continue
-            extra = dynamic.get(machine.id)
-            if extra:
-                # Dynamic metadata (set through the API) wins over the config's.
-                merged = machine.metadata_dict | extra
-                machine = Machine.make(
-                    machine.id, machine.public_ip, merged, machine.version, machine.disable_engine
-                )
-            machines.append(machine)
+            machines.append(machine.with_dynamic_metadata(dynamic.get(machine.id, {})))
         return machines
 
     async def dynamic_metadata(self) -> dict[str, dict[str, str]]:
         """Metadata set through the API (machine-meta/), by machine id, whether or not the
         machine is registered; without the machines' own (config) metadata."""
         meta_kvs, _ = await self.kv.range(self.keys.machine_meta)
+        return self._group_metadata(meta_kvs)
+
+    def _group_metadata(self, meta_kvs: Iterable[KeyValue]) -> dict[str, dict[str, str]]:
+        """machine-meta/<id>/<key> records as {id: {key: value}}."""
         out: dict[str, dict[str, str]] = {}
         for kv in meta_kvs:
             machine_id, _, key = self.keys.tail(kv.key, self.keys.machine_meta).partition("/")
