@@ -43,6 +43,7 @@ from typing import Any
 from fleetd.errors import ConfigError
 from fleetd.etcd.endpoints import EndpointError, Problem, parse_endpoints
 from fleetd.registry.keys import DEFAULT_PREFIX, normalize_prefix
+from fleetd.unit.gotext import GO_SPACE  # goini trims with Go's whitespace, not str.strip()'s
 
 DEFAULT_CONFIG_FILE = "/etc/fleet/fleet.conf"
 ENV_PREFIX = "FLEET_"
@@ -477,13 +478,6 @@ _SINGLE_QUOTED = re.compile(r"^([^= \t]+)[ \t]*=[ \t]*'([^']*)'\Z")
 _UNQUOTED = re.compile(r"^([^= \t]+)[ \t]*=[ \t]*([^#;]+)")
 _NO_VALUE = re.compile(r"^([^= \t]+)[ \t]*=[ \t]*([#;].*)?")
 
-# Go's unicode.IsSpace set, which goini trims with (Python's str.strip() also strips \x1c-\x1f).
-_GO_SPACE = (
-    "\t\n\v\f\r \x85\xa0\u1680"
-    "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
-    "\u2028\u2029\u202f\u205f\u3000"
-)
-
 
 def parse_fleet_conf(text: str, source: str) -> dict[str, Setting]:
     """Parse fleet.conf text into {option: Setting}. Later duplicates win, as in goini."""
@@ -512,12 +506,12 @@ def _logical_lines(text: str, source: str) -> list[tuple[int, str]]:
     index = 0
     while index < len(physical):
         lineno = index + 1
-        line = physical[index].strip(_GO_SPACE)
+        line = physical[index].strip(GO_SPACE)
         index += 1
         while line.endswith("\\"):
             if index >= len(physical) or (index == len(physical) - 1 and not physical[index]):
                 raise ConfigError(f"{source}:{lineno}: line continuation at the end of the file")
-            line = line[:-1] + physical[index].strip(_GO_SPACE)
+            line = line[:-1] + physical[index].strip(GO_SPACE)
             index += 1
         if line:  # goini skips empty lines (and crashed on whitespace-only ones)
             lines.append((lineno, line))
@@ -529,7 +523,7 @@ def _parse_assignment(line: str, where: str) -> tuple[str, str]:
         if match := pattern.match(line):
             return match[1], match[2]
     if match := _UNQUOTED.match(line):
-        return match[1], match[2].strip(_GO_SPACE)
+        return match[1], match[2].strip(GO_SPACE)
     if match := _NO_VALUE.match(line):
         return match[1], ""
     raise ConfigError(f"{where}: syntax error: expected key = value, got {_q(line)}")

@@ -6,6 +6,8 @@
   (the first member that answers, failover, backoff), liveness pings, `member_mute`.
 - `http2`: the HTTP/2 framing (RFC 9113) a gRPC client of one server needs.
 - `keepalive`: the one long-lived `LeaseKeepAlive` stream, keepalives matched to answers.
+- `endpoints`: the endpoint URL rule (http or https, one scheme for all, host and port only),
+  which fleet.conf's `etcd_servers` and the client both apply.
 - `etcdpb`: etcd's protobuf messages, generated.
 
 The protocol subset it speaks, and what it leaves out on purpose:
