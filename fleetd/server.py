@@ -140,14 +140,10 @@ class Server:
             self.registry,
             manager,
             self.machine,
-            lambda: self.presence.lease,
+            self.presence,
             record_path=self.state_dir / "agent.json",
-            lease_renewed=lambda: self.presence.last_renewed,
-            ttl=self.presence.ttl,
             clock=self.presence.clock,
-            registered=self.presence.registered,
         )
-        self.presence.on_lease_changed(lambda _lease: agent.republish_all())
         engine = None
         if self.config.disable_engine:
             log.info("engine_disabled", reason="disable_engine is set")

@@ -90,15 +90,11 @@ class SimCluster:
             registry,
             manager,
             lambda: machine,
-            lambda: presence.lease,
+            presence,
             record_path=own_dir / "agent.json" if own_dir else None,
             safety_interval=self.safety_interval,
-            lease_renewed=lambda: presence.last_renewed,
-            ttl=presence.ttl,
             clock=presence.clock,
-            registered=presence.registered,
         )
-        presence.on_lease_changed(lambda _lease: agent.republish_all())
         engine = (
             Engine(
                 registry,
