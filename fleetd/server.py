@@ -24,16 +24,14 @@ from typing import Any
 import structlog
 
 from fleetd import __version__
-from fleetd.agent.agent import Agent
 from fleetd.api import ApiContext, ApiServer, Metrics
 from fleetd.config import Config, detect_public_ip, load_config, read_machine_id
-from fleetd.engine.engine import Engine
 from fleetd.errors import ConfigError, FleetError
 from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.log import configure_logging
 from fleetd.model import Machine
+from fleetd.node import NodeSettings, build_node
 from fleetd.notify import Notifier
-from fleetd.presence import Presence
 from fleetd.registry.instrumented import InstrumentedKV
 from fleetd.registry.migrations import SchemaTooNew
 from fleetd.registry.registry import Registry
@@ -112,15 +110,19 @@ class Server:
         self._api: ApiServer | None = None
         # ---- end API and metrics ----
         self.registry = Registry(self.kv, config.etcd_key_prefix)
-        self._manager = manager
+        # DBusUnitManager connects on its first call, in run(): building it here costs nothing.
+        self._manager = manager or DBusUnitManager(
+            Path(config.units_directory), user=config.systemd_user
+        )
         self.stop = asyncio.Event()
         self.notifier = Notifier()
         self.keep_units = False  # set when systemd is restarting us
-        state_dir = Path(config.state_dir)
-        self.presence = Presence(
-            self.registry, self.machine, config.agent_ttl, lease_file=state_dir / "lease"
+        # Presence, agent and engine, wired in fleetd/node.py (the simulator builds its
+        # machines there too).
+        self.node = build_node(
+            self.registry, self._manager, self.machine, NodeSettings.from_config(config)
         )
-        self.state_dir = state_dir
+        self.presence = self.node.presence
 
     def machine(self) -> Machine:
         return Machine.make(
@@ -132,35 +134,7 @@ class Server:
         )
 
     async def run(self) -> int:
-        manager = self._manager or DBusUnitManager(
-            Path(self.config.units_directory), user=self.config.systemd_user
-        )
-        self._manager = manager
-        agent = Agent(
-            self.registry,
-            manager,
-            self.machine,
-            lambda: self.presence.lease,
-            record_path=self.state_dir / "agent.json",
-            lease_renewed=lambda: self.presence.last_renewed,
-            ttl=self.presence.ttl,
-            clock=self.presence.clock,
-            registered=self.presence.registered,
-        )
-        self.presence.on_lease_changed(lambda _lease: agent.republish_all())
-        engine = None
-        if self.config.disable_engine:
-            log.info("engine_disabled", reason="disable_engine is set")
-        else:
-            engine = Engine(
-                self.registry,
-                self.machine_id,
-                self.presence.current_lease,
-                safety_interval=max(self.config.engine_reconcile_interval * 5, 10.0),
-                grace=self.presence.agent_ttl,
-                settled_since=self.presence.settled_since,
-                clock=self.presence.clock,
-            )
+        agent, engine = self.node.agent, self.node.engine
         self._install_signals()
         log.info("fleetd_starting", version=__version__, machine=self.machine_id)
         # ---- API (fleetd/api): answers 503 until registered; a listener that cannot be set
@@ -187,7 +161,7 @@ class Server:
             # units running; systemd retries, and the upgrade of this machine fixes it.
             log.error("schema_too_new", error=str(e))
             self.keep_units = True
-            await self._shutdown(agent, [])
+            await self._shutdown([])
             return 1
         except FleetError:
             # etcd unreachable at start: the components wait for it themselves, and the check
@@ -196,13 +170,13 @@ class Server:
         else:
             schema_pending = False
         tasks: list[asyncio.Future[None]] = [
-            asyncio.ensure_future(supervise("presence", self.presence.run, self.stop)),
-            asyncio.ensure_future(supervise("agent", agent.run, self.stop)),
+            asyncio.ensure_future(supervise(name, run, self.stop))
+            for name, run in self.node.components()
+        ]
+        tasks += [
             asyncio.ensure_future(self.notifier.watchdog(self.stop)),
             asyncio.ensure_future(self._report_registration()),
         ]
-        if engine is not None:
-            tasks.append(asyncio.ensure_future(supervise("engine", engine.run, self.stop)))
         if schema_pending:
             tasks.append(asyncio.ensure_future(self._check_schema_when_reachable()))
         self.notifier.ready(f"machine {self.machine_id}: registering in etcd")
@@ -220,7 +194,7 @@ class Server:
             self.keep_units = True
             self.stop.set()
         self.notifier.stopping()
-        await self._shutdown(agent, tasks)
+        await self._shutdown(tasks)
         return 0 if failure is None else 1
 
     async def _check_schema_when_reachable(self) -> None:
@@ -266,7 +240,7 @@ class Server:
         if self.presence.registered.is_set():
             self.notifier.status(f"machine {self.machine_id}: registered in etcd")
 
-    async def _shutdown(self, agent: Agent, tasks: list[asyncio.Future[None]]) -> None:
+    async def _shutdown(self, tasks: list[asyncio.Future[None]]) -> None:
         if self.keep_units:
             log.info(
                 "fleetd_restarting", detail="units keep running; lease kept for the next fleetd"
@@ -280,11 +254,10 @@ class Server:
             for t in pending:
                 t.cancel()
         if not self.keep_units:
-            await agent.purge()
+            await self.node.agent.purge()
             await self.presence.release()
         await self.kv.close()
-        if self._manager is not None:
-            await self._manager.close()
+        await self._manager.close()
         log.info("fleetd_stopped")
 
     def _install_signals(self) -> None:
@@ -301,7 +274,7 @@ class Server:
             return
         unit = own_unit_name()
         job = None
-        if unit is not None and self._manager is not None:
+        if unit is not None:
             with contextlib.suppress(FleetError):
                 job = await self._manager.own_job_type(unit)
         self.keep_units = job == "restart"

@@ -2,7 +2,10 @@
 machine with an in-memory systemd (FakeUnitManager), all on one KV (FakeKV or real etcd).
 
 Used by the end-to-end unit tests (fast, deterministic) and by the scale benchmarks, where the
-agents and engines are exactly the production code and only systemd is simulated.
+agents and engines are exactly the production code and only systemd is simulated. Each
+machine is built by fleetd's own composition root (fleetd.node), so it is wired as fleetd
+wires itself; what the simulator chooses is only the settings (TTL, idle passes, which
+machines run an engine, where state files go) and the KV each machine talks through.
 """
 
 from __future__ import annotations
@@ -14,23 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleetd import __version__
-from fleetd.agent.agent import Agent
-from fleetd.engine.engine import Engine
 from fleetd.model import Machine
-from fleetd.presence import Presence
+from fleetd.node import Node, NodeSettings, build_node
 from fleetd.registry.kv import KV
 from fleetd.registry.registry import Registry
 from fleetd.systemd.fake import FakeUnitManager
 
 
 @dataclass
-class SimMachine:
+class SimMachine(Node):
+    """A node (its presence, agent and engine), the simulated systemd under it, and its run."""
+
     machine: Machine
     registry: Registry
     manager: FakeUnitManager
-    presence: Presence
-    agent: Agent
-    engine: Engine | None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Future[None]] = field(default_factory=list)
 
@@ -63,6 +63,8 @@ class SimCluster:
         self.prefix = prefix
         self.agent_ttl = agent_ttl
         self.engines = engines  # how many machines run an engine (None: all)
+        # Both idle passes, the agent's and the engine's (fleetd's: 30 s and five
+        # engine_reconcile_intervals, NodeSettings.from_config): the tests shorten them.
         self.safety_interval = safety_interval
         self.machines: dict[str, SimMachine] = {}
         self.client = Registry(kv, prefix)
@@ -70,53 +72,42 @@ class SimCluster:
     def add(
         self, machine_id: str, metadata: Mapping[str, str] | None = None, public_ip: str = ""
     ) -> SimMachine:
-        # The simulated machines run this very code, so they announce its version.
-        machine = Machine.make(machine_id, public_ip, metadata or {}, version=__version__)
         with_engine = self.engines is None or len(self.machines) < self.engines
-        sim = self._build(machine, FakeUnitManager(), with_engine)
+        # The simulated machines run this very code, so they announce its version, and, as
+        # fleetd does, whether they run an engine.
+        machine = Machine.make(
+            machine_id,
+            public_ip,
+            metadata or {},
+            version=__version__,
+            disable_engine=not with_engine,
+        )
+        sim = self._build(machine, FakeUnitManager())
         self.machines[machine_id] = sim
         return sim
 
-    def _build(self, machine: Machine, manager: FakeUnitManager, with_engine: bool) -> SimMachine:
+    def _build(self, machine: Machine, manager: FakeUnitManager) -> SimMachine:
         registry = Registry(self.machine_kv(machine.id), self.prefix)
-        own_dir = self.state_dir / machine.id if self.state_dir else None
-        presence = Presence(
-            registry,
-            lambda: machine,
-            self.agent_ttl,
-            lease_file=own_dir / "lease" if own_dir else None,
+        settings = NodeSettings(
+            agent_ttl=self.agent_ttl,
+            state_dir=self.state_dir / machine.id if self.state_dir else None,
+            disable_engine=machine.disable_engine,
+            agent_safety_interval=self.safety_interval,
+            engine_safety_interval=self.safety_interval,
         )
-        agent = Agent(
-            registry,
-            manager,
-            lambda: machine,
-            lambda: presence.lease,
-            record_path=own_dir / "agent.json" if own_dir else None,
-            safety_interval=self.safety_interval,
-            lease_renewed=lambda: presence.last_renewed,
-            ttl=presence.ttl,
-            clock=presence.clock,
-            registered=presence.registered,
+        node = build_node(registry, manager, lambda: machine, settings)
+        return SimMachine(
+            presence=node.presence,
+            agent=node.agent,
+            engine=node.engine,
+            machine=machine,
+            registry=registry,
+            manager=manager,
         )
-        presence.on_lease_changed(lambda _lease: agent.republish_all())
-        engine = (
-            Engine(
-                registry,
-                machine.id,
-                presence.current_lease,
-                safety_interval=self.safety_interval,
-                grace=presence.agent_ttl,
-                settled_since=presence.settled_since,
-                clock=presence.clock,
-            )
-            if with_engine
-            else None
-        )
-        return SimMachine(machine, registry, manager, presence, agent, engine)
 
     def restart(self, sim: SimMachine) -> None:
         """A new fleetd process on the same machine: fresh objects, same systemd and /run."""
-        fresh = self._build(sim.machine, sim.manager, sim.engine is not None)
+        fresh = self._build(sim.machine, sim.manager)
         sim.registry, sim.presence, sim.agent, sim.engine = (
             fresh.registry,
             fresh.presence,
@@ -127,12 +118,7 @@ class SimCluster:
 
     def start(self, sim: SimMachine) -> None:
         sim.stop = asyncio.Event()
-        sim.tasks = [
-            asyncio.ensure_future(sim.presence.run(sim.stop)),
-            asyncio.ensure_future(sim.agent.run(sim.stop)),
-        ]
-        if sim.engine is not None:
-            sim.tasks.append(asyncio.ensure_future(sim.engine.run(sim.stop)))
+        sim.tasks = [asyncio.ensure_future(run(sim.stop)) for _name, run in sim.components()]
 
     async def start_all(self) -> None:
         await self.client.ensure_schema()

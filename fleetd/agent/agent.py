@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -133,33 +134,66 @@ class AgentRecord:
         os.replace(tmp, self.path)
 
 
+class MachineLease(Protocol):
+    """What the agent needs of its machine's lease (fleetd.presence.Presence is one).
+
+    The agent only reads it: presence keeps the lease; the agent publishes its unit states on
+    it, fences PartitionPolicy=stop units when it goes unrenewed, and follows the schedule
+    only while the machine is registered.
+    """
+
+    @property
+    def lease(self) -> int:
+        """The live lease id; 0 while there is none (not registered yet, or lost)."""
+        ...
+
+    @property
+    def last_renewed(self) -> float:
+        """Clock time (the agent's clock) of the lease's last renewal; 0 if never."""
+        ...
+
+    @property
+    def ttl(self) -> float:
+        """The lease's TTL in seconds, fixed for the holder's life; 0 turns fencing off."""
+        ...
+
+    @property
+    def registered(self) -> asyncio.Event:
+        """Set while this machine is registered on the lease."""
+        ...
+
+    def on_lease_changed(self, callback: Callable[[int], None]) -> None:
+        """Call `callback` with the new lease id whenever the machine registers on another."""
+        ...
+
+
 class Agent:
     def __init__(
         self,
         registry: Registry,
         manager: UnitManager,
         machine: Callable[[], Machine],
-        lease: Callable[[], int],
+        lease: MachineLease,
         *,
         record_path: Path | None = None,
         safety_interval: float = 30.0,
-        lease_renewed: Callable[[], float] | None = None,
-        ttl: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
-        registered: asyncio.Event | None = None,
     ) -> None:
-        """`lease_renewed` (clock time of the lease's last renewal, 0 if never) and `ttl`
-        enable PartitionPolicy=stop fencing; without them no unit is ever fenced.
+        """`lease` is the machine's (its presence). A TTL above 0 enables PartitionPolicy=stop
+        fencing against its last renewal, read on `clock` (presence's); with 0 no unit is
+        ever fenced.
 
-        `registered`, when given, is set once presence has registered this machine: the agent
-        follows the schedule only from then on. A clone claiming a machine id that a live
-        fleetd holds is refused registration, and so never runs that machine's units.
+        The agent follows the schedule only once `lease.registered` is set. A clone claiming
+        a machine id that a live fleetd holds is refused registration, and so never runs
+        that machine's units. A new lease (the old one expired with our unit states on it)
+        republishes every state.
         """
         self.registry = registry
         self.keys = registry.keys
         self.manager = manager
         self._machine = machine
         self._lease = lease
+        lease.on_lease_changed(lambda _lease: self.republish_all())
         self.machine_id = machine().id
         self.record = AgentRecord.load(record_path)
         self.safety_interval = safety_interval
@@ -174,14 +208,12 @@ class Agent:
         self._states_changed = asyncio.Event()
         self.tasks_run = 0
         self.synced = False  # True once the first reconcile against etcd has run
-        self._lease_renewed = lease_renewed
-        self.ttl = ttl
+        self.ttl = lease.ttl
         self.clock = clock
         self._started = clock()
-        self.fence_tick = min(1.0, ttl / 30) if ttl > 0 else 1.0
+        self.fence_tick = min(1.0, self.ttl / 30) if self.ttl > 0 else 1.0
         self.fenced: set[str] = set()  # held: stopped by the fence, not restarted yet
         self._resync = asyncio.Event()
-        self._registered = registered
         self._backoff = Backoff()
         # unit -> its last failed task, until one succeeds; "" is the shared daemon-reload.
         self._failures: dict[str, TaskFailure] = {}
@@ -199,10 +231,11 @@ class Agent:
         try:
             # The fence loop runs from the start (a fleetd restarted in an outage still
             # fences what it inherited); following the schedule waits for registration.
-            if self._registered is not None and not self._registered.is_set():
+            registered = self._lease.registered
+            if not registered.is_set():
                 log.info("agent_waiting_for_registration", machine=self.machine_id)
-                while not (stop.is_set() or self._registered.is_set()):
-                    await sleep_or_stop(stop, 3600.0, wake=self._registered)
+                while not (stop.is_set() or registered.is_set()):
+                    await sleep_or_stop(stop, 3600.0, wake=registered)
             while not stop.is_set():
                 try:
                     await self._sync(stop)
@@ -559,13 +592,12 @@ class Agent:
     def lease_at_risk(self) -> bool:
         """Whether the lease has gone unrenewed for the fence fraction of the TTL (False when
         fencing is disabled)."""
-        if self._lease_renewed is None or self.ttl <= 0:
+        if self.ttl <= 0:
             return False
         return lease_at_risk(self.clock(), self._renewed_at(), self.ttl)
 
     def _renewed_at(self) -> float:
-        assert self._lease_renewed is not None
-        return max(self._lease_renewed(), self._started)
+        return max(self._lease.last_renewed, self._started)
 
     def _start_blocked(self, name: str) -> bool:
         if name in self.fenced:
@@ -579,7 +611,7 @@ class Agent:
         etcd, and the fence must not wait for it. A START racing with this is undone at the
         next tick (the decision is level-triggered on the record).
         """
-        if self._lease_renewed is None or self.ttl <= 0:
+        if self.ttl <= 0:
             return []
         record = self.record
         now = self.clock()
@@ -611,7 +643,7 @@ class Agent:
         return stopped
 
     async def _fence_loop(self, stop: asyncio.Event) -> None:
-        if self._lease_renewed is None or self.ttl <= 0:
+        if self.ttl <= 0:
             return
         waiter = StopWaiter(stop)
         try:
@@ -685,7 +717,7 @@ class Agent:
                 self._states_changed.set()
 
     async def _publish(self, names: Iterable[str]) -> None:
-        lease = self._lease()
+        lease = self._lease.lease
         if not lease:
             raise RegistryUnavailable("not registered yet")
         missing = [n for n in names if n in self.record.units and n not in self._observed]

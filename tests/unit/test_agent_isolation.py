@@ -26,6 +26,7 @@ from fleetd.registry.kv import Put
 from fleetd.registry.registry import Registry
 from fleetd.systemd.fake import RUNNING, FakeUnitManager
 from fleetd.unit.file import parse_unit
+from tests.unit.fixed_lease import FixedLease
 
 M1 = "113f16a7f2c54d35b3cde2e2ad5c2f10"
 BODY = "[Unit]\nDescription=unit {i}\n\n[Service]\nExecStart=/bin/sleep 1000\n"
@@ -53,18 +54,18 @@ class Machine1:
         self.registry = Registry(self.kv)
         self.manager = FakeUnitManager(tmp_path / "units", record=True, **faults)
         self.clock = Clock()
-        self.lease = 0
+        self.lease = FixedLease(0)  # granted by the first schedule()
         self.agent = Agent(
             self.registry,
             self.manager,
             lambda: Machine.make(M1, "10.0.0.1"),
-            lambda: self.lease,
+            self.lease,
             clock=self.clock,
         )
 
     async def schedule(self, names: list[str], state: TargetState = TargetState.LAUNCHED) -> None:
-        if not self.lease:
-            self.lease = await self.kv.grant(60)
+        if not self.lease.lease:
+            self.lease.lease = await self.kv.grant(60)
         ops = []
         for name in names:
             body = parse_unit(BODY.format(i=name))
@@ -271,7 +272,7 @@ async def test_the_retry_timer_wakes_reconcile(
     await registry.create_unit(BAD, body, TargetState.LAUNCHED)
     await kv.txn([], [scheduled(registry, BAD, body.hash, TargetState.LAUNCHED)])
     agent = Agent(
-        registry, manager, lambda: Machine.make(M1, "10.0.0.1"), lambda: lease,
+        registry, manager, lambda: Machine.make(M1, "10.0.0.1"), FixedLease(lease),
         safety_interval=3600.0,
     )  # fmt: skip
     stop = asyncio.Event()

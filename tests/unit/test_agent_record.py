@@ -25,6 +25,7 @@ from fleetd.registry.kv import Put
 from fleetd.registry.registry import Registry
 from fleetd.systemd.fake import FakeUnitManager
 from fleetd.unit.file import parse_unit
+from tests.unit.fixed_lease import FixedLease
 
 M1 = "113f16a7f2c54d35b3cde2e2ad5c2f10"
 PLAIN = "[Unit]\nDescription=plain {i}\n\n[Service]\nExecStart=/bin/sleep 1000\n"
@@ -64,7 +65,11 @@ async def scheduled_agent(
     lease = await kv.grant(60)
     path = tmp_path / "state" / "agent.json"
     agent = Agent(
-        registry, manager, lambda: Machine.make(M1, "10.0.0.1"), lambda: lease, record_path=path
+        registry,
+        manager,
+        lambda: Machine.make(M1, "10.0.0.1"),
+        FixedLease(lease),
+        record_path=path,
     )
     agent.scheduled = {s.name: s for s in (await registry.machine_schedule(M1))[0]}
     return agent, manager, path
@@ -114,7 +119,7 @@ async def test_record_is_written_per_group_and_matches_what_was_done(
         agent.registry,
         manager,
         lambda: Machine.make(M1, "10.0.0.1"),
-        lambda: 1,
+        FixedLease(1),
         record_path=path,
     )
     again.scheduled = agent.scheduled

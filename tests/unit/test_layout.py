@@ -150,16 +150,20 @@ def test_only_fleetctl_ssh_imports_paramiko() -> None:
 
 
 def test_only_the_wiring_builds_presence_agent_and_engine_together() -> None:
-    # The one composition root of a node, for fleetd and for the simulator.
+    # The one composition root of a node (fleetd.node), for fleetd and for the simulator: they
+    # build their machines through it and name none of the three themselves, so the
+    # simulator runs what fleetd runs.
+    components = ("fleetd.presence", "fleetd.agent", "fleetd.engine")
     together = sorted(
         name
         for name, found in IMPORTS.items()
-        if all(
-            any(within(i, room) for i in found)
-            for room in ("fleetd.presence", "fleetd.agent", "fleetd.engine")
-        )
+        if all(any(within(i, room) for i in found) for room in components)
     )
-    assert together == ["fleetd.server", "fleetd.sim"]
+    assert together == ["fleetd.node"]
+    for wiring in ("fleetd.server", "fleetd.sim"):
+        assert "fleetd.node" in IMPORTS[wiring], f"{wiring} no longer builds its node there"
+        bad = [i for i in IMPORTS[wiring] if within(i, *components)]
+        assert not bad, f"{wiring} imports {bad}: build the node in fleetd.node instead"
 
 
 def test_every_package_says_what_its_room_is_for() -> None:

@@ -17,6 +17,7 @@ from fleetd.registry.fake import FakeKV
 from fleetd.registry.registry import Registry
 from fleetd.sim import SimCluster, SimMachine
 from fleetd.systemd.fake import FakeUnitManager
+from tests.unit.fixed_lease import FixedLease
 from tests.unit.test_sim_cluster import HELLO, TTL, running_on, start_unit, wait_for
 
 KEEP, STOP = PartitionPolicy.KEEP, PartitionPolicy.STOP
@@ -219,34 +220,32 @@ async def test_outage_of_two_ttls_stops_nothing_with_policy_keep(
 # ---- when the fence loop wakes -------------------------------------------------------------
 
 
-def fence_timing_agent(now: list[float], renewed: list[float], ttl: float) -> Agent:
+def fence_timing_agent(now: list[float], lease: FixedLease) -> Agent:
     return Agent(
         Registry(FakeKV()),
         FakeUnitManager(),
         lambda: Machine.make("a" * 32),
-        lambda: 1,
-        lease_renewed=lambda: renewed[0],
-        ttl=ttl,
+        lease,
         clock=lambda: now[0],
     )
 
 
 def test_idle_fence_loop_sleeps_until_the_lease_could_be_at_risk() -> None:
     """Not a tick per second per agent: one wake when fencing could first be needed."""
-    now, renewed = [100.0], [100.0]
-    agent = fence_timing_agent(now, renewed, ttl=9.0)
+    now, lease = [100.0], FixedLease(1, last_renewed=100.0, ttl=9.0)
+    agent = fence_timing_agent(now, lease)
     assert agent._fence_wait(at_risk=False) == pytest.approx(9.0 * FENCE_FRACTION)
     now[0] = 104.0  # renewed 4 s ago: the fence point is 2 s away
     assert agent._fence_wait(at_risk=False) == pytest.approx(2.0)
-    renewed[0] = 103.5  # a renewal moves the fence point
+    lease.last_renewed = 103.5  # a renewal moves the fence point
     assert agent._fence_wait(at_risk=False) == pytest.approx(5.5)
     now[0] = 110.0  # the fence point (109.5) passed: never sleep less than a tick
     assert agent._fence_wait(at_risk=False) == agent.fence_tick
 
 
 def test_fence_loop_ticks_while_at_risk_or_holding_units() -> None:
-    now, renewed = [100.0], [100.0]
-    agent = fence_timing_agent(now, renewed, ttl=9.0)
+    now, lease = [100.0], FixedLease(1, last_renewed=100.0, ttl=9.0)
+    agent = fence_timing_agent(now, lease)
     assert agent._fence_wait(at_risk=True) == agent.fence_tick
     agent.fenced.add("x.service")
     assert agent._fence_wait(at_risk=False) == agent.fence_tick

@@ -28,6 +28,7 @@ from fleetd.sim import SimCluster
 from fleetd.systemd.fake import FakeUnitManager
 from fleetd.systemd.manager import unit_path
 from fleetd.unit.file import parse_unit
+from tests.unit.fixed_lease import FixedLease
 
 M1 = "113f16a7f2c54d35b3cde2e2ad5c2f10"
 HELLO = "[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n"
@@ -91,7 +92,7 @@ async def test_bad_scheduled_names_are_skipped_and_the_rest_runs(tmp_path: Path)
     units_dir = root / "run" / "fleet" / "units"
     manager = DiskUnitManager(units_dir)
     lease = await kv.grant(60)
-    agent = Agent(registry, manager, lambda: Machine.make(M1, "10.0.0.1"), lambda: lease)
+    agent = Agent(registry, manager, lambda: Machine.make(M1, "10.0.0.1"), FixedLease(lease))
     # Present before the agent's first read of its schedule...
     await schedule(kv, registry, BAD_NAMES[:4], body.hash, good="good.service")
     stop = asyncio.Event()
