@@ -208,7 +208,7 @@ def run(work: Work) -> None:
     settings = settings_of(ctx)
 
     async def main() -> int:
-        async with client_module.make_client(settings) as client:
+        async with client_module.make_client(settings, warn=warn) as client:
             try:
                 return await work(client)
             finally:
