@@ -7,18 +7,20 @@ so tables and waits behave the same whatever the driver.
 
 Tests replace `make_client` (monkeypatch `fleetctl.client.make_client`) to hand commands a
 `RegistryClient` over the in-memory KV.
+
+Nothing here prints: what the factory has to tell the user while it connects (an ignored
+endpoint, a cluster newer than this fleetctl) goes to the `warn` callback the command layer
+passes (fleetctl/command.py: stderr).
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
-
-import click
 
 from fleetctl import transport
 from fleetctl.errors import CommandFailed
@@ -187,11 +189,14 @@ def version_warning(ours: str, versions: Iterable[str]) -> str:
     return OLD_VERSION_WARNING.format(ours=ours, theirs=newest)
 
 
-async def _warn_if_outdated(registry: Registry) -> None:
+Warn = Callable[[str], None]  # one message (maybe of several lines) for the user, on stderr
+
+
+async def _warn_if_outdated(registry: Registry, warn: Warn) -> None:
     machines = await registry.list_machines()
     banner = version_warning(__version__, (m.version for m in machines if m.version))
     if banner:
-        click.echo(banner, err=True)
+        warn(banner)
 
 
 # ---- the factory ---------------------------------------------------------------------------
@@ -235,7 +240,9 @@ def _via(url: str, local: tuple[str, int]) -> str:
     return urlunsplit(parts._replace(netloc=f"{local[0]}:{local[1]}"))
 
 
-async def _open(settings: Settings, target: Target, stack: AsyncExitStack) -> ClusterClient:
+async def _open(
+    settings: Settings, target: Target, stack: AsyncExitStack, warn: Warn
+) -> ClusterClient:
     tunnel = None
     if settings.tunnel:
         tunnel = transport.open_transport(transport.ssh_options(settings))
@@ -266,7 +273,7 @@ async def _open(settings: Settings, target: Target, stack: AsyncExitStack) -> Cl
         if settings.debug:
             kv = InstrumentedKV(etcd, _DebugObserver())
         registry = Registry(kv, settings.etcd_key_prefix)
-        await _warn_if_outdated(registry)
+        await _warn_if_outdated(registry, warn)
         return RegistryClient(registry)
 
     # Imported here: aiohttp takes a third of fleetctl's start-up, and etcd never needs it.
@@ -295,20 +302,20 @@ async def _open(settings: Settings, target: Target, stack: AsyncExitStack) -> Cl
 
 
 @asynccontextmanager
-async def _make_client(settings: Settings) -> AsyncIterator[ClusterClient]:
+async def _make_client(settings: Settings, warn: Warn) -> AsyncIterator[ClusterClient]:
     async with AsyncExitStack() as stack:
         target: Target | None = None
         try:
             target = select_target(settings)
             if target.warning:
-                click.echo(f"WARNING: {target.warning}", err=True)
+                warn(f"WARNING: {target.warning}")
             log.debug(
                 "endpoint_selected driver=%s endpoints=%s%s",
                 target.driver.value,
                 ",".join(target.endpoints),
                 f" ({target.defaulted})" if target.defaulted else "",
             )
-            client = await _open(settings, target, stack)
+            client = await _open(settings, target, stack, warn)
         except (FleetError, OSError, ValueError) as e:
             message = f"Unable to initialize client: {e}"
             if target is not None and target.defaulted:
@@ -317,6 +324,8 @@ async def _make_client(settings: Settings) -> AsyncIterator[ClusterClient]:
         yield client
 
 
-def make_client(settings: Settings) -> AbstractAsyncContextManager[ClusterClient]:
-    """A connected client for the driver `settings` select, closed on exit."""
-    return _make_client(settings)
+def make_client(settings: Settings, *, warn: Warn) -> AbstractAsyncContextManager[ClusterClient]:
+    """A connected client for the driver `settings` select, closed on exit. What the user
+    should know about the connection (an ignored endpoint, an outdated fleetctl) goes to
+    `warn` as it is found, before the command's own output."""
+    return _make_client(settings, warn)

@@ -8,7 +8,7 @@ fleet's flags are Go pflag flags, so scripts write booleans as `--full=true` or
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -17,6 +17,7 @@ from fleetctl import client as client_module
 from fleetctl.client import ClusterClient
 from fleetctl.errors import CommandFailed
 from fleetctl.settings import Settings
+from fleetctl.unitargs import Found, find_units
 from fleetd.errors import FleetError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -163,6 +164,32 @@ def output_format_option(help_text: str) -> Callable[[F], F]:
     return decorate
 
 
+# ---- saying things --------------------------------------------------------------------------
+# The logic modules (fleetctl/unitargs.py, fleetctl/waiting.py) print nothing: they return
+# their lines, or take these as callbacks for the lines a wait shows as it goes.
+
+
+def say(line: str) -> None:
+    """One line of the command's output, to stdout."""
+    click.echo(line)
+
+
+def warn(line: str) -> None:
+    """One line to stderr: a warning, a note on progress, an error the command goes on after."""
+    click.echo(line, err=True)
+
+
+async def find_or_fail(client: ClusterClient, args: Sequence[str]) -> Found:
+    """The units the arguments name; a line on stderr for each argument that names none, and
+    the command fails if none names any (fleet's "Units not found in registry")."""
+    found = await find_units(client, args)
+    for line in found.missing_lines():
+        warn(line)
+    if not found.units:
+        raise CommandFailed("Units not found in registry")
+    return found
+
+
 # ---- running a command ---------------------------------------------------------------------
 
 Work = Callable[[ClusterClient], Awaitable[int]]
@@ -181,7 +208,7 @@ def run(work: Work) -> None:
     settings = settings_of(ctx)
 
     async def main() -> int:
-        async with client_module.make_client(settings) as client:
+        async with client_module.make_client(settings, warn=warn) as client:
             try:
                 return await work(client)
             finally:

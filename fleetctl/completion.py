@@ -17,6 +17,7 @@ import click
 from click.shell_completion import CompletionItem
 
 from fleetctl import client as client_module
+from fleetctl.command import warn
 from fleetctl.settings import Settings
 
 DEADLINE = 2.0  # seconds: a slow cluster must not freeze the user's shell
@@ -34,7 +35,7 @@ def _settings(ctx: click.Context) -> Settings:
 
 
 async def _unit_names(settings: Settings) -> list[str]:
-    async with client_module.make_client(settings) as client:
+    async with client_module.make_client(settings, warn=warn) as client:
         return [u.name for u in await client.units()]
 
 

@@ -25,12 +25,11 @@ import click
 
 from fleetctl import transport
 from fleetctl.client import ClusterClient
-from fleetctl.command import FleetCommand, run, settings_of
+from fleetctl.command import FleetCommand, find_or_fail, run, settings_of
 from fleetctl.completion import complete_units
 from fleetctl.errors import CommandFailed
 from fleetctl.settings import Settings
 from fleetctl.transport import SshError, SshTransport, ssh_options
-from fleetctl.unitargs import find_units
 from fleetctl.waiting import MachineCache
 from fleetd.model import TargetState
 from fleetd.unit.names import mangle_name
@@ -158,7 +157,7 @@ def status(units: tuple[str, ...], ssh_port: int) -> None:
     settings = settings_of(click.get_current_context())
 
     async def work(client: ClusterClient) -> int:
-        found = await find_units(client, units)
+        found = await find_or_fail(client, units)
         runner = RemoteRunner(settings, MachineCache(client), ssh_port)
         try:
             first = True

@@ -10,6 +10,9 @@ and prints its lines.
 `find_units` resolves arguments to existing units for stop, unload, destroy, restart and
 status. Beyond fleet: an argument may be a glob (Go `path.Match`, as in [X-Fleet]: `*` does not
 cross "/"), and an argument that matches nothing is reported instead of silently dropped.
+
+Nothing here prints: what a command has to say comes back as data (a step's `warning` and
+`done` lines, `Found.missing_lines`) and the command layer writes it, in its order.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import click
 
 from fleetctl.client import ClusterClient, RegistryClient
 from fleetctl.errors import CommandFailed
@@ -311,10 +312,19 @@ async def write_steps(client: ClusterClient, steps: Sequence[Step]) -> None:
         raise CommandFailed(f"Error creating units: failed creating {names}: {e}") from e
 
 
+def missing_line(arg: str) -> str:
+    """fleet's line (stderr) for an argument that names no unit; for a glob, ours."""
+    return f"No unit matches {arg}" if is_glob(arg) else f"Unit {mangle_name(arg)} not found"
+
+
 @dataclass
 class Found:
     units: list[UnitView]
     missing: list[str]  # arguments that matched nothing
+
+    def missing_lines(self) -> list[str]:
+        """One line per argument that matched nothing, in argument order (for stderr)."""
+        return [missing_line(arg) for arg in self.missing]
 
 
 def match_units(args: Sequence[str], units: Sequence[UnitView]) -> Found:
@@ -339,14 +349,10 @@ def match_units(args: Sequence[str], units: Sequence[UnitView]) -> Found:
 
 
 async def find_units(client: ClusterClient, args: Sequence[str]) -> Found:
+    """The cluster's units the arguments name. Arguments that match nothing are in
+    `missing`, for the command to report (and to fail on when nothing matched at all)."""
     try:
         units = await client.units()
     except FleetError as e:
         raise CommandFailed(f"Error retrieving list of units from repository: {e}") from e
-    found = match_units(args, units)
-    for arg in found.missing:
-        what = f"No unit matches {arg}" if is_glob(arg) else f"Unit {mangle_name(arg)} not found"
-        click.echo(what, err=True)
-    if not found.units:
-        raise CommandFailed("Units not found in registry")
-    return found
+    return match_units(args, units)

@@ -13,15 +13,23 @@ from typing import TypeVar
 import click
 
 from fleetctl.client import ClusterClient
-from fleetctl.command import FleetCommand, block_options, replace_options, run
+from fleetctl.command import (
+    FleetCommand,
+    block_options,
+    find_or_fail,
+    replace_options,
+    run,
+    say,
+    warn,
+)
 from fleetctl.completion import complete_files, complete_units
 from fleetctl.errors import CommandFailed
 from fleetctl.unitargs import (
     Created,
     check_names,
-    find_units,
     is_glob,
     match_units,
+    missing_line,
     plan_units,
     valid_name,
     write_steps,
@@ -148,7 +156,7 @@ async def _activate(
             click.echo(f"Triggered unit {name} {command}")
         return int(failed)
     errors = await wait_for_states(
-        client, names, target, attempts, MachineCache(client), created.replaced
+        client, names, target, attempts, MachineCache(client), created.replaced, say=say, warn=warn
     )
     _report_errors("Error waiting for units", errors)
     if target is TargetState.LAUNCHED:
@@ -267,7 +275,7 @@ def stop(units: tuple[str, ...], block_attempts_: int, no_block: bool) -> None:
     attempts = block_attempts(no_block, block_attempts_)
 
     async def work(client: ClusterClient) -> int:
-        found = await find_units(client, units)
+        found = await find_or_fail(client, units)
         failed = bool(found.missing)
         stopping = []
         for view in found.units:
@@ -300,7 +308,7 @@ def stop(units: tuple[str, ...], block_attempts_: int, no_block: bool) -> None:
         # A unit on no machine has nothing to report until it is placed: no wait for it.
         names = [v.name for v in placed if v.machine_id is not None]
         errors = await wait_for_states(
-            client, names, TargetState.LOADED, attempts, MachineCache(client)
+            client, names, TargetState.LOADED, attempts, MachineCache(client), say=say, warn=warn
         )
         if errors:
             _report_errors("Error waiting for units", errors)
@@ -324,7 +332,7 @@ def unload(units: tuple[str, ...], block_attempts_: int, no_block: bool) -> None
     attempts = block_attempts(no_block, block_attempts_)
 
     async def work(client: ClusterClient) -> int:
-        found = await find_units(client, units)
+        found = await find_or_fail(client, units)
         unloading = [
             v
             for v in found.units
@@ -341,7 +349,7 @@ def unload(units: tuple[str, ...], block_attempts_: int, no_block: bool) -> None
                 click.echo(f"Triggered unit {name} unload")
             return int(bool(found.missing))
         errors = await wait_for_states(
-            client, names, TargetState.INACTIVE, attempts, MachineCache(client)
+            client, names, TargetState.INACTIVE, attempts, MachineCache(client), say=say, warn=warn
         )
         if errors:
             _report_errors("Error waiting for units", errors)
@@ -398,10 +406,7 @@ def destroy(units: tuple[str, ...], block_attempts_: int, no_block: bool) -> Non
                 click.echo(f"Unit {name} not found", err=True)
                 failed = True
         for arg in missing:
-            what = (
-                f"No unit matches {arg}" if is_glob(arg) else f"Unit {mangle_name(arg)} not found"
-            )
-            click.echo(what, err=True)
+            warn(missing_line(arg))
         if not found.units and not destroyed:
             raise CommandFailed("Units not found in registry")
         return int(failed)
@@ -420,13 +425,17 @@ async def _restart_placed(
     if view.current_state == TargetState.LAUNCHED.value:
         await client.set_target_state(name, TargetState.LOADED)
         # fleet waited for `launched` here and could hang forever (§9.5).
-        errors = await wait_for_states(client, [name], TargetState.LOADED, attempts, machines)
+        errors = await wait_for_states(
+            client, [name], TargetState.LOADED, attempts, machines, say=say, warn=warn
+        )
         if errors:
             return errors
     else:
         click.echo(f"Unit {name} already loaded, starting.", err=True)
     await client.set_target_state(name, TargetState.LAUNCHED)
-    errors = await wait_for_states(client, [name], TargetState.LAUNCHED, attempts, machines)
+    errors = await wait_for_states(
+        client, [name], TargetState.LAUNCHED, attempts, machines, say=say, warn=warn
+    )
     return errors or await wait_for_active(client, [name], attempts)
 
 
@@ -465,7 +474,7 @@ def restart(units: tuple[str, ...], block_attempts_: int) -> None:
     _require(units)
 
     async def work(client: ClusterClient) -> int:
-        found = await find_units(client, units)
+        found = await find_or_fail(client, units)
         machines = MachineCache(client)
         failed = bool(found.missing)
         for view in found.units:

@@ -8,6 +8,9 @@ Beyond fleet (its users' most common complaint: `start` hangs silently on a unit
 be placed, peers #10): when the engine publishes a reason for not placing a unit, the reason
 is printed to stderr as soon as it is seen (again only if it changes), and the command fails
 once its attempts are used up. In wait-forever mode the reason is still shown, once.
+
+This module prints nothing itself: the lines a wait has to show while it waits go to the
+callbacks the command layer hands it (`say` for stdout, `warn` for stderr).
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-
-import click
 
 from fleetctl.client import ClusterClient
 from fleetctl.output import machine_full_legend
@@ -28,6 +29,9 @@ ATTEMPT_SECONDS = 2.0  # fleet's defaultSleepTime window: one block attempt
 FEW_UNITS = 4  # up to this many, poll each unit by name; beyond, one listing per poll
 
 NO_BLOCK = -1
+
+# Where a wait's lines go as they happen: one line, without its newline.
+Say = Callable[[str], None]
 
 
 def block_attempts(no_block: bool, attempts: int) -> int:
@@ -131,11 +135,15 @@ async def wait_for_states(
     attempts: int,
     machines: MachineCache,
     expect_hash: Mapping[str, str] | None = None,
+    *,
+    say: Say,
+    warn: Say,
 ) -> dict[str, str]:
     """Wait until every named (non-global) unit's currentState is `target`.
 
-    Prints `Unit <n> <state>[ on <machine legend>]` for each as it arrives, and placement
-    reasons to stderr. Returns fleet-worded errors by unit, for the units that did not make it.
+    Says `Unit <n> <state>[ on <machine legend>]` for each as it arrives (`say`: stdout), and
+    warns of placement reasons as they are seen (`warn`: stderr). Returns fleet-worded errors
+    by unit, for the units that did not make it.
     """
     expect_hash = expect_hash or {}
     pending = list(dict.fromkeys(names))
@@ -153,11 +161,11 @@ async def wait_for_states(
             if view.current_state == target.value and await _runs_expected_body(
                 client, view, expect_hash
             ):
-                await _report(view, machines)
+                say(await _arrival(view, machines))
                 continue
             if view.reason and reasons.get(name) != view.reason:
                 reasons[name] = view.reason
-                click.echo(f"Unit {name} cannot be placed: {view.reason}", err=True)
+                warn(f"Unit {name} cannot be placed: {view.reason}")
             still.append(name)
         pending = still
         if not pending:
@@ -167,14 +175,15 @@ async def wait_for_states(
     return errors
 
 
-async def _report(view: UnitView, machines: MachineCache) -> None:
+async def _arrival(view: UnitView, machines: MachineCache) -> str:
+    """fleet's line for a unit that reached its state: `Unit <n> <state>[ on <legend>]`."""
     message = f"Unit {view.name} {view.current_state or ''}"
     if view.machine_id:
         machine = await machines.get(view.machine_id)
         if machine is not None:
             legend = machine_full_legend(machine.id, machine.primary_ip, False)
             message = f"{message} on {legend}"
-    click.echo(message)
+    return message
 
 
 def _active(states: Iterable[StateView], name: str, wanted_hash: str | None) -> str | None:

@@ -12,7 +12,7 @@ that the harness itself reacts as the engine and agent would.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +95,10 @@ class Cluster:
         return self
 
     @asynccontextmanager
-    async def make_client(self, settings: Settings) -> AsyncIterator[RegistryClient]:
+    async def make_client(
+        self, settings: Settings, *, warn: Callable[[str], None] | None = None
+    ) -> AsyncIterator[RegistryClient]:
+        # `warn` as the real factory takes it; this one has nothing to warn about.
         self.settings.append(settings)
         yield ReactingClient(Registry(self.kv), self)
 

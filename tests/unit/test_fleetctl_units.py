@@ -15,8 +15,12 @@ from test_fleetctl_harness import (
     M2,
     Cluster,
     Reaction,
+    run,
 )
 
+from fleetctl.settings import Settings
+from fleetctl.unitargs import Found, find_units
+from fleetctl.waiting import MachineCache, wait_for_states
 from fleetd.model import TargetState
 from fleetd.unit.file import parse_unit
 
@@ -704,3 +708,49 @@ def test_unload_glob_no_block_and_timeout(cluster: Cluster) -> None:
 def test_negative_block_attempts_is_a_usage_error(cluster: Cluster) -> None:
     result = cluster.invoke("start", "--block-attempts=-1", "hello.service")
     assert result.exit_code == 2
+
+
+# ---- the logic modules say nothing themselves ------------------------------------------------
+
+
+def test_find_units_returns_what_matched_nothing_without_printing(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster.add_unit("hello.service")
+
+    async def go() -> Found:
+        async with cluster.make_client(Settings()) as client:
+            return await find_units(client, ["hello", "nope", "x*"])
+
+    found = run(go())
+    assert [u.name for u in found.units] == ["hello.service"]
+    assert found.missing_lines() == ["Unit nope.service not found", "No unit matches x*"]
+    assert capsys.readouterr() == ("", "")
+
+
+def test_wait_for_states_hands_its_lines_to_the_callbacks(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster.reactions["db.service"] = Reaction(reason=REASON, delay=0, placed_after=0.05)
+    cluster.add_unit("db.service")
+    said: list[tuple[str, str]] = []
+
+    async def go() -> dict[str, str]:
+        async with cluster.make_client(Settings()) as client:
+            await client.set_target_state("db.service", TargetState.LAUNCHED)
+            return await wait_for_states(
+                client,
+                ["db.service"],
+                TargetState.LAUNCHED,
+                0,
+                MachineCache(client),
+                say=lambda line: said.append(("out", line)),
+                warn=lambda line: said.append(("err", line)),
+            )
+
+    assert run(go()) == {}
+    assert said == [
+        ("err", f"Unit db.service cannot be placed: {REASON}"),
+        ("out", f"Unit db.service launched {ON_M1}"),
+    ]
+    assert capsys.readouterr() == ("", "")
