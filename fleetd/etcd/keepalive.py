@@ -97,6 +97,8 @@ class KeepAliveStream(asyncio.Protocol):
         try:
             events = self._conn.receive(data)
         except http2.ProtocolError as e:
+            for event in e.events:  # the frames before the bad one count, as in any chunking
+                self._event(event)
             self._fail(self._error(f"HTTP/2 protocol error: {e}"))
             return
         for event in events:

@@ -367,6 +367,8 @@ class Connection(asyncio.Protocol):
         try:
             events = self._h2.receive(data)
         except http2.ProtocolError as e:
+            for event in e.events:  # the frames before the bad one count, as in any chunking
+                self._event(event)
             if self.heard:
                 self.fail(RpcError(StatusCode.UNAVAILABLE, f"HTTP/2 protocol error: {e}"))
             else:

@@ -704,6 +704,25 @@ async def test_graceful_goaway_and_ping_keep_calls_going() -> None:
     assert peer.transport.closed
 
 
+async def test_an_answer_before_a_bad_frame_in_the_same_read_counts() -> None:
+    # As it would had the bad frame come in the next read: the call answered before it is
+    # answered, the others fail with the connection.
+    conn, peer = make()
+    first = asyncio.create_task(conn.unary(RANGE, b"1", [], 5.0))
+    second = asyncio.create_task(conn.unary(RANGE, b"2", [], 5.0))
+    await settle()
+    peer.receive()
+    peer.conn.send_headers(1, OK_HEADERS)
+    peer.conn.send_data(1, prefixed(b"answer"))
+    peer.trailers(1, 0)
+    conn.data_received(peer.conn.data_to_send() + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+    assert await asyncio.wait_for(first, 1) == b"answer"
+    error = await failure(second)
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "HTTP/2 protocol error: DATA on stream 0" in error.details()
+    assert peer.transport.aborted
+
+
 async def test_bytes_h2_rejects_before_any_frame_say_not_http2() -> None:
     fresh = Connection(MEMBER, 5.0, 10.0)
     transport = Transport()
