@@ -58,26 +58,65 @@ _MAX_BACKOFF = 2.0
 PROBE_TIMEOUT = 1.0
 
 
-class Compressed(Exception):
+# The largest gRPC message a call takes in (its 5-byte prefix says how large it will be).
+# grpc-go's default, 4 MiB, is below what fleet reads at its design size: a range of every
+# unit body at 10,000 units of a couple of KB each is 20-30 MB (etcd's own Go client lifts
+# the cap to 2 GiB, no cap in practice). 64 MiB leaves that room twice over, while an answer
+# even that large already costs some hundreds of MB once parsed into Python objects, several
+# times fleetd's whole footprint: anything larger is a broken peer or a request to rethink,
+# and is refused on its prefix, before a byte of it is kept.
+MAX_MESSAGE = 64 * 1024 * 1024
+
+
+class BadMessage(Exception):
+    """A gRPC message this client does not take; `found` holds the whole messages that came
+    before it (still the caller's to use)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.found: list[bytes] = []
+
+
+class Compressed(BadMessage):
     """A compressed gRPC message: never asked for (no grpc-accept-encoding)."""
 
+    def __init__(self) -> None:
+        super().__init__("a compressed message")
 
-def messages(inbox: bytearray) -> list[bytes]:
+
+class TooLarge(BadMessage):
+    """A gRPC message larger than the limit it is received under."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"a message of {size} bytes, larger than the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+def messages(inbox: bytearray, limit: int = MAX_MESSAGE) -> list[bytes]:
     """The whole gRPC messages at the start of `inbox`, taken out of it (a partial one stays).
 
-    Raises Compressed for a compressed message: a peer we do not understand."""
+    Raises Compressed for a compressed message (a peer we do not understand) and TooLarge for
+    one over `limit` bytes, as soon as its prefix is in: nothing of it is waited for."""
     out: list[bytes] = []
     offset = 0
     size = len(inbox)
-    while size - offset >= PREFIX.size:
-        compressed, length = PREFIX.unpack_from(inbox, offset)
-        end = offset + PREFIX.size + length
-        if size < end:
-            break
-        if compressed:
-            raise Compressed
-        out.append(bytes(inbox[offset + PREFIX.size : end]))
-        offset = end
+    try:
+        while size - offset >= PREFIX.size:
+            compressed, length = PREFIX.unpack_from(inbox, offset)
+            if compressed:
+                raise Compressed
+            if length > limit:
+                raise TooLarge(length, limit)
+            end = offset + PREFIX.size + length
+            if size < end:
+                break
+            out.append(bytes(inbox[offset + PREFIX.size : end]))
+            offset = end
+    except BadMessage as e:
+        e.found = out
+        inbox.clear()  # the rest is the bad message's: never to be parsed
+        raise
     if offset:
         del inbox[:offset]
     return out
@@ -289,9 +328,19 @@ class Call:
     def data(self, data: bytes) -> None:
         self._inbox += data
         try:
-            found = messages(self._inbox)
-        except Compressed:
-            error = RpcError(StatusCode.INTERNAL, "etcd sent a compressed answer")
+            found = messages(self._inbox, self.conn.max_message)
+        except BadMessage as e:
+            # The call fails and its stream is reset; the connection and its other calls go
+            # on (what etcd still sends on this stream is dropped as it comes, unkept).
+            self._messages.extend(e.found)  # a stream's messages before it are still read
+            if isinstance(e, TooLarge):
+                why = (
+                    f"{self.conn.member.authority}: etcd's answer is a message of {e.size}"
+                    f" bytes, larger than the {e.limit} bytes a call may receive"
+                )
+                error = RpcError(StatusCode.RESOURCE_EXHAUSTED, why)
+            else:
+                error = RpcError(StatusCode.INTERNAL, "etcd sent a compressed answer")
             self.conn.reset(self, error)
             return
         if found:
@@ -325,6 +374,8 @@ class Call:
 
 class Connection(asyncio.Protocol):
     """One HTTP/2 connection to one etcd member, carrying any number of calls."""
+
+    max_message = MAX_MESSAGE  # the largest message a call takes in (tests lower it)
 
     def __init__(self, member: Member, timeout: float, ping_interval: float) -> None:
         self.member = member

@@ -464,6 +464,60 @@ async def test_compressed_answer_fails_the_call_and_resets_its_stream() -> None:
     assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
 
 
+def test_the_largest_message_a_call_takes_is_64_mib() -> None:
+    # Above grpc-go's 4 MiB default: a range of every unit body at 10,000 units is 20-30 MB.
+    assert transport_module.MAX_MESSAGE == Connection.max_message == 64 * 1024 * 1024
+
+
+async def test_a_message_over_the_limit_fails_its_call_on_its_prefix_and_spares_the_others() -> (
+    None
+):
+    conn, peer = make()
+    conn.max_message = 1000
+    big = asyncio.create_task(conn.unary(RANGE, b"big", [], 5.0))
+    other = asyncio.create_task(conn.unary(RANGE, b"other", [], 5.0))
+    await settle()
+    peer.receive()
+    peer.conn.send_headers(1, OK_HEADERS)
+    peer.conn.send_data(1, struct.pack(">BI", 0, 10_000_000) + b"x" * 95)  # 100 bytes of it
+    peer.send()
+    # Failed at once, on the prefix: not a byte of the rest is waited for or kept.
+    error = await failure(big)
+    assert error.code() == StatusCode.RESOURCE_EXHAUSTED
+    assert error.details() == (
+        "127.0.0.1:2379: etcd's answer is a message of 10000000 bytes, larger than the 1000"
+        " bytes a call may receive"
+    )
+    assert list(conn.calls) == [3]
+    await settle()
+    peer.receive()
+    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    # What etcd sent of it before it saw the reset is dropped as it comes, and credited back.
+    late = struct.pack(">I", 16_000)[1:] + struct.pack(">BBI", 0, 0, 1) + b"x" * 16_000
+    conn.data_received(late * 3)  # (h2 sends nothing on a stream it knows is reset)
+    peer.respond(3, b"a" * 1000)  # exactly the limit: taken
+    assert await asyncio.wait_for(other, 1) == b"a" * 1000
+    assert conn.usable
+    assert not peer.transport.aborted
+
+
+async def test_a_streaming_call_reads_its_messages_before_one_over_the_limit() -> None:
+    conn, peer = make()
+    conn.max_message = 1000
+    watch = conn.start(WATCH, [], unary=False)
+    watch.write(b"watch")
+    await settle()
+    peer.receive()
+    peer.conn.send_headers(1, OK_HEADERS)
+    peer.conn.send_data(1, prefixed(b"event") + struct.pack(">BI", 0, 1001))
+    peer.send()
+    assert await watch.read() == b"event"
+    error = await failure(watch.read())
+    assert error.code() == StatusCode.RESOURCE_EXHAUSTED
+    assert "1001 bytes" in error.details()
+    assert conn.usable
+
+
 async def test_stream_reset_by_etcd_is_unavailable() -> None:
     conn, peer, task = await call_sent()
     peer.conn.reset_stream(1, h2.errors.ErrorCodes.REFUSED_STREAM)
