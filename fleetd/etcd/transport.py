@@ -187,18 +187,35 @@ def tls_context(ca: bytes | None, cert_file: str | None, key_file: str | None) -
     return context
 
 
+def grpc_timeout(seconds: float) -> bytes:
+    """`seconds` as gRPC's grpc-timeout header value: at most 8 digits and a unit (m, S, M,
+    H), in the finest unit that fits, rounded up (etcd gives up no sooner than we do), and at
+    least 1 (the value must be positive)."""
+    micros = max(0, round(seconds * 1_000_000))
+    for unit, size in ((b"m", 1_000), (b"S", 1_000_000), (b"M", 60_000_000)):
+        value = -(-micros // size)
+        if value <= 99_999_999:
+            return b"%d" % max(1, value) + unit
+    return b"%dH" % min(-(-micros // 3_600_000_000), 99_999_999)
+
+
 def request_headers(
-    member: Member, path: bytes, metadata: Sequence[tuple[str, str]]
+    member: Member,
+    path: bytes,
+    metadata: Sequence[tuple[str, str]],
+    timeout: float | None = None,
 ) -> list[tuple[bytes, bytes]]:
-    """A gRPC request's headers to `member`: POST to `path`, then the call's metadata."""
+    """A gRPC request's headers to `member`: POST to `path`, the `timeout` (seconds) as
+    grpc-timeout if given, then the call's metadata."""
     headers = [
         (b":method", b"POST"),
         (b":scheme", b"https" if member.tls is not None else b"http"),
         (b":path", path),
         (b":authority", member.authority.encode("idna")),
-        (b"content-type", b"application/grpc"),
-        (b"te", b"trailers"),
     ]
+    if timeout is not None:
+        headers.append((b"grpc-timeout", grpc_timeout(timeout)))
+    headers += [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
     headers.extend((k.encode(), v.encode()) for k, v in metadata)
     return headers
 
@@ -385,8 +402,9 @@ class Connection(asyncio.Protocol):
         self.calls: dict[int, Call] = {}
         self._streaming = 0  # open calls that are not unary (they keep the pings going)
         self._h2 = http2.ClientConnection(_WINDOW)
-        # Header blocks by (path, metadata): encoded once, sent with every such call.
-        self._blocks: dict[tuple[bytes, tuple[tuple[str, str], ...]], bytes] = {}
+        # Header blocks by (path, metadata, timeout): encoded once, sent with every such call
+        # (a channel's unary calls all have its one timeout; streams have none).
+        self._blocks: dict[tuple[bytes, tuple[tuple[str, str], ...], float | None], bytes] = {}
         self.draining = False  # etcd sent GOAWAY: no new calls here
         self._flushed_id = 0  # the highest stream id whose headers have left
         self._last_id = 0  # the highest stream id started
@@ -454,17 +472,25 @@ class Connection(asyncio.Protocol):
 
     # -- calls ------------------------------------------------------------------------
 
-    def start(self, path: bytes, metadata: Sequence[tuple[str, str]], *, unary: bool) -> Call:
-        """A new call: its request headers are sent (with the next flush)."""
+    def start(
+        self,
+        path: bytes,
+        metadata: Sequence[tuple[str, str]],
+        *,
+        unary: bool,
+        timeout: float | None = None,
+    ) -> Call:
+        """A new call: its request headers are sent (with the next flush); `timeout`, the
+        seconds the caller waits, goes as grpc-timeout so etcd gives up on it too."""
         if self.broken is not None:
             raise self.broken
         if self.draining:
             why = f"{self.member.authority}: etcd is going away (GOAWAY)"
             raise RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True)
-        key = (path, tuple(metadata))
+        key = (path, tuple(metadata), timeout)
         block = self._blocks.get(key)
         if block is None:
-            headers = request_headers(self.member, path, metadata)
+            headers = request_headers(self.member, path, metadata, timeout)
             block = self._blocks[key] = http2.encode_headers(headers)
             if len(self._blocks) > 64:  # tokens come and go: keep the recent kinds only
                 del self._blocks[next(iter(self._blocks))]
@@ -490,8 +516,9 @@ class Connection(asyncio.Protocol):
     async def unary(
         self, path: bytes, message: bytes, metadata: Sequence[tuple[str, str]], limit: float
     ) -> bytes:
-        """One request, one answer, within `limit` seconds (else DEADLINE_EXCEEDED)."""
-        call = self.start(path, metadata, unary=True)
+        """One request, one answer, within `limit` seconds (else DEADLINE_EXCEEDED; etcd is
+        told the limit too, grpc-timeout)."""
+        call = self.start(path, metadata, unary=True, timeout=limit)
         call.write(message, end=True)
         result = call.result
         assert result is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import socket
 import ssl
 import struct
@@ -228,6 +229,53 @@ async def test_unary_call_is_a_grpc_post_with_the_metadata_and_resolves_to_the_a
     assert rpc.RangeResponse.FromString(task.result()).count == 7
     assert conn.calls == {}
     assert conn.usable
+
+
+GRPC_TIMEOUT = re.compile(rb"[1-9][0-9]{0,7}[HMSmun]|0[HMSmun]")  # gRPC's TimeoutValue, Unit
+
+
+async def test_unary_calls_tell_etcd_their_deadline_as_grpc_timeout() -> None:
+    conn, peer = make()
+    tasks = [asyncio.create_task(conn.unary(RANGE, b"x", [("token", "t")], 5.0)) for _ in "ab"]
+    short = asyncio.create_task(conn.unary(RANGE, b"x", [("token", "t")], 0.05))
+    await settle()
+    watch = conn.start(WATCH, [("token", "t")], unary=False)
+    watch.write(b"watch")
+    await settle()
+    peer.receive()
+    assert [peer.header(s).get(b"grpc-timeout") for s in (1, 3, 5, 7)] == [
+        b"5000m",
+        b"5000m",
+        b"50m",
+        None,  # a watch has no deadline
+    ]
+    for stream_id in (1, 3, 5):
+        assert GRPC_TIMEOUT.fullmatch(peer.header(stream_id)[b"grpc-timeout"])
+    # Encoded once per (path, metadata, timeout): a channel's calls all share its timeout.
+    assert len(conn._blocks) == 3
+    for stream_id in (1, 3, 5):
+        peer.respond(stream_id, b"y")
+    assert await asyncio.gather(*tasks, short) == [b"y"] * 3
+
+
+@pytest.mark.parametrize(
+    ("seconds", "header"),
+    [
+        (5.0, b"5000m"),
+        (0.05, b"50m"),
+        (1.1, b"1100m"),
+        (0.0004, b"1m"),  # rounded up: etcd gives up no sooner than the client
+        (0.0, b"1m"),  # the value must be positive
+        (2.0001, b"2001m"),
+        (99_999.999, b"99999999m"),
+        (100_000.0, b"100000S"),  # past 8 digits of milliseconds: seconds
+        (1e9, b"16666667M"),
+        (1e12, b"99999999H"),  # 277,777,778 hours: as long as gRPC can say
+    ],
+)
+def test_grpc_timeout_is_at_most_8_digits_and_a_unit(seconds: float, header: bytes) -> None:
+    assert transport_module.grpc_timeout(seconds) == header
+    assert GRPC_TIMEOUT.fullmatch(header)
 
 
 async def test_tls_member_calls_use_the_https_scheme() -> None:
