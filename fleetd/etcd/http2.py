@@ -11,18 +11,20 @@ does what a gRPC client of one server needs in a few microseconds per request:
   fields only, so the server's table never matters), DATA within the flow-control windows;
 - answers: frames parsed with struct, header blocks decoded by hpack (the server does use
   its dynamic table), DATA credited back in large window updates;
-- the connection: SETTINGS (acknowledged and applied), PING (answered; ours reported),
+- the connection: SETTINGS (acknowledged and applied; `max_streams` is the server's
+  SETTINGS_MAX_CONCURRENT_STREAMS, for the caller to respect), PING (answered; ours reported),
   GOAWAY and RST_STREAM (reported), CONTINUATION, padding; no server push (refused in our
   SETTINGS), no priorities (ignored).
 
 It does no I/O: `receive(bytes)` returns events, and what to send accumulates until `take()`.
+Events are tuples, the first item saying which: (HEADERS, stream, headers, end_stream),
+(DATA, stream, payload, end_stream), (RESET, stream, code), (GOAWAY, last_stream, code,
+debug), (PING_ACK, opaque).
+
 Whatever the bytes, `receive` returns events or raises ProtocolError (carrying the events of
 the frames before the bad one, so the events never depend on how the bytes were cut into
 reads); after that the connection stays failed. Header blocks are bounded (MAX_HEADER_BLOCK),
 frames by MAX_FRAME. tests/unit/test_http2_fuzz.py holds it to that.
-Events are tuples, the first item saying which: (HEADERS, stream, headers, end_stream),
-(DATA, stream, payload, end_stream), (RESET, stream, code), (GOAWAY, last_stream, code,
-debug), (PING_ACK, opaque).
 """
 
 from __future__ import annotations
@@ -75,7 +77,14 @@ _GOAWAY = struct.Struct(">II")
 _MAX_WINDOW = 2**31 - 1
 
 # SETTINGS identifiers.
-_HEADER_TABLE_SIZE, _ENABLE_PUSH, _INITIAL_WINDOW_SIZE, _MAX_FRAME_SIZE = 0x1, 0x2, 0x4, 0x5
+_HEADER_TABLE_SIZE, _ENABLE_PUSH, _MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
+_INITIAL_WINDOW_SIZE, _MAX_FRAME_SIZE = 0x4, 0x5
+# The streams the server is taken to allow open at once until its SETTINGS say (grpc-go's
+# client assumes the same): a burst of calls on a new connection then waits one round trip
+# at most, instead of being refused by a server that allows fewer. A server whose SETTINGS
+# name no limit has none (RFC 9113 6.5.2).
+ASSUMED_MAX_STREAMS = 100
+UNLIMITED_STREAMS = 2**32 - 1
 
 
 # The most header block bytes (HEADERS and its CONTINUATIONs) taken in before they end: hpack
@@ -153,6 +162,7 @@ class ClientConnection:
         self.heard = False  # the server's SETTINGS arrived: it speaks HTTP/2
         self.next_stream_id = 1
         self.max_frame = MAX_FRAME  # the largest frame the server accepts
+        self.max_streams = ASSUMED_MAX_STREAMS  # streams the server allows open at once
         self.send_window = DEFAULT_WINDOW  # the connection's, for our DATA
         self._stream_window = DEFAULT_WINDOW  # a new stream's, for our DATA
         self._send_windows: dict[int, int] = {}
@@ -249,6 +259,7 @@ class ClientConnection:
                     if kind != SETTINGS or flags & ACK:
                         raise ProtocolError("the server did not start with SETTINGS")
                     self.heard = True
+                    self.max_streams = UNLIMITED_STREAMS  # unless these SETTINGS say
                 if self._block is not None and kind != CONTINUATION:
                     raise ProtocolError("headers interrupted before CONTINUATION ended them")
                 self._frame(kind, flags, stream, payload, length, events)
@@ -380,5 +391,7 @@ class ClientConnection:
                 if not MAX_FRAME <= value <= 2**24 - 1:
                     raise ProtocolError(f"bad SETTINGS_MAX_FRAME_SIZE {value}")
                 self.max_frame = value
+            elif key == _MAX_CONCURRENT_STREAMS:
+                self.max_streams = value  # the caller opens no more than that (transport.py)
             # HEADER_TABLE_SIZE: our blocks never use the server's table. The rest: nothing
             # this client needs to change.

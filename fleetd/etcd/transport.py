@@ -4,8 +4,11 @@ etcd's API is gRPC: each request is an HTTP/2 stream (POST to /etcdserverpb.Serv
 carrying length-prefixed protobuf messages, with the call's status in the trailers. This
 module is that much of gRPC and no more, for the etcd adapter (fleetd/etcd/client.py):
 
-- `Connection`: one HTTP/2 connection to one member, many calls at once (one stream each).
-  Unary calls resolve one future; streaming calls (Watch) are read message by message.
+- `Connection`: one HTTP/2 connection to one member, many calls at once (one stream each,
+  never more open than etcd's SETTINGS_MAX_CONCURRENT_STREAMS: calls beyond it wait, in
+  order, for a stream to end). Unary calls resolve one future and tell etcd their deadline
+  (grpc-timeout); streaming calls (Watch) are read message by message. A received message
+  over MAX_MESSAGE fails its call (RESOURCE_EXHAUSTED), not the connection.
 - `Channel`: the connection to the first member that answers, trying each in order, and a
   new one (from the next member) once that one is lost; requests fail fast, with the last
   reason, while reconnecting is backing off (200 ms doubling to 2 s, as the channel options
@@ -401,6 +404,9 @@ class Connection(asyncio.Protocol):
         self.broken: RpcError | None = None
         self.calls: dict[int, Call] = {}
         self._streaming = 0  # open calls that are not unary (they keep the pings going)
+        # Calls waiting for a stream (etcd's SETTINGS_MAX_CONCURRENT_STREAMS are all open), in
+        # the order made: (call, path, metadata, deadline) to encode its headers when it goes.
+        self._queue: deque[tuple[Call, bytes, Sequence[tuple[str, str]], float | None]] = deque()
         self._h2 = http2.ClientConnection(_WINDOW)
         # Header blocks by (path, metadata, timeout): encoded once, sent with every such call
         # (a channel's unary calls all have its one timeout; streams have none).
@@ -445,6 +451,8 @@ class Connection(asyncio.Protocol):
             return
         for event in events:
             self._event(event)
+        if self._queue:
+            self._open_queued()  # etcd's SETTINGS may allow more streams now
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -481,12 +489,20 @@ class Connection(asyncio.Protocol):
         timeout: float | None = None,
     ) -> Call:
         """A new call: its request headers are sent (with the next flush); `timeout`, the
-        seconds the caller waits, goes as grpc-timeout so etcd gives up on it too."""
+        seconds the caller waits, goes as grpc-timeout so etcd gives up on it too.
+
+        While etcd's SETTINGS_MAX_CONCURRENT_STREAMS streams are open the call waits for one
+        to end (in order, behind those already waiting); its stream_id is 0 until then."""
         if self.broken is not None:
             raise self.broken
         if self.draining:
             why = f"{self.member.authority}: etcd is going away (GOAWAY)"
             raise RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True)
+        call = Call(self, 0, unary)
+        if self._queue or len(self.calls) >= self._h2.max_streams:
+            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+            self._queue.append((call, path, metadata, deadline))
+            return call
         key = (path, tuple(metadata), timeout)
         block = self._blocks.get(key)
         if block is None:
@@ -494,24 +510,43 @@ class Connection(asyncio.Protocol):
             block = self._blocks[key] = http2.encode_headers(headers)
             if len(self._blocks) > 64:  # tokens come and go: keep the recent kinds only
                 del self._blocks[next(iter(self._blocks))]
+        if not self._open(call, block):
+            assert self.broken is not None
+            raise self.broken
+        return call
+
+    def _open(self, call: Call, block: bytes) -> bool:
+        """Open `call`'s stream with its header block (False: the connection failed)."""
         try:
             stream_id = self._h2.open_stream(block)
         except http2.ProtocolError:
             # 2^30 calls on one connection: go on with a new one.
-            error = RpcError(StatusCode.UNAVAILABLE, "HTTP/2 stream ids used up")
-            self.fail(error)
-            raise error from None
-        self._last_id = stream_id
-        call = Call(self, stream_id, unary)
+            self.fail(RpcError(StatusCode.UNAVAILABLE, "HTTP/2 stream ids used up"))
+            return False
+        self._last_id = call.stream_id = stream_id
         self.calls[stream_id] = call
-        if not unary:
+        if call.outbox:
+            self._pending[stream_id] = call  # written while it waited for a stream
+        if call.result is None:
             self._streaming += 1
             if self._ping_timer is None:
                 self._ping_timer = asyncio.get_running_loop().call_later(
                     self.ping_interval, self._ping
                 )
         self._schedule_flush()
-        return call
+        return True
+
+    def _open_queued(self) -> None:
+        """Open the waiting calls' streams, oldest first, as far as etcd's limit allows."""
+        queue = self._queue
+        limit = self._h2.max_streams
+        loop = asyncio.get_running_loop()
+        while queue and len(self.calls) < limit and self.broken is None and not self.draining:
+            call, path, metadata, deadline = queue.popleft()
+            # The time it has left, not the whole timeout: encoded for this call alone.
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            headers = request_headers(self.member, path, metadata, timeout)
+            self._open(call, http2.encode_headers(headers))
 
     async def unary(
         self, path: bytes, message: bytes, metadata: Sequence[tuple[str, str]], limit: float
@@ -533,8 +568,9 @@ class Connection(asyncio.Protocol):
             timer.cancel()
 
     def want_flush(self, call: Call) -> None:
-        self._pending[call.stream_id] = call
-        self._schedule_flush()
+        if call.stream_id:  # a call still waiting for a stream is flushed once it has one
+            self._pending[call.stream_id] = call
+            self._schedule_flush()
 
     def reset(self, call: Call, error: RpcError) -> None:
         """End `call` with `error`, telling etcd (RST_STREAM CANCEL) if it is still open."""
@@ -570,6 +606,7 @@ class Connection(asyncio.Protocol):
             self.broken = error
         for call in list(self.calls.values()):
             self._end(call, self.broken)
+        self._fail_queued(self.broken)
         self._pending.clear()
         for timer in (self._ping_timer, self._ping_deadline):
             if timer is not None:
@@ -577,7 +614,22 @@ class Connection(asyncio.Protocol):
         self._ping_timer = self._ping_deadline = None
         self._answer_ping(False)
 
+    def _fail_queued(self, error: RpcError) -> None:
+        """Fail the calls waiting for a stream: etcd never saw them, so they are safe to send
+        again elsewhere (`unprocessed`), even writes."""
+        unprocessed = RpcError(error.code(), error.details(), unprocessed=True)
+        while self._queue:
+            call = self._queue.popleft()[0]
+            call.finish(unprocessed)
+
     def _end(self, call: Call, error: RpcError | None) -> None:
+        if not call.stream_id:  # still waiting for a stream: etcd knows nothing of it
+            for i, (waiting, *_) in enumerate(self._queue):
+                if waiting is call:
+                    del self._queue[i]
+                    break
+            call.finish(error)
+            return
         if self.calls.pop(call.stream_id, None) is not None and call.result is None:
             self._streaming -= 1
         self._pending.pop(call.stream_id, None)
@@ -590,6 +642,8 @@ class Connection(asyncio.Protocol):
                 # before our request was all sent): RST_STREAM ends it on both.
                 self._h2.reset(call.stream_id)
                 self._schedule_flush()
+            if self._queue:
+                self._open_queued()  # a stream is free (the RST, if any, goes first)
         self._close_if_drained()
 
     def _close_if_drained(self) -> None:
@@ -662,6 +716,7 @@ class Connection(asyncio.Protocol):
             if call.stream_id > last:
                 call.remote_done = call.local_done = True  # etcd will say nothing of it
                 self._end(call, RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True))
+        self._fail_queued(RpcError(StatusCode.UNAVAILABLE, why))
         self._close_if_drained()
 
     def _schedule_flush(self) -> None:
@@ -700,10 +755,11 @@ class Connection(asyncio.Protocol):
     def _expire(self, call: Call, timeout: float) -> None:
         if call.closed:
             return
-        self.reset(
-            call,
-            RpcError(StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g}s"),
-        )
+        why = f"no answer within {timeout:g}s"
+        if not call.stream_id:
+            limit = self._h2.max_streams
+            why += f" (not sent: etcd allows {limit} streams at once, all of them were busy)"
+        self.reset(call, RpcError(StatusCode.DEADLINE_EXCEEDED, why))
         self._send_ping(min(self.timeout, PROBE_TIMEOUT))  # is the member alive at all?
 
     async def responsive(self) -> bool:

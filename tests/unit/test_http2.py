@@ -219,6 +219,21 @@ def test_server_settings_are_acknowledged_through_h2() -> None:
     events = server.receive_data(client.take())
     assert any(isinstance(e, h2.events.SettingsAcknowledged) for e in events)
     assert server.local_settings.max_concurrent_streams == 7
+    assert client.max_streams == 7
+
+
+def test_max_streams_is_assumed_until_the_server_says() -> None:
+    client = ClientConnection(WINDOW)
+    assert client.max_streams == 100  # as grpc-go's client assumes before the SETTINGS
+    client.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x4, 1000)))
+    assert client.max_streams == 2**32 - 1  # SETTINGS that name no limit: there is none
+    client.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x3, 3)))
+    assert client.max_streams == 3
+    client.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x4, 1000)))
+    assert client.max_streams == 3  # later SETTINGS without it leave it
+    limited = ClientConnection(WINDOW)
+    limited.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x3, 0)))
+    assert limited.max_streams == 0
 
 
 # -- encoding request headers --------------------------------------------------------------
