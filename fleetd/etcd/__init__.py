@@ -13,8 +13,12 @@
 The protocol subset it speaks, and what it leaves out on purpose:
 
 - gRPC unary calls and server/bidirectional streams over HTTP/2 with prior knowledge
-  (plaintext) or TLS with ALPN h2; `application/grpc`, uncompressed length-prefixed messages,
-  status and message from the trailers (or a trailers-only answer).
+  (plaintext) or TLS with ALPN h2; `application/grpc`, uncompressed length-prefixed messages
+  of at most 64 MiB received (transport.MAX_MESSAGE: a larger one fails its call as
+  RESOURCE_EXHAUSTED), status and message from the trailers (or a trailers-only answer);
+  a unary call's deadline sent as grpc-timeout, so etcd gives up on it when the client does;
+  no more streams open than etcd's SETTINGS_MAX_CONCURRENT_STREAMS (100 assumed until its
+  SETTINGS arrive), calls beyond it waiting in order.
 - etcd services and methods: KV Range, Txn, Compact; Lease LeaseGrant, LeaseRevoke,
   LeaseKeepAlive; Watch Watch; Auth Authenticate (the token in each call's metadata, renewed
   once when etcd calls it stale); Maintenance Status (to find mute members).

@@ -11,7 +11,8 @@ does what a gRPC client of one server needs in a few microseconds per request:
   fields only, so the server's table never matters), DATA within the flow-control windows;
 - answers: frames parsed with struct, header blocks decoded by hpack (the server does use
   its dynamic table), DATA credited back in large window updates;
-- the connection: SETTINGS (acknowledged and applied), PING (answered; ours reported),
+- the connection: SETTINGS (acknowledged and applied; `max_streams` is the server's
+  SETTINGS_MAX_CONCURRENT_STREAMS, for the caller to respect), PING (answered; ours reported),
   GOAWAY and RST_STREAM (reported), CONTINUATION, padding; no server push (refused in our
   SETTINGS), no priorities (ignored).
 
@@ -19,6 +20,11 @@ It does no I/O: `receive(bytes)` returns events, and what to send accumulates un
 Events are tuples, the first item saying which: (HEADERS, stream, headers, end_stream),
 (DATA, stream, payload, end_stream), (RESET, stream, code), (GOAWAY, last_stream, code,
 debug), (PING_ACK, opaque).
+
+Whatever the bytes, `receive` returns events or raises ProtocolError (carrying the events of
+the frames before the bad one, so the events never depend on how the bytes were cut into
+reads); after that the connection stays failed. Header blocks are bounded (MAX_HEADER_BLOCK),
+frames by MAX_FRAME. tests/unit/test_http2_fuzz.py holds it to that.
 """
 
 from __future__ import annotations
@@ -71,11 +77,31 @@ _GOAWAY = struct.Struct(">II")
 _MAX_WINDOW = 2**31 - 1
 
 # SETTINGS identifiers.
-_HEADER_TABLE_SIZE, _ENABLE_PUSH, _INITIAL_WINDOW_SIZE, _MAX_FRAME_SIZE = 0x1, 0x2, 0x4, 0x5
+_HEADER_TABLE_SIZE, _ENABLE_PUSH, _MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
+_INITIAL_WINDOW_SIZE, _MAX_FRAME_SIZE = 0x4, 0x5
+# The streams the server is taken to allow open at once until its SETTINGS say (grpc-go's
+# client assumes the same): a burst of calls on a new connection then waits one round trip
+# at most, instead of being refused by a server that allows fewer. A server whose SETTINGS
+# name no limit has none (RFC 9113 6.5.2).
+ASSUMED_MAX_STREAMS = 100
+UNLIMITED_STREAMS = 2**32 - 1
+
+
+# The most header block bytes (HEADERS and its CONTINUATIONs) taken in before they end: hpack
+# refuses a decoded list over 64 KiB anyway, and without a bound a server that never ends a
+# block (a CONTINUATION flood) would have every byte it sends kept.
+MAX_HEADER_BLOCK = 256 * 1024
 
 
 class ProtocolError(Exception):
-    """The server broke HTTP/2 (or is not speaking it): the connection is unusable."""
+    """The server broke HTTP/2 (or is not speaking it): the connection is unusable.
+
+    `events` are those of the frames before the bad one in the same `receive()` call, so that
+    what was reported does not depend on how the bytes were cut into reads."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.events: list[tuple[Any, ...]] = []
 
 
 def error_name(code: int) -> str:
@@ -136,6 +162,7 @@ class ClientConnection:
         self.heard = False  # the server's SETTINGS arrived: it speaks HTTP/2
         self.next_stream_id = 1
         self.max_frame = MAX_FRAME  # the largest frame the server accepts
+        self.max_streams = ASSUMED_MAX_STREAMS  # streams the server allows open at once
         self.send_window = DEFAULT_WINDOW  # the connection's, for our DATA
         self._stream_window = DEFAULT_WINDOW  # a new stream's, for our DATA
         self._send_windows: dict[int, int] = {}
@@ -145,6 +172,7 @@ class ClientConnection:
         self._inbox = bytearray()
         self._decoder = hpack.Decoder()
         self._block: tuple[int, bytearray, bool] | None = None  # headers awaiting CONTINUATION
+        self._failed: ProtocolError | None = None  # once broken, always (the state is unknown)
         settings = _SETTING.pack(_ENABLE_PUSH, 0) + _SETTING.pack(
             _INITIAL_WINDOW_SIZE, receive_window
         )
@@ -205,29 +233,41 @@ class ClientConnection:
     # -- receiving ----------------------------------------------------------------------
 
     def receive(self, data: bytes) -> list[tuple[Any, ...]]:
-        """Take in bytes from the server: the events of every whole frame among them."""
+        """Take in bytes from the server: the events of every whole frame among them.
+
+        Raises ProtocolError (with the events of the frames before it) when they break
+        HTTP/2, and again on every later call."""
+        if self._failed is not None:
+            raise ProtocolError(str(self._failed))  # its events were reported with it
         inbox = self._inbox
         inbox += data
         events: list[tuple[Any, ...]] = []
         offset = 0
         size = len(inbox)
-        while size - offset >= 9:
-            high, low, kind, flags, stream = _FRAME.unpack_from(inbox, offset)
-            length = (high << 16) | low
-            stream &= _MAX_WINDOW
-            if length > MAX_FRAME:
-                raise ProtocolError(f"frame of {length} bytes (at most {MAX_FRAME})")
-            if size - offset < 9 + length:
-                break
-            payload = bytes(inbox[offset + 9 : offset + 9 + length])
-            offset += 9 + length
-            if not self.heard:
-                if kind != SETTINGS or flags & ACK:
-                    raise ProtocolError("the server did not start with SETTINGS")
-                self.heard = True
-            if self._block is not None and kind != CONTINUATION:
-                raise ProtocolError("headers interrupted before CONTINUATION ended them")
-            self._frame(kind, flags, stream, payload, length, events)
+        try:
+            while size - offset >= 9:
+                high, low, kind, flags, stream = _FRAME.unpack_from(inbox, offset)
+                length = (high << 16) | low
+                stream &= _MAX_WINDOW
+                if length > MAX_FRAME:
+                    raise ProtocolError(f"frame of {length} bytes (at most {MAX_FRAME})")
+                if size - offset < 9 + length:
+                    break
+                payload = bytes(inbox[offset + 9 : offset + 9 + length])
+                offset += 9 + length
+                if not self.heard:
+                    if kind != SETTINGS or flags & ACK:
+                        raise ProtocolError("the server did not start with SETTINGS")
+                    self.heard = True
+                    self.max_streams = UNLIMITED_STREAMS  # unless these SETTINGS say
+                if self._block is not None and kind != CONTINUATION:
+                    raise ProtocolError("headers interrupted before CONTINUATION ended them")
+                self._frame(kind, flags, stream, payload, length, events)
+        except ProtocolError as e:
+            e.events = events
+            self._failed = e
+            inbox.clear()
+            raise
         if offset:
             del inbox[:offset]
         return events
@@ -254,6 +294,8 @@ class ClientConnection:
             if flags & PADDED:
                 payload = self._unpad(payload)
             if flags & PRIORITY_FLAG:
+                if len(payload) < 5:
+                    raise ProtocolError("HEADERS too short for its priority fields")
                 payload = payload[5:]
             self._block = (stream, bytearray(payload), bool(flags & END_STREAM))
             if flags & END_HEADERS:
@@ -261,7 +303,10 @@ class ClientConnection:
         elif kind == CONTINUATION:
             if self._block is None or self._block[0] != stream:
                 raise ProtocolError("CONTINUATION without the HEADERS it continues")
-            self._block[1].extend(payload)
+            block = self._block[1]
+            block += payload
+            if len(block) > MAX_HEADER_BLOCK:
+                raise ProtocolError(f"header block over {MAX_HEADER_BLOCK} bytes")
             if flags & END_HEADERS:
                 self._headers_done(events)
         elif kind == RST_STREAM:
@@ -346,5 +391,7 @@ class ClientConnection:
                 if not MAX_FRAME <= value <= 2**24 - 1:
                     raise ProtocolError(f"bad SETTINGS_MAX_FRAME_SIZE {value}")
                 self.max_frame = value
+            elif key == _MAX_CONCURRENT_STREAMS:
+                self.max_streams = value  # the caller opens no more than that (transport.py)
             # HEADER_TABLE_SIZE: our blocks never use the server's table. The rest: nothing
             # this client needs to change.

@@ -32,7 +32,7 @@ from fleetd.etcd import http2
 from fleetd.etcd.etcdpb import rpc
 from fleetd.etcd.transport import PREFIX as _PREFIX
 from fleetd.etcd.transport import (
-    Compressed,
+    BadMessage,
     Member,
     RpcError,
     connect_first,
@@ -42,6 +42,9 @@ from fleetd.etcd.transport import (
 )
 
 PATH = b"/etcdserverpb.Lease/LeaseKeepAlive"
+# An answer is a response header and two numbers, tens of bytes: one over 64 KiB is a broken
+# peer, and refusing it on its prefix keeps the stream from buffering it.
+MAX_ANSWER = 64 * 1024
 
 
 class KeepAliveStream(asyncio.Protocol):
@@ -97,6 +100,8 @@ class KeepAliveStream(asyncio.Protocol):
         try:
             events = self._conn.receive(data)
         except http2.ProtocolError as e:
+            for event in e.events:  # the frames before the bad one count, as in any chunking
+                self._event(event)
             self._fail(self._error(f"HTTP/2 protocol error: {e}"))
             return
         for event in events:
@@ -167,10 +172,14 @@ class KeepAliveStream(asyncio.Protocol):
 
     def _answers(self) -> None:
         try:
-            found = messages(self._inbox)
-        except Compressed:
-            self._fail(self._error("etcd sent a compressed answer"))
+            found = messages(self._inbox, MAX_ANSWER)
+        except BadMessage as e:
+            self._answer(e.found)  # the answers before it still count
+            self._fail(self._error(f"etcd sent {e}"))
             return
+        self._answer(found)
+
+    def _answer(self, found: list[bytes]) -> None:
         for body in found:
             answer = rpc.LeaseKeepAliveResponse.FromString(body)
             self.raft_term = max(self.raft_term, int(answer.header.raft_term))

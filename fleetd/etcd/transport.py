@@ -4,8 +4,11 @@ etcd's API is gRPC: each request is an HTTP/2 stream (POST to /etcdserverpb.Serv
 carrying length-prefixed protobuf messages, with the call's status in the trailers. This
 module is that much of gRPC and no more, for the etcd adapter (fleetd/etcd/client.py):
 
-- `Connection`: one HTTP/2 connection to one member, many calls at once (one stream each).
-  Unary calls resolve one future; streaming calls (Watch) are read message by message.
+- `Connection`: one HTTP/2 connection to one member, many calls at once (one stream each,
+  never more open than etcd's SETTINGS_MAX_CONCURRENT_STREAMS: calls beyond it wait, in
+  order, for a stream to end). Unary calls resolve one future and tell etcd their deadline
+  (grpc-timeout); streaming calls (Watch) are read message by message. A received message
+  over MAX_MESSAGE fails its call (RESOURCE_EXHAUSTED), not the connection.
 - `Channel`: the connection to the first member that answers, trying each in order, and a
   new one (from the next member) once that one is lost; requests fail fast, with the last
   reason, while reconnecting is backing off (200 ms doubling to 2 s, as the channel options
@@ -58,26 +61,65 @@ _MAX_BACKOFF = 2.0
 PROBE_TIMEOUT = 1.0
 
 
-class Compressed(Exception):
+# The largest gRPC message a call takes in (its 5-byte prefix says how large it will be).
+# grpc-go's default, 4 MiB, is below what fleet reads at its design size: a range of every
+# unit body at 10,000 units of a couple of KB each is 20-30 MB (etcd's own Go client lifts
+# the cap to 2 GiB, no cap in practice). 64 MiB leaves that room twice over, while an answer
+# even that large already costs some hundreds of MB once parsed into Python objects, several
+# times fleetd's whole footprint: anything larger is a broken peer or a request to rethink,
+# and is refused on its prefix, before a byte of it is kept.
+MAX_MESSAGE = 64 * 1024 * 1024
+
+
+class BadMessage(Exception):
+    """A gRPC message this client does not take; `found` holds the whole messages that came
+    before it (still the caller's to use)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.found: list[bytes] = []
+
+
+class Compressed(BadMessage):
     """A compressed gRPC message: never asked for (no grpc-accept-encoding)."""
 
+    def __init__(self) -> None:
+        super().__init__("a compressed message")
 
-def messages(inbox: bytearray) -> list[bytes]:
+
+class TooLarge(BadMessage):
+    """A gRPC message larger than the limit it is received under."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"a message of {size} bytes, larger than the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+def messages(inbox: bytearray, limit: int = MAX_MESSAGE) -> list[bytes]:
     """The whole gRPC messages at the start of `inbox`, taken out of it (a partial one stays).
 
-    Raises Compressed for a compressed message: a peer we do not understand."""
+    Raises Compressed for a compressed message (a peer we do not understand) and TooLarge for
+    one over `limit` bytes, as soon as its prefix is in: nothing of it is waited for."""
     out: list[bytes] = []
     offset = 0
     size = len(inbox)
-    while size - offset >= PREFIX.size:
-        compressed, length = PREFIX.unpack_from(inbox, offset)
-        end = offset + PREFIX.size + length
-        if size < end:
-            break
-        if compressed:
-            raise Compressed
-        out.append(bytes(inbox[offset + PREFIX.size : end]))
-        offset = end
+    try:
+        while size - offset >= PREFIX.size:
+            compressed, length = PREFIX.unpack_from(inbox, offset)
+            if compressed:
+                raise Compressed
+            if length > limit:
+                raise TooLarge(length, limit)
+            end = offset + PREFIX.size + length
+            if size < end:
+                break
+            out.append(bytes(inbox[offset + PREFIX.size : end]))
+            offset = end
+    except BadMessage as e:
+        e.found = out
+        inbox.clear()  # the rest is the bad message's: never to be parsed
+        raise
     if offset:
         del inbox[:offset]
     return out
@@ -148,18 +190,35 @@ def tls_context(ca: bytes | None, cert_file: str | None, key_file: str | None) -
     return context
 
 
+def grpc_timeout(seconds: float) -> bytes:
+    """`seconds` as gRPC's grpc-timeout header value: at most 8 digits and a unit (m, S, M,
+    H), in the finest unit that fits, rounded up (etcd gives up no sooner than we do), and at
+    least 1 (the value must be positive)."""
+    micros = max(0, round(seconds * 1_000_000))
+    for unit, size in ((b"m", 1_000), (b"S", 1_000_000), (b"M", 60_000_000)):
+        value = -(-micros // size)
+        if value <= 99_999_999:
+            return b"%d" % max(1, value) + unit
+    return b"%dH" % min(-(-micros // 3_600_000_000), 99_999_999)
+
+
 def request_headers(
-    member: Member, path: bytes, metadata: Sequence[tuple[str, str]]
+    member: Member,
+    path: bytes,
+    metadata: Sequence[tuple[str, str]],
+    timeout: float | None = None,
 ) -> list[tuple[bytes, bytes]]:
-    """A gRPC request's headers to `member`: POST to `path`, then the call's metadata."""
+    """A gRPC request's headers to `member`: POST to `path`, the `timeout` (seconds) as
+    grpc-timeout if given, then the call's metadata."""
     headers = [
         (b":method", b"POST"),
         (b":scheme", b"https" if member.tls is not None else b"http"),
         (b":path", path),
         (b":authority", member.authority.encode("idna")),
-        (b"content-type", b"application/grpc"),
-        (b"te", b"trailers"),
     ]
+    if timeout is not None:
+        headers.append((b"grpc-timeout", grpc_timeout(timeout)))
+    headers += [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
     headers.extend((k.encode(), v.encode()) for k, v in metadata)
     return headers
 
@@ -289,9 +348,19 @@ class Call:
     def data(self, data: bytes) -> None:
         self._inbox += data
         try:
-            found = messages(self._inbox)
-        except Compressed:
-            error = RpcError(StatusCode.INTERNAL, "etcd sent a compressed answer")
+            found = messages(self._inbox, self.conn.max_message)
+        except BadMessage as e:
+            # The call fails and its stream is reset; the connection and its other calls go
+            # on (what etcd still sends on this stream is dropped as it comes, unkept).
+            self._messages.extend(e.found)  # a stream's messages before it are still read
+            if isinstance(e, TooLarge):
+                why = (
+                    f"{self.conn.member.authority}: etcd's answer is a message of {e.size}"
+                    f" bytes, larger than the {e.limit} bytes a call may receive"
+                )
+                error = RpcError(StatusCode.RESOURCE_EXHAUSTED, why)
+            else:
+                error = RpcError(StatusCode.INTERNAL, "etcd sent a compressed answer")
             self.conn.reset(self, error)
             return
         if found:
@@ -326,6 +395,8 @@ class Call:
 class Connection(asyncio.Protocol):
     """One HTTP/2 connection to one etcd member, carrying any number of calls."""
 
+    max_message = MAX_MESSAGE  # the largest message a call takes in (tests lower it)
+
     def __init__(self, member: Member, timeout: float, ping_interval: float) -> None:
         self.member = member
         self.timeout = timeout
@@ -333,9 +404,13 @@ class Connection(asyncio.Protocol):
         self.broken: RpcError | None = None
         self.calls: dict[int, Call] = {}
         self._streaming = 0  # open calls that are not unary (they keep the pings going)
+        # Calls waiting for a stream (etcd's SETTINGS_MAX_CONCURRENT_STREAMS are all open), in
+        # the order made: (call, path, metadata, deadline) to encode its headers when it goes.
+        self._queue: deque[tuple[Call, bytes, Sequence[tuple[str, str]], float | None]] = deque()
         self._h2 = http2.ClientConnection(_WINDOW)
-        # Header blocks by (path, metadata): encoded once, sent with every such call.
-        self._blocks: dict[tuple[bytes, tuple[tuple[str, str], ...]], bytes] = {}
+        # Header blocks by (path, metadata, timeout): encoded once, sent with every such call
+        # (a channel's unary calls all have its one timeout; streams have none).
+        self._blocks: dict[tuple[bytes, tuple[tuple[str, str], ...], float | None], bytes] = {}
         self.draining = False  # etcd sent GOAWAY: no new calls here
         self._flushed_id = 0  # the highest stream id whose headers have left
         self._last_id = 0  # the highest stream id started
@@ -367,6 +442,8 @@ class Connection(asyncio.Protocol):
         try:
             events = self._h2.receive(data)
         except http2.ProtocolError as e:
+            for event in e.events:  # the frames before the bad one count, as in any chunking
+                self._event(event)
             if self.heard:
                 self.fail(RpcError(StatusCode.UNAVAILABLE, f"HTTP/2 protocol error: {e}"))
             else:
@@ -374,6 +451,8 @@ class Connection(asyncio.Protocol):
             return
         for event in events:
             self._event(event)
+        if self._queue:
+            self._open_queued()  # etcd's SETTINGS may allow more streams now
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -401,44 +480,80 @@ class Connection(asyncio.Protocol):
 
     # -- calls ------------------------------------------------------------------------
 
-    def start(self, path: bytes, metadata: Sequence[tuple[str, str]], *, unary: bool) -> Call:
-        """A new call: its request headers are sent (with the next flush)."""
+    def start(
+        self,
+        path: bytes,
+        metadata: Sequence[tuple[str, str]],
+        *,
+        unary: bool,
+        timeout: float | None = None,
+    ) -> Call:
+        """A new call: its request headers are sent (with the next flush); `timeout`, the
+        seconds the caller waits, goes as grpc-timeout so etcd gives up on it too.
+
+        While etcd's SETTINGS_MAX_CONCURRENT_STREAMS streams are open the call waits for one
+        to end (in order, behind those already waiting); its stream_id is 0 until then."""
         if self.broken is not None:
             raise self.broken
         if self.draining:
             why = f"{self.member.authority}: etcd is going away (GOAWAY)"
             raise RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True)
-        key = (path, tuple(metadata))
+        call = Call(self, 0, unary)
+        if self._queue or len(self.calls) >= self._h2.max_streams:
+            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+            self._queue.append((call, path, metadata, deadline))
+            return call
+        key = (path, tuple(metadata), timeout)
         block = self._blocks.get(key)
         if block is None:
-            headers = request_headers(self.member, path, metadata)
+            headers = request_headers(self.member, path, metadata, timeout)
             block = self._blocks[key] = http2.encode_headers(headers)
             if len(self._blocks) > 64:  # tokens come and go: keep the recent kinds only
                 del self._blocks[next(iter(self._blocks))]
+        if not self._open(call, block):
+            assert self.broken is not None
+            raise self.broken
+        return call
+
+    def _open(self, call: Call, block: bytes) -> bool:
+        """Open `call`'s stream with its header block (False: the connection failed)."""
         try:
             stream_id = self._h2.open_stream(block)
         except http2.ProtocolError:
             # 2^30 calls on one connection: go on with a new one.
-            error = RpcError(StatusCode.UNAVAILABLE, "HTTP/2 stream ids used up")
-            self.fail(error)
-            raise error from None
-        self._last_id = stream_id
-        call = Call(self, stream_id, unary)
+            self.fail(RpcError(StatusCode.UNAVAILABLE, "HTTP/2 stream ids used up"))
+            return False
+        self._last_id = call.stream_id = stream_id
         self.calls[stream_id] = call
-        if not unary:
+        if call.outbox:
+            self._pending[stream_id] = call  # written while it waited for a stream
+        if call.result is None:
             self._streaming += 1
             if self._ping_timer is None:
                 self._ping_timer = asyncio.get_running_loop().call_later(
                     self.ping_interval, self._ping
                 )
         self._schedule_flush()
-        return call
+        return True
+
+    def _open_queued(self) -> None:
+        """Open the waiting calls' streams, oldest first, as far as etcd's limit allows."""
+        queue = self._queue
+        limit = self._h2.max_streams
+        loop = asyncio.get_running_loop()
+        while queue and len(self.calls) < limit and self.broken is None and not self.draining:
+            call, path, metadata, deadline = queue.popleft()
+            # The time it has left, not the whole timeout: encoded for this call alone.
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            headers = request_headers(self.member, path, metadata, timeout)
+            self._open(call, http2.encode_headers(headers))
 
     async def unary(
         self, path: bytes, message: bytes, metadata: Sequence[tuple[str, str]], limit: float
     ) -> bytes:
-        """One request, one answer, within `limit` seconds (else DEADLINE_EXCEEDED)."""
-        call = self.start(path, metadata, unary=True)
+        """One request, one answer, within `limit` seconds (else DEADLINE_EXCEEDED; etcd is
+        told the limit too, grpc-timeout)."""
+        call = self.start(path, metadata, unary=True, timeout=limit)
         call.write(message, end=True)
         result = call.result
         assert result is not None
@@ -453,8 +568,9 @@ class Connection(asyncio.Protocol):
             timer.cancel()
 
     def want_flush(self, call: Call) -> None:
-        self._pending[call.stream_id] = call
-        self._schedule_flush()
+        if call.stream_id:  # a call still waiting for a stream is flushed once it has one
+            self._pending[call.stream_id] = call
+            self._schedule_flush()
 
     def reset(self, call: Call, error: RpcError) -> None:
         """End `call` with `error`, telling etcd (RST_STREAM CANCEL) if it is still open."""
@@ -490,6 +606,7 @@ class Connection(asyncio.Protocol):
             self.broken = error
         for call in list(self.calls.values()):
             self._end(call, self.broken)
+        self._fail_queued(self.broken)
         self._pending.clear()
         for timer in (self._ping_timer, self._ping_deadline):
             if timer is not None:
@@ -497,7 +614,22 @@ class Connection(asyncio.Protocol):
         self._ping_timer = self._ping_deadline = None
         self._answer_ping(False)
 
+    def _fail_queued(self, error: RpcError) -> None:
+        """Fail the calls waiting for a stream: etcd never saw them, so they are safe to send
+        again elsewhere (`unprocessed`), even writes."""
+        unprocessed = RpcError(error.code(), error.details(), unprocessed=True)
+        while self._queue:
+            call = self._queue.popleft()[0]
+            call.finish(unprocessed)
+
     def _end(self, call: Call, error: RpcError | None) -> None:
+        if not call.stream_id:  # still waiting for a stream: etcd knows nothing of it
+            for i, (waiting, *_) in enumerate(self._queue):
+                if waiting is call:
+                    del self._queue[i]
+                    break
+            call.finish(error)
+            return
         if self.calls.pop(call.stream_id, None) is not None and call.result is None:
             self._streaming -= 1
         self._pending.pop(call.stream_id, None)
@@ -510,6 +642,8 @@ class Connection(asyncio.Protocol):
                 # before our request was all sent): RST_STREAM ends it on both.
                 self._h2.reset(call.stream_id)
                 self._schedule_flush()
+            if self._queue:
+                self._open_queued()  # a stream is free (the RST, if any, goes first)
         self._close_if_drained()
 
     def _close_if_drained(self) -> None:
@@ -582,6 +716,7 @@ class Connection(asyncio.Protocol):
             if call.stream_id > last:
                 call.remote_done = call.local_done = True  # etcd will say nothing of it
                 self._end(call, RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True))
+        self._fail_queued(RpcError(StatusCode.UNAVAILABLE, why))
         self._close_if_drained()
 
     def _schedule_flush(self) -> None:
@@ -620,10 +755,11 @@ class Connection(asyncio.Protocol):
     def _expire(self, call: Call, timeout: float) -> None:
         if call.closed:
             return
-        self.reset(
-            call,
-            RpcError(StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g}s"),
-        )
+        why = f"no answer within {timeout:g}s"
+        if not call.stream_id:
+            limit = self._h2.max_streams
+            why += f" (not sent: etcd allows {limit} streams at once, all of them were busy)"
+        self.reset(call, RpcError(StatusCode.DEADLINE_EXCEEDED, why))
         self._send_ping(min(self.timeout, PROBE_TIMEOUT))  # is the member alive at all?
 
     async def responsive(self) -> bool:

@@ -219,6 +219,21 @@ def test_server_settings_are_acknowledged_through_h2() -> None:
     events = server.receive_data(client.take())
     assert any(isinstance(e, h2.events.SettingsAcknowledged) for e in events)
     assert server.local_settings.max_concurrent_streams == 7
+    assert client.max_streams == 7
+
+
+def test_max_streams_is_assumed_until_the_server_says() -> None:
+    client = ClientConnection(WINDOW)
+    assert client.max_streams == 100  # as grpc-go's client assumes before the SETTINGS
+    client.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x4, 1000)))
+    assert client.max_streams == 2**32 - 1  # SETTINGS that name no limit: there is none
+    client.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x3, 3)))
+    assert client.max_streams == 3
+    client.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x4, 1000)))
+    assert client.max_streams == 3  # later SETTINGS without it leave it
+    limited = ClientConnection(WINDOW)
+    limited.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x3, 0)))
+    assert limited.max_streams == 0
 
 
 # -- encoding request headers --------------------------------------------------------------
@@ -920,3 +935,66 @@ def test_frame_of_max_size() -> None:
     assert client.receive(frame(T_DATA, 0, stream, b"m" * 16_384)) == [
         (DATA, stream, b"m" * 16_384, False)
     ]
+
+
+# -- failures ------------------------------------------------------------------------------
+
+
+def test_events_before_a_bad_frame_come_with_the_error() -> None:
+    # The same events whether the bad frame comes in the same read or the next one.
+    client = heard()
+    stream = client.open_stream(b"")
+    good = frame(T_DATA, 0, stream, b"before") + frame(T_PING, F_ACK, 0, b"12345678")
+    with pytest.raises(ProtocolError, match="stream 0") as caught:
+        client.receive(good + frame(T_DATA, 0, 0, b"bad"))
+    assert caught.value.events == [(DATA, stream, b"before", False), (PING_ACK, b"12345678")]
+
+
+def test_a_broken_connection_stays_broken() -> None:
+    client = heard()
+    stream = client.open_stream(b"")
+    with pytest.raises(ProtocolError, match="stream 0"):
+        client.receive(frame(T_DATA, 0, 0, b"bad"))
+    # Later bytes, good or not, are not parsed from a state nobody knows: the same error,
+    # without the events it reported already.
+    with pytest.raises(ProtocolError, match="stream 0") as again:
+        client.receive(frame(T_DATA, 0, stream, b"late"))
+    assert again.value.events == []
+
+
+def test_headers_too_short_for_their_priority_fields() -> None:
+    client = heard()
+    stream = client.open_stream(b"")
+    with pytest.raises(ProtocolError, match="priority"):
+        client.receive(frame(T_HEADERS, F_END_HEADERS | F_PRIORITY, stream, b"\0\0\0"))
+    padded = heard()
+    stream = padded.open_stream(b"")
+    # Four bytes left once the padding is off: one short.
+    payload = bytes([2]) + b"\0\0\0\x01" + b"\0\0"
+    with pytest.raises(ProtocolError, match="priority"):
+        padded.receive(frame(T_HEADERS, F_END_HEADERS | F_PRIORITY | F_PADDED, stream, payload))
+
+
+def test_a_header_block_that_never_ends_is_refused_at_its_bound() -> None:
+    # A CONTINUATION flood: without a bound every byte of it would be kept, waiting for an
+    # END_HEADERS that never comes.
+    client = heard()
+    stream = client.open_stream(b"")
+    piece = b"\0" * 16_384
+    client.receive(frame(T_HEADERS, 0, stream, piece))
+    for _ in range(15):  # 256 KiB so far: not yet refused
+        assert client.receive(frame(T_CONTINUATION, 0, stream, piece)) == []
+    with pytest.raises(ProtocolError, match="header block over 262144 bytes"):
+        client.receive(frame(T_CONTINUATION, 0, stream, b"\0"))
+
+
+def test_a_large_header_block_within_the_bound_is_decoded() -> None:
+    client = heard()
+    stream = client.open_stream(b"")
+    headers = [(b"x-h%d" % i, b"v" * 500) for i in range(100)]  # 50 KB: hpack's 64 KiB list
+    block = hpack.Encoder().encode(headers, huffman=False)
+    pieces = [block[i : i + 1000] for i in range(0, len(block), 1000)]
+    data = frame(T_HEADERS, 0, stream, pieces[0])
+    for i, piece in enumerate(pieces[1:], 2):
+        data += frame(T_CONTINUATION, F_END_HEADERS if i == len(pieces) else 0, stream, piece)
+    assert client.receive(data) == [(HEADERS, stream, headers, False)]

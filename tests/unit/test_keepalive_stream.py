@@ -183,6 +183,23 @@ async def test_goaway_fails_the_stream_so_the_next_keepalive_opens_another() -> 
     assert peer.transport.aborted
 
 
+async def test_an_oversized_answer_fails_the_stream_after_the_answers_before_it() -> None:
+    stream, peer = make()
+    first, second = stream.send(7), stream.send(8)
+    await settle()
+    peer.pump()
+    peer.respond_headers()
+    body = rpc.LeaseKeepAliveResponse(ID=7, TTL=30).SerializeToString()
+    # An answer, then the prefix of one of 1 MiB: refused on its prefix, nothing waited for.
+    data = struct.pack(">BI", 0, len(body)) + body + struct.pack(">BI", 0, 1 << 20) + b"x" * 100
+    peer.conn.send_data(peer.stream_id, data)
+    peer.deliver(peer.conn.data_to_send())
+    assert await first == 30
+    with pytest.raises(RegistryUnavailable, match="a message of 1048576 bytes, larger than"):
+        await second
+    assert peer.transport.aborted
+
+
 async def test_flow_control_holds_requests_until_the_window_opens() -> None:
     # Each request is 5 bytes of prefix and 2-3 of protobuf: a 20-byte window takes 2.
     stream, peer = make(window=20)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import socket
 import ssl
 import struct
@@ -228,6 +229,53 @@ async def test_unary_call_is_a_grpc_post_with_the_metadata_and_resolves_to_the_a
     assert rpc.RangeResponse.FromString(task.result()).count == 7
     assert conn.calls == {}
     assert conn.usable
+
+
+GRPC_TIMEOUT = re.compile(rb"[1-9][0-9]{0,7}[HMSmun]|0[HMSmun]")  # gRPC's TimeoutValue, Unit
+
+
+async def test_unary_calls_tell_etcd_their_deadline_as_grpc_timeout() -> None:
+    conn, peer = make()
+    tasks = [asyncio.create_task(conn.unary(RANGE, b"x", [("token", "t")], 5.0)) for _ in "ab"]
+    short = asyncio.create_task(conn.unary(RANGE, b"x", [("token", "t")], 0.05))
+    await settle()
+    watch = conn.start(WATCH, [("token", "t")], unary=False)
+    watch.write(b"watch")
+    await settle()
+    peer.receive()
+    assert [peer.header(s).get(b"grpc-timeout") for s in (1, 3, 5, 7)] == [
+        b"5000m",
+        b"5000m",
+        b"50m",
+        None,  # a watch has no deadline
+    ]
+    for stream_id in (1, 3, 5):
+        assert GRPC_TIMEOUT.fullmatch(peer.header(stream_id)[b"grpc-timeout"])
+    # Encoded once per (path, metadata, timeout): a channel's calls all share its timeout.
+    assert len(conn._blocks) == 3
+    for stream_id in (1, 3, 5):
+        peer.respond(stream_id, b"y")
+    assert await asyncio.gather(*tasks, short) == [b"y"] * 3
+
+
+@pytest.mark.parametrize(
+    ("seconds", "header"),
+    [
+        (5.0, b"5000m"),
+        (0.05, b"50m"),
+        (1.1, b"1100m"),
+        (0.0004, b"1m"),  # rounded up: etcd gives up no sooner than the client
+        (0.0, b"1m"),  # the value must be positive
+        (2.0001, b"2001m"),
+        (99_999.999, b"99999999m"),
+        (100_000.0, b"100000S"),  # past 8 digits of milliseconds: seconds
+        (1e9, b"16666667M"),
+        (1e12, b"99999999H"),  # 277,777,778 hours: as long as gRPC can say
+    ],
+)
+def test_grpc_timeout_is_at_most_8_digits_and_a_unit(seconds: float, header: bytes) -> None:
+    assert transport_module.grpc_timeout(seconds) == header
+    assert GRPC_TIMEOUT.fullmatch(header)
 
 
 async def test_tls_member_calls_use_the_https_scheme() -> None:
@@ -464,6 +512,60 @@ async def test_compressed_answer_fails_the_call_and_resets_its_stream() -> None:
     assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
 
 
+def test_the_largest_message_a_call_takes_is_64_mib() -> None:
+    # Above grpc-go's 4 MiB default: a range of every unit body at 10,000 units is 20-30 MB.
+    assert transport_module.MAX_MESSAGE == Connection.max_message == 64 * 1024 * 1024
+
+
+async def test_a_message_over_the_limit_fails_its_call_on_its_prefix_and_spares_the_others() -> (
+    None
+):
+    conn, peer = make()
+    conn.max_message = 1000
+    big = asyncio.create_task(conn.unary(RANGE, b"big", [], 5.0))
+    other = asyncio.create_task(conn.unary(RANGE, b"other", [], 5.0))
+    await settle()
+    peer.receive()
+    peer.conn.send_headers(1, OK_HEADERS)
+    peer.conn.send_data(1, struct.pack(">BI", 0, 10_000_000) + b"x" * 95)  # 100 bytes of it
+    peer.send()
+    # Failed at once, on the prefix: not a byte of the rest is waited for or kept.
+    error = await failure(big)
+    assert error.code() == StatusCode.RESOURCE_EXHAUSTED
+    assert error.details() == (
+        "127.0.0.1:2379: etcd's answer is a message of 10000000 bytes, larger than the 1000"
+        " bytes a call may receive"
+    )
+    assert list(conn.calls) == [3]
+    await settle()
+    peer.receive()
+    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    # What etcd sent of it before it saw the reset is dropped as it comes, and credited back.
+    late = struct.pack(">I", 16_000)[1:] + struct.pack(">BBI", 0, 0, 1) + b"x" * 16_000
+    conn.data_received(late * 3)  # (h2 sends nothing on a stream it knows is reset)
+    peer.respond(3, b"a" * 1000)  # exactly the limit: taken
+    assert await asyncio.wait_for(other, 1) == b"a" * 1000
+    assert conn.usable
+    assert not peer.transport.aborted
+
+
+async def test_a_streaming_call_reads_its_messages_before_one_over_the_limit() -> None:
+    conn, peer = make()
+    conn.max_message = 1000
+    watch = conn.start(WATCH, [], unary=False)
+    watch.write(b"watch")
+    await settle()
+    peer.receive()
+    peer.conn.send_headers(1, OK_HEADERS)
+    peer.conn.send_data(1, prefixed(b"event") + struct.pack(">BI", 0, 1001))
+    peer.send()
+    assert await watch.read() == b"event"
+    error = await failure(watch.read())
+    assert error.code() == StatusCode.RESOURCE_EXHAUSTED
+    assert "1001 bytes" in error.details()
+    assert conn.usable
+
+
 async def test_stream_reset_by_etcd_is_unavailable() -> None:
     conn, peer, task = await call_sent()
     peer.conn.reset_stream(1, h2.errors.ErrorCodes.REFUSED_STREAM)
@@ -626,6 +728,218 @@ async def test_request_bigger_than_the_connection_window_waits_too() -> None:
     assert await asyncio.wait_for(task, 1) == b"done"
 
 
+# -- etcd's limit on concurrent streams --------------------------------------------------------
+
+
+def limited(streams: int, timeout: float = 5.0) -> tuple[Connection, Peer]:
+    """A connection to a peer that allows `streams` streams at once (h2 enforces it: a
+    stream more is a protocol error on its side)."""
+    conn, peer = make(timeout=timeout)
+    peer.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: streams})
+    peer.send()
+    peer.receive()  # our acknowledgement: h2 holds us to the limit from now on
+    return conn, peer
+
+
+async def test_calls_beyond_the_stream_limit_wait_and_go_in_order_as_streams_end() -> None:
+    conn, peer = limited(2)
+    tasks = [asyncio.create_task(conn.unary(RANGE, b"call %d" % i, [], 5.0)) for i in range(5)]
+    await settle()
+    peer.receive()
+    assert sorted(peer.headers) == [1, 3]  # no more than etcd allows
+    assert len(conn.calls) == 2
+    peer.respond(3, b"answer 1")
+    await settle()
+    peer.receive()
+    assert sorted(peer.headers) == [1, 3, 5]
+    assert peer.messages(5) == [b"call 2"]  # the oldest waiting call, its request whole
+    peer.respond(1, b"answer 0")
+    peer.respond(5, b"answer 2")
+    await settle()
+    peer.receive()
+    assert sorted(peer.headers) == [1, 3, 5, 7, 9]
+    assert [peer.messages(s) for s in (7, 9)] == [[b"call 3"], [b"call 4"]]
+    peer.respond(9, b"answer 4")
+    peer.respond(7, b"answer 3")
+    assert await asyncio.gather(*tasks) == [b"answer %d" % i for i in range(5)]
+    assert conn.calls == {}
+    assert peer.resets == {}  # nothing refused, nothing reset
+    assert conn.usable
+
+
+async def test_streams_etcd_ends_by_reset_or_that_we_cancel_free_their_place_too() -> None:
+    conn, peer = limited(1)
+    watch = conn.start(WATCH, [], unary=False)
+    watch.write(b"watch")
+    first = asyncio.create_task(conn.unary(RANGE, b"first", [], 5.0))
+    second = asyncio.create_task(conn.unary(RANGE, b"second", [], 5.0))
+    await settle()
+    peer.receive()
+    assert sorted(peer.headers) == [1]
+    watch.cancel()  # RST_STREAM first, then the next call's HEADERS
+    await settle()
+    peer.receive()
+    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    assert sorted(peer.headers) == [1, 3]
+    peer.conn.reset_stream(3, h2.errors.ErrorCodes.INTERNAL_ERROR)
+    peer.send()
+    assert (await failure(first)).code() == StatusCode.UNAVAILABLE
+    await settle()
+    peer.receive()
+    assert sorted(peer.headers) == [1, 3, 5]
+    peer.respond(5, b"second answer")
+    assert await asyncio.wait_for(second, 1) == b"second answer"
+
+
+async def test_a_streaming_call_written_while_waiting_sends_its_messages_once_open() -> None:
+    conn, peer = limited(1)
+    pending = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    watch = conn.start(WATCH, [("token", "t")], unary=False)
+    watch.write(b"one")
+    watch.write(b"two")
+    assert watch.stream_id == 0  # waiting: not on the wire yet
+    await settle()
+    peer.receive()
+    assert sorted(peer.headers) == [1]
+    peer.respond(1, b"y")
+    assert await asyncio.wait_for(pending, 1) == b"y"
+    await settle()
+    peer.receive()
+    assert watch.stream_id == 3
+    assert peer.header(3)[b"token"] == b"t"
+    assert b"grpc-timeout" not in peer.header(3)
+    assert peer.messages(3) == [b"one", b"two"]
+    assert peer.ended == {1}  # the watch's request side stays open
+    peer.conn.send_headers(3, OK_HEADERS)
+    peer.conn.send_data(3, prefixed(b"event"))
+    peer.send()
+    assert await asyncio.wait_for(watch.read(), 1) == b"event"
+
+
+async def test_a_call_that_waited_tells_etcd_the_time_it_has_left() -> None:
+    conn, peer = limited(1)
+    blocker = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    waiting = asyncio.create_task(conn.unary(RANGE, b"y", [], 5.0))
+    await asyncio.sleep(0.3)
+    peer.receive()
+    peer.respond(1, b"done")
+    await asyncio.wait_for(blocker, 1)
+    await settle()
+    peer.receive()
+    left = int(peer.header(3)[b"grpc-timeout"].removesuffix(b"m"))
+    assert 4000 < left <= 4700
+    peer.respond(3, b"done too")
+    assert await asyncio.wait_for(waiting, 1) == b"done too"
+
+
+async def test_a_call_that_times_out_waiting_for_a_stream_is_never_sent() -> None:
+    conn, peer = limited(1)
+    blocker = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    late = asyncio.create_task(conn.unary(RANGE, b"late", [], 0.05))
+    after = asyncio.create_task(conn.unary(RANGE, b"after", [], 5.0))
+    error = await failure(late)
+    assert error.code() == StatusCode.DEADLINE_EXCEEDED
+    assert "not sent: etcd allows 1 streams at once" in error.details()
+    await settle()
+    peer.pump()  # the probe ping after a timeout, answered: the member is alive
+    peer.respond(1, b"done")
+    assert await asyncio.wait_for(blocker, 1) == b"done"
+    await settle()
+    peer.receive()
+    assert sorted(peer.headers) == [1, 3]
+    assert peer.messages(3) == [b"after"]  # the timed-out call never went
+    assert peer.resets == {}
+    peer.respond(3, b"after answer")
+    assert await asyncio.wait_for(after, 1) == b"after answer"
+    assert conn.usable
+
+
+async def test_cancelling_a_waiting_call_takes_it_out_of_the_line() -> None:
+    conn, peer = limited(1)
+    blocker = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    await settle()
+    cancelled = asyncio.create_task(conn.unary(RANGE, b"cancelled", [], 5.0))
+    after = asyncio.create_task(conn.unary(RANGE, b"after", [], 5.0))
+    await settle()
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    peer.receive()
+    peer.respond(1, b"done")
+    await asyncio.wait_for(blocker, 1)
+    await settle()
+    peer.receive()
+    assert peer.messages(3) == [b"after"]
+    assert peer.resets == {}
+    peer.respond(3, b"after answer")
+    assert await asyncio.wait_for(after, 1) == b"after answer"
+
+
+async def test_a_higher_limit_from_etcd_opens_the_waiting_calls() -> None:
+    conn, peer = limited(1)
+    tasks = [asyncio.create_task(conn.unary(RANGE, b"%d" % i, [], 5.0)) for i in range(3)]
+    await settle()
+    peer.receive()
+    assert sorted(peer.headers) == [1]
+    peer.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 10})
+    peer.send()
+    await settle()
+    peer.receive()
+    assert sorted(peer.headers) == [1, 3, 5]
+    for stream_id in (1, 3, 5):
+        peer.respond(stream_id, b"answer")
+    assert await asyncio.gather(*tasks) == [b"answer"] * 3
+
+
+async def test_waiting_calls_fail_as_never_sent_on_goaway_or_a_lost_connection() -> None:
+    conn, peer = limited(1)
+    taken = asyncio.create_task(conn.unary(RANGE, b"taken", [], 5.0))
+    await settle()
+    waiting = asyncio.create_task(conn.unary(TXN, b"a write", [], 5.0))
+    watch = conn.start(WATCH, [], unary=False)
+    await settle()
+    peer.receive()
+    peer.conn.close_connection(last_stream_id=1)
+    peer.send()
+    for error in (await failure(waiting), await failure(watch.read())):
+        assert error.code() == StatusCode.UNAVAILABLE
+        assert "GOAWAY" in error.details()
+        assert error.unprocessed  # etcd never saw them: the channel sends them elsewhere
+    assert sorted(peer.headers) == [1]
+    await settle()
+    assert not taken.done()  # etcd took it: it may still answer (the GOAWAY tests)
+    assert list(conn.calls) == [1]
+    taken.cancel()
+
+    conn, peer = limited(1)
+    first = asyncio.create_task(conn.unary(RANGE, b"first", [], 5.0))
+    await settle()
+    second = asyncio.create_task(conn.unary(TXN, b"a write", [], 5.0))
+    await settle()
+    conn.connection_lost(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
+    assert not (await failure(first)).unprocessed  # sent: etcd may have applied it
+    lost = await failure(second)
+    assert lost.code() == StatusCode.UNAVAILABLE
+    assert "reset by peer" in lost.details()
+    assert lost.unprocessed
+
+
+async def test_until_etcd_says_its_limit_100_streams_are_assumed() -> None:
+    conn = Connection(MEMBER, 5.0, 10.0)
+    transport = Transport()
+    conn.connection_made(transport)
+    calls = [conn.start(RANGE, [], unary=True) for _ in range(101)]
+    assert len(conn.calls) == 100
+    assert calls[-1].stream_id == 0
+    conn.data_received(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # SETTINGS naming no limit
+    assert len(conn.calls) == 101  # then there is none
+    assert calls[-1].stream_id == 201
+    assert [conn.start(RANGE, [], unary=True).stream_id for _ in range(200)][-1] == 601
+
+
 # -- the connection failing ------------------------------------------------------------------
 
 
@@ -702,6 +1016,25 @@ async def test_graceful_goaway_and_ping_keep_calls_going() -> None:
     peer.respond(1, b"answer")
     assert await asyncio.wait_for(unary, 1.0) == b"answer"
     assert peer.transport.closed
+
+
+async def test_an_answer_before_a_bad_frame_in_the_same_read_counts() -> None:
+    # As it would had the bad frame come in the next read: the call answered before it is
+    # answered, the others fail with the connection.
+    conn, peer = make()
+    first = asyncio.create_task(conn.unary(RANGE, b"1", [], 5.0))
+    second = asyncio.create_task(conn.unary(RANGE, b"2", [], 5.0))
+    await settle()
+    peer.receive()
+    peer.conn.send_headers(1, OK_HEADERS)
+    peer.conn.send_data(1, prefixed(b"answer"))
+    peer.trailers(1, 0)
+    conn.data_received(peer.conn.data_to_send() + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+    assert await asyncio.wait_for(first, 1) == b"answer"
+    error = await failure(second)
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "HTTP/2 protocol error: DATA on stream 0" in error.details()
+    assert peer.transport.aborted
 
 
 async def test_bytes_h2_rejects_before_any_frame_say_not_http2() -> None:
