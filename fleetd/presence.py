@@ -80,6 +80,7 @@ class Presence:
         self._settled_at: float | None = None
         self._term = 0  # etcd's raft term as last seen
         self._mute_watch: asyncio.Task[None] | None = None  # see _watch_mute_members
+        self._mute_found = False  # it found a member mute, and still watches it
 
     @property
     def slow_answer(self) -> float:
@@ -94,10 +95,10 @@ class Presence:
 
     def settled_since(self) -> float | None:
         """Clock time since which etcd has answered this machine well; None while it does not
-        (or before the first answer), and while an etcd member is mute after an election
-        (_watch_mute_members). A fleetd that just started knows etcd only since its
+        (or before the first answer), and while an etcd member is found mute after an
+        election (_watch_mute_members). A fleetd that just started knows etcd only since its
         registration, so the engine's grace covers a cold start too."""
-        if self.in_trouble or self._mute_watch is not None:
+        if self.in_trouble or self._mute_found:
             return None
         return self._settled_at
 
@@ -129,6 +130,8 @@ class Presence:
 
     async def run(self, stop: asyncio.Event) -> None:
         waiter = StopWaiter(stop)
+        if self.registered.is_set():
+            self._start_mute_watch()  # restarted (supervise): the watch went with the old run
         try:
             await self._run(stop, waiter)
         finally:
@@ -199,6 +202,7 @@ class Presence:
         # registered just before etcd's leader froze).
         self._check_term()
         self._answered()
+        self._start_mute_watch()
         self.registered.set()
         log.info("machine_registered", machine=machine.id, lease=lease, ttl=self.ttl)
 
@@ -226,16 +230,22 @@ class Presence:
             self._trouble(
                 "election", f"etcd elected a new leader (raft term {self._term} -> {term})"
             )
-            if self._mute_watch is None:
-                self._mute_watch = asyncio.ensure_future(self._watch_mute_members())
+            self._start_mute_watch()
         self._term = max(self._term, term)
+
+    def _start_mute_watch(self) -> None:
+        if self._mute_watch is None:
+            self._mute_watch = asyncio.ensure_future(self._watch_mute_members())
 
     async def _watch_mute_members(self) -> None:
         """After an etcd election, etcd is not settled while one of its members is mute (at
         most MUTE_LIMIT x agent_ttl): a leader frozen past the lease TTL revokes, as it
         resumes and before it learns it was deposed, every lease it thinks expired, although
         the new leader kept them (etcd #15247; Debian 12's etcd 3.4.23 has it). That comes
-        any time after the election, so the engine's grace must still be on then."""
+        any time after the election, so the engine's grace must still be on then. Also run
+        at each registration and restart of presence: this fleetd may have missed the
+        election (it started during the freeze), and its engine may lead when the revoke
+        comes."""
         started = self.clock()
         warned = False
         try:
@@ -244,8 +254,13 @@ class Presence:
                     mute = await self.registry.kv.mute_members()
                 except FleetError as e:
                     mute = [f"unknown: {e}"]
+                except Exception:
+                    # A bug in the probe must not hold units for good: stop watching.
+                    log.exception("etcd_mute_probe_failed")
+                    break
                 if not mute:
                     break
+                self._mute_found = True
                 if not warned:
                     log.warning(
                         "etcd_member_mute",
@@ -261,7 +276,9 @@ class Presence:
                 log.info("etcd_members_answer")
         finally:
             self._mute_watch = None
-            self._settled_at = self.clock()  # the grace starts over from here
+            self._mute_found = False
+            if warned:
+                self._settled_at = self.clock()  # the grace starts over from here
 
     def _lost_lease(self) -> None:
         self.lease = 0

@@ -38,6 +38,7 @@ import enum
 import errno
 import functools
 import select
+import socket
 import ssl
 import struct
 import weakref
@@ -420,6 +421,7 @@ class Connection(asyncio.Protocol):
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_deadline: asyncio.TimerHandle | None = None
         self._pong: asyncio.Future[bool] | None = None  # the outstanding ping's answer
+        self._ping_limit: float | None = None  # a ping's deadline, armed when it is written
         self._closed = asyncio.get_running_loop().create_future()
 
     @property
@@ -546,7 +548,9 @@ class Connection(asyncio.Protocol):
             # The time it has left, not the whole timeout: encoded for this call alone.
             timeout = None if deadline is None else max(0.0, deadline - loop.time())
             headers = request_headers(self.member, path, metadata, timeout)
-            self._open(call, http2.encode_headers(headers))
+            if not self._open(call, http2.encode_headers(headers)):
+                why = f"{self.member.authority}: the connection failed before the call was sent"
+                call.finish(RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True))
 
     async def unary(
         self, path: bytes, message: bytes, metadata: Sequence[tuple[str, str]], limit: float
@@ -612,6 +616,7 @@ class Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._ping_timer = self._ping_deadline = None
+        self._ping_limit = None
         self._answer_ping(False)
 
     def _fail_queued(self, error: RpcError) -> None:
@@ -751,6 +756,11 @@ class Connection(asyncio.Protocol):
         if data:
             transport.write(data)
         self._flushed_id = self._last_id
+        limit, self._ping_limit = self._ping_limit, None
+        if limit is not None and self._ping_deadline is None:
+            self._ping_deadline = asyncio.get_running_loop().call_later(
+                limit, self._ping_overdue, limit
+            )
 
     def _expire(self, call: Call, timeout: float) -> None:
         if call.closed:
@@ -788,6 +798,9 @@ class Connection(asyncio.Protocol):
             return
         loop = asyncio.get_running_loop()
         limit = self.timeout if limit is None else limit
+        if self._ping_limit is not None:  # one is about to leave: it gets the shorter limit
+            self._ping_limit = min(self._ping_limit, limit)
+            return
         deadline = self._ping_deadline
         if deadline is not None:
             if deadline.when() > loop.time() + limit:
@@ -795,9 +808,11 @@ class Connection(asyncio.Protocol):
                 self._ping_deadline = loop.call_later(limit, self._ping_overdue, limit)
             return
         self._h2.ping(b"fleetd\0\0")
-        self._schedule_flush()
         self._pong = loop.create_future()
-        self._ping_deadline = loop.call_later(limit, self._ping_overdue, limit)
+        # The deadline runs from when the ping leaves (_flush), not from now: a loop busy
+        # for a second in between (a large plan) must not fail a member that answers at once.
+        self._ping_limit = limit
+        self._schedule_flush()
 
     def _ping_overdue(self, limit: float) -> None:
         self._ping_deadline = None
@@ -844,25 +859,34 @@ async def connect_first(
 async def member_mute(
     member: Member, path: bytes, message: bytes, metadata: Sequence[tuple[str, str]], limit: float
 ) -> bool:
-    """Whether `member` is mute: it does not connect, or does not answer one call, within
-    `limit` seconds, on a connection of its own (closed after). Refusing the connection is not
-    mute: the member is down, not frozen; any answer, an error too, says it runs."""
+    """Whether `member` is mute: its host accepts a TCP connection, but the member does not
+    answer one call (TLS handshake included) within `limit` seconds, on a connection of its
+    own (closed after). That is a frozen process (SIGSTOPped, or hung). A member that cannot be
+    reached at all (refused: down; no answer to the connect: its host dead, cut off or paused,
+    or its name not resolving in time) is not mute: holding units for it would hold the
+    failover of a machine that died with its etcd member. Any answer, an error too, says it
+    runs."""
     loop = asyncio.get_running_loop()
+    try:
+        sock = await asyncio.wait_for(_tcp_connect(loop, member), limit)
+    except (OSError, TimeoutError):
+        return False
     factory = functools.partial(Connection, member, limit, 3600.0)
     try:
         _, conn = await asyncio.wait_for(
             loop.create_connection(
                 factory,
-                member.host,
-                member.port,
+                sock=sock,
                 ssl=member.tls,
                 server_hostname=member.server_hostname if member.tls else None,
             ),
             limit,
         )
     except TimeoutError:
-        return True
+        sock.close()
+        return True  # accepted, but the TLS handshake went unanswered
     except OSError:
+        sock.close()
         return False
     try:
         await conn.unary(path, message, metadata, limit)
@@ -871,6 +895,26 @@ async def member_mute(
     finally:
         conn.fail(RpcError(StatusCode.CANCELLED, "probe done"))
     return False
+
+
+async def _tcp_connect(loop: asyncio.AbstractEventLoop, member: Member) -> socket.socket:
+    """A connected non-blocking TCP socket to `member` (its addresses tried in order)."""
+    infos = await loop.getaddrinfo(member.host, member.port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"{member.authority}: no address")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as e:
+            sock.close()
+            error = e
+            continue
+        except BaseException:  # cancelled (the caller's limit): leave no socket behind
+            sock.close()
+            raise
+        return sock
+    raise error
 
 
 class Channel:

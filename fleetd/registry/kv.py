@@ -86,10 +86,10 @@ class KV(Protocol):
     """What the registry needs from etcd. All methods may raise RegistryUnavailable."""
 
     async def mute_members(self) -> list[str]:
-        """The etcd members (of those configured) that are mute: they accept a connection, or
-        do not even answer the attempt, but do not answer a request within a second. A
-        frozen member (SIGSTOPped, its VM paused) is mute; a stopped one refuses connections
-        and is not. A former leader that resumes from such a freeze may revoke leases (see
+        """The etcd members (of those configured) that are mute: their host accepts a
+        connection, but they answer no request within a second: a frozen process
+        (SIGSTOPped, hung). One that cannot be reached at all (stopped, or its host dead or
+        paused) is not. A former leader that resumes from a freeze may revoke leases (see
         raft_term)."""
         ...
 

@@ -117,3 +117,20 @@ async def test_an_election_with_every_member_answering_settles_at_once() -> None
     for _ in range(5):
         await asyncio.sleep(0)
     assert presence.settled_since() is not None
+
+
+async def test_a_member_mute_at_registration_keeps_etcd_unsettled() -> None:
+    # A fleetd that starts while etcd's former leader is frozen saw no election, yet its
+    # engine may lead when that member resumes and revokes.
+    kv = FakeKV()
+    kv.mute = {"etcd-1:2379"}
+    presence = Presence(Registry(kv), lambda: Machine.make("m1"), ttl=3)
+    await presence._register()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert presence.settled_since() is None
+    kv.mute.clear()
+    deadline = presence.clock() + 5
+    while presence.settled_since() is None:
+        assert presence.clock() < deadline, "still unsettled after the member answered"
+        await asyncio.sleep(0.05)

@@ -14,6 +14,7 @@ import re
 import socket
 import ssl
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -631,6 +632,19 @@ async def test_a_timed_out_call_brings_an_outstanding_pings_deadline_forward(
     assert "within 0.05s" in lost.details()
     assert peer.pings == 1  # the outstanding ping was the probe: no second one
     assert not await conn.responsive()
+
+
+async def test_a_busy_loop_before_the_ping_leaves_does_not_fail_a_member_that_answers() -> None:
+    # The probe's deadline runs from when the ping is written: a loop blocked for longer than
+    # the deadline between asking for the ping and writing it (a large plan) must not count.
+    conn, peer = make(timeout=5.0)
+    conn._send_ping(0.05)
+    time.sleep(0.1)  # noqa: ASYNC251  (the loop is busy on purpose: nothing written yet)
+    await settle()
+    peer.pump()  # the ping, answered as soon as it arrives
+    assert await asyncio.wait_for(conn.responsive(), 1)
+    await asyncio.sleep(0.1)
+    assert conn.usable
 
 
 async def test_unary_timeout_with_the_ping_answered_keeps_the_connection() -> None:
@@ -1428,6 +1442,20 @@ async def test_channel_leaves_a_member_found_mute_and_its_watch_fails_at_once(
         assert await channel.unary(RANGE, b"2", []) == b"B:2"
     finally:
         await channel.close()
+
+
+async def test_member_mute_is_not_a_host_that_does_not_answer_the_connect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Dead, cut off or paused host: as good as a machine that died with its etcd member, whose
+    # units must move; only a member that accepts and then says nothing is held for.
+    async def never(*_: Any) -> Any:
+        await asyncio.sleep(10)
+
+    monkeypatch.setattr(transport_module, "_tcp_connect", never)
+    start = asyncio.get_running_loop().time()
+    assert not await member_mute(dead_member(1), STATUS, b"", [], 0.1)
+    assert asyncio.get_running_loop().time() - start < 0.5
 
 
 async def test_channel_takes_in_a_close_it_has_not_seen_before_calling_again(
