@@ -185,7 +185,7 @@ class Presence:
         if not await self.registry.register_machine(machine, lease):
             if not adopted:
                 with contextlib.suppress(FleetError):
-                    await self.registry.kv.revoke(lease)
+                    await self.registry.revoke_lease(lease)
             if not self.refused_duplicate:
                 log.error(
                     "machine_id_in_use",
@@ -209,23 +209,23 @@ class Presence:
     async def _adopt_or_grant(self, old: int) -> tuple[int, bool]:
         """A lease to register on (`old`, from the lease file, if it lives: a restart), and
         whether it is that adopted one."""
-        if old and await self.registry.kv.keepalive(old) > 0:
+        if old and await self.registry.keepalive(old) > 0:
             log.info("lease_adopted", lease=old)
             return old, True
-        return await self.registry.kv.grant(self.ttl), False
+        return await self.registry.grant_lease(self.ttl), False
 
     async def _release_other_id(self, old: int, old_id: str, machine_id: str) -> None:
         """The lease file names another machine id (the machine id changed across a restart):
         revoke that lease now, so the old registration, its unit states and any engine lead
         on it go at once instead of after agent_ttl (or never, had we adopted the lease)."""
-        await self.registry.kv.revoke(old)  # a lease already gone is fine (no error)
+        await self.registry.revoke_lease(old)  # a lease already gone is fine (no error)
         log.info("old_registration_released", old_machine=old_id, lease=old, machine=machine_id)
         self._write_lease_file(0)
 
     def _check_term(self) -> None:
         """An etcd leader election seen in the answers' raft term is etcd trouble too: leases
         are least trustworthy then (kv.KV.raft_term)."""
-        term = self.registry.kv.raft_term
+        term = self.registry.raft_term
         if self._term and term > self._term:
             self._trouble(
                 "election", f"etcd elected a new leader (raft term {self._term} -> {term})"
@@ -251,7 +251,7 @@ class Presence:
         try:
             while self.clock() - started < MUTE_LIMIT * self.agent_ttl:
                 try:
-                    mute = await self.registry.kv.mute_members()
+                    mute = await self.registry.mute_members()
                 except FleetError as e:
                     mute = [f"unknown: {e}"]
                 except Exception:
@@ -286,7 +286,7 @@ class Presence:
 
     async def _renew(self) -> None:
         sent = self.clock()
-        remaining = await self.registry.kv.keepalive(self.lease)
+        remaining = await self.registry.keepalive(self.lease)
         took = self.clock() - sent
         if took > self.slow_answer:
             self._trouble("keepalive", f"etcd took {took:.1f}s to answer a keepalive")
@@ -338,7 +338,7 @@ class Presence:
         """Graceful stop: end the lease now so the engine reschedules without waiting."""
         if self.lease:
             with contextlib.suppress(FleetError):
-                await self.registry.kv.revoke(self.lease)
+                await self.registry.revoke_lease(self.lease)
             log.info("lease_revoked", lease=self.lease)
         self.lease = 0
         self.registered.clear()

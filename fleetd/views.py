@@ -194,7 +194,7 @@ async def _bodies(
         if body is not None:
             cache[hash_] = body
     elif missing:
-        kvs, _ = await registry.kv.range(keys.bodies)
+        kvs, _ = await registry.body_records()
         _parse_bodies(registry, kvs, missing, cache)
     return cache
 
@@ -236,7 +236,7 @@ async def load_unit_views(
         registry.list_units(),
         registry.placements(),
         registry.list_states(),
-        registry.kv.range(registry.keys.bodies),
+        registry.body_records(),
     )
     _parse_bodies(registry, kvs, {u.hash for u in units}, cache)
     return build_unit_views(units, cache, placements, states)

@@ -268,7 +268,7 @@ class Agent:
         prefixes = [
             self.keys.machine_schedule(self.machine_id),
             self.keys.globals,
-            self.keys.machine_meta + self.machine_id + "/",
+            self.keys.machine_meta_of(self.machine_id),
         ]
 
         async def reconcile() -> None:
@@ -289,7 +289,7 @@ class Agent:
     def _on_event(self, event: WatchEvent) -> None:
         keys = self.keys
         mine = keys.machine_schedule(self.machine_id)
-        meta = keys.machine_meta + self.machine_id + "/"
+        meta = keys.machine_meta_of(self.machine_id)
         if event.key.startswith(meta):
             key = keys.tail(event.key, meta)
             if event.type == EventType.DELETE:
@@ -315,7 +315,7 @@ class Agent:
     async def _load_desired(self) -> int:
         scheduled, revision = await self.registry.machine_schedule(self.machine_id)
         globals_, _ = await self.registry.global_units()
-        meta_kvs, _ = await self.registry.kv.range(self.keys.machine_meta + self.machine_id + "/")
+        dynamic_meta = await self.registry.machine_dynamic_metadata(self.machine_id)
         keys = self.keys
         self.scheduled = {
             s.name: s
@@ -325,8 +325,7 @@ class Agent:
         self.globals = {
             s.name: s for s in globals_ if acceptable_name(s.name, keys.global_unit(s.name))
         }
-        prefix = self.keys.machine_meta + self.machine_id + "/"
-        self.dynamic_meta = {self.keys.tail(kv.key, prefix): kv.value for kv in meta_kvs}
+        self.dynamic_meta = dynamic_meta
         return revision
 
     # ---- reconciliation --------------------------------------------------------------------

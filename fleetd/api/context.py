@@ -69,4 +69,4 @@ class ApiContext:
         return await loop.run_in_executor(None, functools.partial(fn, *args))
 
     async def revision(self) -> int:
-        return await self.registry.kv.current_revision()
+        return await self.registry.current_revision()

@@ -239,7 +239,7 @@ class LiveListings:
         await self._stop_follower()
         keys = self.keys
         prefixes = (keys.units, keys.placements, keys.states, keys.machines, keys.machine_meta)
-        reads = await asyncio.gather(*(self.registry.kv.range(p) for p in prefixes))
+        reads = await self.registry.read_prefixes(prefixes)
         (unit_kvs, _), (placement_kvs, _), (state_kvs, _), (machine_kvs, _), (meta_kvs, _) = reads
         self.units, self.placements, self.states = {}, {}, {}
         self.machines, self.meta, self._waiting_bodies = {}, {}, {}

@@ -170,7 +170,7 @@ class Engine:
 
     async def _follow(self, stop: asyncio.Event) -> None:
         """Wait until the leader key goes away (or stop), then campaign again."""
-        kv = await self.registry.kv.get(self.keys.leader)
+        kv = await self.registry.leader_record()
         if kv is None:
             return
         log.debug("engine_leader_is", leader=kv.value)
@@ -275,7 +275,7 @@ class Engine:
         """Absent machines whose units stay put, because the grace is on."""
         if self.grace <= 0:
             return frozenset()
-        term = self.registry.kv.raft_term
+        term = self.registry.raft_term
         if self._raft_term and term > self._raft_term:
             # An etcd leader election: leases are least trustworthy around one (a leader
             # resuming from a stall may revoke leases the new one renewed: etcd #15247).

@@ -94,6 +94,9 @@ class Keys:
     def machine_meta(self) -> str:
         return f"{self.prefix}machine-meta/"
 
+    def machine_meta_of(self, machine_id: str) -> str:
+        return f"{self.machine_meta}{machine_id}/"
+
     def machine_meta_key(self, machine_id: str, key: str) -> str:
         return f"{self.machine_meta}{machine_id}/{key}"
 

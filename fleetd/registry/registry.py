@@ -593,8 +593,50 @@ class Registry:
         return None
 
     async def leader(self) -> str | None:
-        kv = await self.kv.get(self.keys.leader)
+        kv = await self.leader_record()
         return kv.value if kv else None
+
+    async def leader_record(self) -> KeyValue | None:
+        """The engine leader key as stored (its value is the leader's machine id)."""
+        return await self.kv.get(self.keys.leader)
+
+    # ---- leases, and etcd's own state -------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        return await self.kv.grant(ttl)
+
+    async def keepalive(self, lease: int) -> int:
+        """Renew `lease`: its remaining TTL, 0 if etcd no longer has it."""
+        return await self.kv.keepalive(lease)
+
+    async def revoke_lease(self, lease: int) -> None:
+        await self.kv.revoke(lease)
+
+    @property
+    def raft_term(self) -> int:
+        """etcd's raft term as last seen (kv.KV.raft_term)."""
+        return self.kv.raft_term
+
+    async def mute_members(self) -> list[str]:
+        """etcd members that accept a connection but answer nothing (kv.KV.mute_members)."""
+        return await self.kv.mute_members()
+
+    async def current_revision(self) -> int:
+        return await self.kv.current_revision()
+
+    async def read_prefixes(self, prefixes: Sequence[str]) -> list[tuple[list[KeyValue], int]]:
+        """Each prefix's records and revision, read at once (a mirror's reload)."""
+        return list(await asyncio.gather(*(self.kv.range(p) for p in prefixes)))
+
+    async def body_records(self) -> tuple[list[KeyValue], int]:
+        """Every stored unit body, unparsed (a listing parses the ones it needs)."""
+        return await self.kv.range(self.keys.bodies)
+
+    async def machine_dynamic_metadata(self, machine_id: str) -> dict[str, str]:
+        """The metadata set on `machine_id` through the API (machine-meta/), by key."""
+        prefix = self.keys.machine_meta_of(machine_id)
+        kvs, _ = await self.kv.range(prefix)
+        return {self.keys.tail(kv.key, prefix): kv.value for kv in kvs}
 
     async def resign(self, token: LeaderToken) -> None:
         key = self.keys.leader

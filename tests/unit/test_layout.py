@@ -187,3 +187,25 @@ def test_fleetctl_logic_modules_do_not_import_click(module: str) -> None:
     assert module in MODULES, f"{module} moved: update the rule"
     bad = [name for name in IMPORTS[module] if within(name, "click")]
     assert not bad, f"{module} imports {bad}: return the lines, the command layer prints them"
+
+
+def test_only_the_registry_reaches_the_kv_through_a_registry() -> None:
+    # The Registry is the one face of the schema: `something.registry.kv` (or `registry.kv`)
+    # outside fleetd/registry/ goes round it. The wiring that builds the KV holds its own.
+    def reaches(path: Path) -> list[int]:
+        lines = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "kv":
+                owner = node.value
+                name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+                if name == "registry":
+                    lines.append(node.lineno)
+        return lines
+
+    bad = [
+        f"{name}:{line}"
+        for name, path in MODULES.items()
+        if within(name, "fleetd") and not within(name, "fleetd.registry")
+        for line in reaches(path)
+    ]
+    assert not bad, f"reach the KV round the Registry: {bad}"
