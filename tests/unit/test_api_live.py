@@ -56,6 +56,15 @@ def live(api: Api) -> LiveListings:
     return api.ctx.live
 
 
+async def followed(api: Api) -> asyncio.Task[None]:
+    """Unit a.service and the listings loaded: the task that follows the registry's watch."""
+    await api.add_unit("a.service")
+    await api.ctx.live_items("units")
+    follower = live(api)._follower
+    assert follower is not None
+    return follower
+
+
 async def wait_for(cond: Callable[[], bool], what: str, within: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + within
     while not cond():
@@ -143,10 +152,7 @@ async def test_a_write_the_watch_never_sees_is_still_served(api: Api) -> None:
 
 
 async def test_a_broken_watch_falls_back_to_a_reload(api: Api) -> None:
-    await api.add_unit("a.service")
-    await api.ctx.live_items("units")
-    follower = live(api)._follower
-    assert follower is not None
+    follower = await followed(api)
     api.fake.set_unavailable(True)
     await wait_for(follower.done, "the watch to end")
     api.fake.set_unavailable(False)
@@ -160,10 +166,7 @@ async def test_a_broken_watch_falls_back_to_a_reload(api: Api) -> None:
 
 
 async def test_a_compacted_watch_falls_back_to_a_reload(api: Api) -> None:
-    await api.add_unit("a.service")
-    await api.ctx.live_items("units")
-    follower = live(api)._follower
-    assert follower is not None
+    follower = await followed(api)
     # What etcd does to a watch whose next revision was compacted away.
     api.fake._break_watches(Compacted(api.fake.revision))
     await wait_for(follower.done, "the watch to end")

@@ -138,56 +138,40 @@ def _request(
 
 HASH = parse_unit(HELLO).hash
 TEMPLATE_NAME = "hello@.service"
+NOT_EXISTING = "unit does not exist and options field empty"
+NO_STATE = "must provide DesiredState to update existing unit"
+TEMPLATE_ACTIVATED = 'cannot activate template "hello@.service"'
+
+
+def created(unit: str, state: TargetState, replace: bool = False) -> Create:
+    """The plan that creates (or with `replace`, replaces) unit file `unit` in `state`."""
+    return Create(parse_unit(unit), state, replace=replace)
 
 
 @pytest.mark.parametrize(
     ("request_", "existing", "outcome"),
     [
         # not existing
-        (_request(), None, (409, "unit does not exist and options field empty")),
-        (_request(state="launched"), None, (409, "unit does not exist and options field empty")),
-        (_request(HELLO), None, Create(parse_unit(HELLO), TargetState.INACTIVE, replace=False)),
-        (
-            _request(HELLO, "launched"),
-            None,
-            Create(parse_unit(HELLO), TargetState.LAUNCHED, replace=False),
-        ),
-        (
-            _request(TEMPLATE, "loaded", TEMPLATE_NAME),
-            None,
-            (400, 'cannot activate template "hello@.service"'),
-        ),
+        (_request(), None, (409, NOT_EXISTING)),
+        (_request(state="launched"), None, (409, NOT_EXISTING)),
+        (_request(HELLO), None, created(HELLO, TargetState.INACTIVE)),
+        (_request(HELLO, "launched"), None, created(HELLO, TargetState.LAUNCHED)),
+        (_request(TEMPLATE, "loaded", TEMPLATE_NAME), None, (400, TEMPLATE_ACTIVATED)),
         (
             _request(TEMPLATE, "inactive", TEMPLATE_NAME),
             None,
-            Create(parse_unit(TEMPLATE), TargetState.INACTIVE, replace=False),
+            created(TEMPLATE, TargetState.INACTIVE),
         ),
         # existing, other options: replace, with the request's state or inactive
-        (
-            _request(HELLO_V2),
-            HASH,
-            Create(parse_unit(HELLO_V2), TargetState.INACTIVE, replace=True),
-        ),
-        (
-            _request(HELLO_V2, "loaded"),
-            HASH,
-            Create(parse_unit(HELLO_V2), TargetState.LOADED, replace=True),
-        ),
-        (
-            _request(TEMPLATE, "launched", TEMPLATE_NAME),
-            HASH,
-            (400, 'cannot activate template "hello@.service"'),
-        ),
+        (_request(HELLO_V2), HASH, created(HELLO_V2, TargetState.INACTIVE, replace=True)),
+        (_request(HELLO_V2, "loaded"), HASH, created(HELLO_V2, TargetState.LOADED, replace=True)),
+        (_request(TEMPLATE, "launched", TEMPLATE_NAME), HASH, (400, TEMPLATE_ACTIVATED)),
         # existing, same options or none: a state change, which needs a state
-        (_request(), HASH, (409, "must provide DesiredState to update existing unit")),
-        (_request(HELLO), HASH, (409, "must provide DesiredState to update existing unit")),
+        (_request(), HASH, (409, NO_STATE)),
+        (_request(HELLO), HASH, (409, NO_STATE)),
         (_request(state="launched"), HASH, SetState(TargetState.LAUNCHED)),
         (_request(HELLO, "loaded"), HASH, SetState(TargetState.LOADED)),
-        (
-            _request(state="launched", name=TEMPLATE_NAME),
-            HASH,
-            (400, 'cannot activate template "hello@.service"'),
-        ),
+        (_request(state="launched", name=TEMPLATE_NAME), HASH, (400, TEMPLATE_ACTIVATED)),
         (_request(state="inactive", name=TEMPLATE_NAME), HASH, SetState(TargetState.INACTIVE)),
     ],
 )
@@ -282,65 +266,64 @@ def xfleet(*options: tuple[str, str]) -> str:
     )
 
 
+def undecodable(why: str) -> str:
+    return f"unable to decode body: {why}"
+
+
 REFUSALS = [
     # decode errors
     ("a.service", "{", 400, BAD_JSON),
-    ("a.service", "[]", 400, "unable to decode body: expected a Unit object, got an array"),
-    ("a.service", '"x"', 400, "unable to decode body: expected a Unit object, got a string"),
+    ("a.service", "[]", 400, undecodable("expected a Unit object, got an array")),
+    ("a.service", '"x"', 400, undecodable("expected a Unit object, got a string")),
     (
         "a.service",
         '{"name": 1}',
         400,
-        "unable to decode body: Unit field 'name' must be a string, got a number",
+        undecodable("Unit field 'name' must be a string, got a number"),
     ),
     (
         "a.service",
         '{"desiredState": true}',
         400,
-        "unable to decode body: Unit field 'desiredState' must be a string, got a boolean",
+        undecodable("Unit field 'desiredState' must be a string, got a boolean"),
     ),
     (
         "a.service",
         '{"machineID": []}',
         400,
-        "unable to decode body: Unit field 'machineID' must be a string, got an array",
+        undecodable("Unit field 'machineID' must be a string, got an array"),
     ),
     (
         "a.service",
         '{"options": {}}',
         400,
-        "unable to decode body: Unit field 'options' must be an array, got an object",
+        undecodable("Unit field 'options' must be an array, got an object"),
     ),
     (
         "a.service",
         '{"options": ["x"]}',
         400,
-        "unable to decode body: option 0: expected an object, got a string",
+        undecodable("option 0: expected an object, got a string"),
     ),
     (
         "a.service",
         '{"options": [{"section": "S", "name": "N", "value": 1}]}',
         400,
-        "unable to decode body: option 0 field 'value' must be a string, got a number",
+        undecodable("option 0 field 'value' must be a string, got a number"),
     ),
     (
         "a.service",
         '{"options": [{"section": "S", "name": "N", "value": "\\udc80"}]}',
         400,
-        "unable to decode body: option 0: 'value' is not valid UTF-8",
+        undecodable("option 0: 'value' is not valid UTF-8"),
     ),
     (
         "a.service",
         '{"desiredState": NaN}',
         400,
-        "unable to decode body: invalid JSON: NaN is not a JSON value",
+        undecodable("invalid JSON: NaN is not a JSON value"),
     ),
-    (
-        "a.service",
-        "{} {}",
-        400,
-        "unable to decode body: invalid JSON: Extra data: line 1 column 4 (char 3)",
-    ),
+    ("a.service", "{} {}", 400, undecodable("invalid JSON: Extra data: line 1 column 4 (char 3)")),
     # names
     (
         "a.service",
@@ -361,15 +344,10 @@ REFUSALS = [
         'invalid desiredState "running": must be one of inactive, loaded, launched',
     ),
     # not existing
-    ("a.service", "{}", 409, "unit does not exist and options field empty"),
-    ("a.service", "null", 409, "unit does not exist and options field empty"),
-    ("a.service", '{"options": []}', 409, "unit does not exist and options field empty"),
-    (
-        "a.service",
-        '{"desiredState": "launched"}',
-        409,
-        "unit does not exist and options field empty",
-    ),
+    ("a.service", "{}", 409, NOT_EXISTING),
+    ("a.service", "null", 409, NOT_EXISTING),
+    ("a.service", '{"options": []}', 409, NOT_EXISTING),
+    ("a.service", '{"desiredState": "launched"}', 409, NOT_EXISTING),
     # fleet's ValidateOptions
     (
         "a.service",
@@ -408,8 +386,8 @@ EXISTING_REFUSALS = [
         400,
         'invalid desiredState "bogus": must be one of inactive, loaded, launched',
     ),
-    ("{}", 409, "must provide DesiredState to update existing unit"),
-    (json.dumps({"options": OPTIONS}), 409, "must provide DesiredState to update existing unit"),
+    ("{}", 409, NO_STATE),
+    (json.dumps({"options": OPTIONS}), 409, NO_STATE),
     # fixed quirk: a replacement is validated like a creation
     (
         xfleet(("MachineID", "m"), ("Global", "true")),

@@ -26,6 +26,14 @@ def hello(cluster: Cluster) -> Cluster:
     return cluster
 
 
+def etcd_down(cluster: Cluster, *args: str) -> str:
+    """What `fleetctl args` says on stderr with etcd unavailable; it must exit 1."""
+    cluster.kv.set_unavailable(True)
+    result = cluster.invoke(*args)
+    assert result.exit_code == 1
+    return result.stderr
+
+
 # ---- list-units ------------------------------------------------------------------------------
 
 
@@ -147,10 +155,7 @@ def test_list_units_error_field_says_what_failed(failing: Cluster) -> None:
 
 
 def test_list_units_registry_error(cluster: Cluster) -> None:
-    cluster.kv.set_unavailable(True)
-    result = cluster.invoke("list-units")
-    assert result.exit_code == 1
-    assert result.stderr == (
+    assert etcd_down(cluster, "list-units") == (
         "Error retrieving list of units from repository: fake etcd is unavailable\n"
     )
 
@@ -261,10 +266,7 @@ def test_list_machines_dynamic_metadata_wins(hello: Cluster) -> None:
 
 
 def test_list_machines_error_explains(cluster: Cluster) -> None:
-    cluster.kv.set_unavailable(True)
-    result = cluster.invoke("list-machines")
-    assert result.exit_code == 1
-    assert result.stderr == (
+    assert etcd_down(cluster, "list-machines") == (
         "Error retrieving list of active machines from fleet API (fake etcd is unavailable)\n"
         "Possible issues:\n"
         "  etcd is unhealthy and/or lost quorum\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 from test_fleetctl_harness import (
     GLOBAL,
     HELLO,
@@ -47,6 +48,13 @@ def write(name: str, text: str = HELLO) -> Path:
     return path
 
 
+def fleetctl(cluster: Cluster, *args: str, exit_code: int = 0) -> Result:
+    """`fleetctl args` on `cluster`, which must exit with `exit_code`."""
+    result = cluster.invoke(*args)
+    assert result.exit_code == exit_code, result.output
+    return result
+
+
 def desired(cluster: Cluster, name: str) -> str | None:
     unit = cluster.unit(name)
     return unit.target_state.value if unit else None
@@ -71,8 +79,7 @@ def test_submit_local_file(cluster: Cluster) -> None:
 def test_submit_mangles_names_and_paths(cluster: Cluster) -> None:
     write("hello.service")
     write("units/web.socket", "[Socket]\nListenStream=80\n")
-    result = cluster.invoke("submit", "hello", "units/web.socket", "--sign")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "submit", "hello", "units/web.socket", "--sign")
     assert result.stdout == "Unit hello.service inactive\nUnit web.socket inactive\n"
 
 
@@ -122,16 +129,14 @@ def test_submit_errors_change_nothing(
 ) -> None:
     for name, text in files.items():
         write(name, text)
-    result = cluster.invoke("submit", *args)
-    assert result.exit_code == 1
+    result = fleetctl(cluster, "submit", *args, exit_code=1)
     assert result.stderr.startswith(message)
     assert cluster.dump("units/") == {}
 
 
 def test_bad_name_is_refused_before_anything_is_written(cluster: Cluster) -> None:
     write("good.service")
-    result = cluster.invoke("submit", "good.service", "bad!.service")
-    assert result.exit_code == 1
+    fleetctl(cluster, "submit", "good.service", "bad!.service", exit_code=1)
     assert cluster.dump("units/") == {}
 
 
@@ -139,15 +144,13 @@ def test_submit_refuses_unknown_xfleet_keys_unless_allowed(cluster: Cluster) -> 
     """fleet only warned; a typo would drop a constraint, so it is an error without the flag,
     and with it fleet's warning and the unit as before."""
     write("odd.service", "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nFrobnicate=yes\n")
-    result = cluster.invoke("submit", "odd.service")
-    assert result.exit_code == 1
+    result = fleetctl(cluster, "submit", "odd.service", exit_code=1)
     assert result.stderr == (
         'Error creating units: unit odd.service: unknown option "Frobnicate" in [X-Fleet]'
         " section; add --allow-unknown-options to submit it anyway\n"
     )
     assert cluster.dump("units/") == {}
-    result = cluster.invoke("submit", "--allow-unknown-options", "odd.service")
-    assert result.exit_code == 0
+    result = fleetctl(cluster, "submit", "--allow-unknown-options", "odd.service")
     assert result.stdout == "Unit odd.service inactive\n"
     assert result.stderr == (
         'WARNING: Unit odd.service: unrecognized requirement in [X-Fleet] section: "Frobnicate"\n'
@@ -179,8 +182,7 @@ def test_instance_template_in_other_directory(cluster: Cluster) -> None:
 def test_submit_existing_differs_warns(cluster: Cluster) -> None:
     cluster.add_unit("hello.service", HELLO)
     write("hello.service", HELLO_V2)
-    result = cluster.invoke("submit", "hello.service")
-    assert result.exit_code == 0
+    result = fleetctl(cluster, "submit", "hello.service")
     assert result.stderr == (
         "WARNING: Unit hello.service in registry differs from local unit file hello.service."
         " Add --replace to override.\n"
@@ -255,8 +257,7 @@ def test_replace_allowed_states(
 def test_start_replace_waits_for_the_new_body_to_run(cluster: Cluster) -> None:
     cluster.run_unit("hello.service", M1)
     write("hello.service", HELLO_V2)
-    result = cluster.invoke("start", "--replace", "hello.service")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "start", "--replace", "hello.service")
     assert result.stdout == f"Unit hello.service launched {ON_M1}\n"
     states = cluster.dump("states/")
     assert parse_unit(HELLO_V2).hash in next(iter(states.values()))
@@ -267,8 +268,7 @@ def test_start_replace_waits_for_the_new_body_to_run(cluster: Cluster) -> None:
 
 def test_load_new_unit(cluster: Cluster) -> None:
     write("hello.service")
-    result = cluster.invoke("load", "hello.service")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "load", "hello.service")
     assert result.stdout == f"Unit hello.service inactive\nUnit hello.service loaded {ON_M1}\n"
     assert desired(cluster, "hello.service") == "loaded"
 
@@ -276,8 +276,7 @@ def test_load_new_unit(cluster: Cluster) -> None:
 def test_start_blocks_until_launched(cluster: Cluster) -> None:
     cluster.reactions["hello.service"] = Reaction(delay=0.05)
     write("hello.service")
-    result = cluster.invoke("start", "hello.service")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "start", "hello.service")
     assert result.stdout == f"Unit hello.service inactive\nUnit hello.service launched {ON_M1}\n"
     assert result.stderr == ""
     assert desired(cluster, "hello.service") == "launched"
@@ -291,16 +290,14 @@ def test_start_existing_unit_by_short_name(cluster: Cluster) -> None:
 
 def test_start_already_launched_reports_where(cluster: Cluster) -> None:
     cluster.run_unit("hello.service", M2)
-    result = cluster.invoke("start", "hello.service")
-    assert result.exit_code == 0
+    result = fleetctl(cluster, "start", "hello.service")
     assert result.stdout == "Unit hello.service launched on e793afb9.../172.17.8.102\n"
 
 
 def test_start_unplaceable_says_why_and_fails(cluster: Cluster) -> None:
     cluster.reactions["db.service"] = Reaction(reason=REASON, delay=0)
     write("db.service")
-    result = cluster.invoke("start", "--block-attempts=2", "db.service")
-    assert result.exit_code == 1
+    result = fleetctl(cluster, "start", "--block-attempts=2", "db.service", exit_code=1)
     assert result.stdout == "Unit db.service inactive\n"
     assert result.stderr == (
         f"Unit db.service cannot be placed: {REASON}\n"  # said once, not on every poll
@@ -321,8 +318,7 @@ def test_start_forever_says_why_once_then_succeeds(cluster: Cluster) -> None:
 def test_start_fails_when_systemd_reports_failed(cluster: Cluster) -> None:
     cluster.reactions["crash.service"] = Reaction(active="failed")
     cluster.add_unit("crash.service")
-    result = cluster.invoke("start", "crash.service")
-    assert result.exit_code == 1
+    result = fleetctl(cluster, "start", "crash.service", exit_code=1)
     assert result.stdout == f"Unit crash.service launched {ON_M1}\n"
     assert result.stderr == (
         "Error waiting for systemd unit states: unit crash.service failed in systemd"
@@ -333,8 +329,7 @@ def test_start_fails_when_systemd_reports_failed(cluster: Cluster) -> None:
 def test_start_not_active_in_time(cluster: Cluster) -> None:
     cluster.reactions["slow.service"] = Reaction(active="activating")
     cluster.add_unit("slow.service")
-    result = cluster.invoke("start", "--block-attempts=2", "slow.service")
-    assert result.exit_code == 1
+    result = fleetctl(cluster, "start", "--block-attempts=2", "slow.service", exit_code=1)
     assert result.stderr == (
         "Error waiting for systemd unit states: Failed to find an active unit slow.service"
         " (systemd: loaded/activating/activating)\n"
@@ -352,8 +347,7 @@ def test_start_no_block_prints_triggered_once(cluster: Cluster) -> None:
 def test_start_global_and_instances(cluster: Cluster) -> None:
     cluster.add_unit("global.service", GLOBAL)
     write("hello@.service", HELLO_TEMPLATE)
-    result = cluster.invoke("start", "global.service", "hello@1.service", "hello@2.service")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "start", "global.service", "hello@1.service", "hello@2.service")
     assert result.stdout.splitlines() == [
         "Unit hello@1.service inactive",
         "Unit hello@2.service inactive",
@@ -367,8 +361,7 @@ def test_start_global_and_instances(cluster: Cluster) -> None:
 @pytest.mark.parametrize("command", ["load", "start"])
 def test_templates_cannot_be_activated(cluster: Cluster, command: str) -> None:
     write("hello@.service", HELLO_TEMPLATE)
-    result = cluster.invoke(command, "hello@.service")
-    assert result.exit_code == 1
+    result = fleetctl(cluster, command, "hello@.service", exit_code=1)
     assert result.stderr == 'Error creating units: cannot activate template "hello@.service"\n'
     assert cluster.dump("units/") == {}
 
@@ -392,8 +385,7 @@ def test_load_running_unit_stops_it_as_in_fleet(cluster: Cluster) -> None:
 
 def test_stop(cluster: Cluster) -> None:
     cluster.run_unit("hello.service", M1)
-    result = cluster.invoke("stop", "hello")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "stop", "hello")
     assert result.stdout == f"Unit hello.service loaded {ON_M1}\n"
     assert result.stderr == "Successfully stopped units [hello.service].\n"
     assert desired(cluster, "hello.service") == "loaded"
@@ -402,8 +394,7 @@ def test_stop(cluster: Cluster) -> None:
 def test_stop_glob_several(cluster: Cluster) -> None:
     for name in ("web@1.service", "web@2.service", "db.service"):
         cluster.run_unit(name, M1)
-    result = cluster.invoke("stop", "web@*")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "stop", "web@*")
     assert result.stdout == (
         f"Unit web@1.service loaded {ON_M1}\nUnit web@2.service loaded {ON_M1}\n"
     )
@@ -412,8 +403,7 @@ def test_stop_glob_several(cluster: Cluster) -> None:
 
 def test_stop_inactive_unit_fails(cluster: Cluster) -> None:
     cluster.add_unit("idle.service")
-    result = cluster.invoke("stop", "idle.service")
-    assert result.exit_code == 1
+    result = fleetctl(cluster, "stop", "idle.service", exit_code=1)
     assert result.stderr == "Unable to stop unit idle.service in state inactive\n"
 
 
@@ -424,8 +414,7 @@ def test_stop_after_a_start_that_timed_out(cluster: Cluster) -> None:
     write("db.service")
     assert cluster.invoke("start", "--block-attempts=1", "db.service").exit_code == 1
     assert desired(cluster, "db.service") == "launched"
-    result = cluster.invoke("stop", "--block-attempts=1", "db.service")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "stop", "--block-attempts=1", "db.service")
     assert result.stdout == ""
     assert result.stderr == (
         "Unit db.service is not placed on any machine: it will be loaded, not started, once"
@@ -450,8 +439,7 @@ def test_stop_no_block_of_an_unplaced_unit(cluster: Cluster) -> None:
 def test_stop_of_a_placed_unit_its_agent_has_not_reported_yet(cluster: Cluster) -> None:
     cluster.add_unit("hello.service", state=TargetState.LAUNCHED)
     cluster.place("hello.service", M1)  # placed; the agent has published nothing yet
-    result = cluster.invoke("stop", "hello.service")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "stop", "hello.service")
     assert result.stdout == f"Unit hello.service loaded {ON_M1}\n"
     assert desired(cluster, "hello.service") == "loaded"
 
@@ -511,8 +499,7 @@ def test_stop_works_from_any_state_but_never_activated(cluster: Cluster, scenari
 
 
 def test_stop_unknown_units(cluster: Cluster) -> None:
-    result = cluster.invoke("stop", "nope", "x*")
-    assert result.exit_code == 1
+    result = fleetctl(cluster, "stop", "nope", "x*", exit_code=1)
     assert result.stderr == (
         "Unit nope.service not found\nNo unit matches x*\nUnits not found in registry\n"
     )
@@ -531,8 +518,7 @@ def test_stop_no_block(cluster: Cluster) -> None:
 
 def test_unload(cluster: Cluster) -> None:
     cluster.run_unit("hello.service", M1)
-    result = cluster.invoke("unload", "hello.service")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "unload", "hello.service")
     assert result.stdout == "Unit hello.service inactive\n"
     assert result.stderr == "Successfully unloaded units [hello.service].\n"
     assert desired(cluster, "hello.service") == "inactive"
@@ -542,8 +528,7 @@ def test_unload_unplaceable_unit_clears_its_desired_state(cluster: Cluster) -> N
     # fleet skipped units whose current state is inactive, leaving them wanted "launched".
     cluster.add_unit("db.service", HELLO, TargetState.LAUNCHED)
     cluster.place("db.service", None, REASON)
-    result = cluster.invoke("unload", "db.service")
-    assert result.exit_code == 0, result.output
+    fleetctl(cluster, "unload", "db.service")
     assert desired(cluster, "db.service") == "inactive"
 
 
@@ -556,8 +541,7 @@ def test_unload_global(cluster: Cluster) -> None:
 def test_destroy_glob_and_names(cluster: Cluster) -> None:
     for name in ("web@1.service", "web@2.service", "db.service", "keep.service"):
         cluster.add_unit(name)
-    result = cluster.invoke("destroy", "web@*", "db")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "destroy", "web@*", "db")
     assert result.stdout == (
         "Destroyed web@1.service\nDestroyed web@2.service\nDestroyed db.service\n"
     )
@@ -566,8 +550,7 @@ def test_destroy_glob_and_names(cluster: Cluster) -> None:
 
 def test_destroy_accepts_blocking_flags_and_reports_missing(cluster: Cluster) -> None:
     cluster.add_unit("a.service")
-    result = cluster.invoke("destroy", "--no-block", "--block-attempts=3", "a", "b")
-    assert result.exit_code == 1
+    result = fleetctl(cluster, "destroy", "--no-block", "--block-attempts=3", "a", "b", exit_code=1)
     assert result.stdout == "Destroyed a.service\n"
     assert result.stderr == "Unit b.service not found\n"
     result = cluster.invoke("destroy", "a")
@@ -590,8 +573,7 @@ def test_restart_launched_unit(cluster: Cluster) -> None:
         await original(name, state)
 
     cluster.react = spy  # type: ignore[method-assign]
-    result = cluster.invoke("restart", "hello.service")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "restart", "hello.service")
     assert result.stdout == (
         f"Unit hello.service loaded {ON_M1}\nUnit hello.service launched {ON_M1}\n"
     )
@@ -602,16 +584,14 @@ def test_restart_loaded_unit_starts_it(cluster: Cluster) -> None:
     cluster.add_unit("hello.service", HELLO, TargetState.LOADED)
     cluster.place("hello.service", M1)
     cluster.publish("hello.service", M1, TargetState.LOADED, "inactive", "dead")
-    result = cluster.invoke("restart", "hello.service")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "restart", "hello.service")
     assert result.stderr == "Unit hello.service already loaded, starting.\n"
     assert result.stdout == f"Unit hello.service launched {ON_M1}\n"
 
 
 def test_restart_inactive_unit_fails(cluster: Cluster) -> None:
     cluster.add_unit("idle.service")
-    result = cluster.invoke("restart", "idle.service")
-    assert result.exit_code == 1
+    result = fleetctl(cluster, "restart", "idle.service", exit_code=1)
     assert result.stderr == "Unable to restart unit idle.service in state inactive\n"
 
 
@@ -619,8 +599,7 @@ def test_restart_stops_at_the_first_failure(cluster: Cluster) -> None:
     cluster.run_unit("web@1.service", M1)
     cluster.run_unit("web@2.service", M1)
     cluster.reactions["web@1.service"] = Reaction(active="failed")
-    result = cluster.invoke("restart", "web@*")
-    assert result.exit_code == 1
+    result = fleetctl(cluster, "restart", "web@*", exit_code=1)
     assert "unit web@1.service failed in systemd" in result.stderr
     assert desired(cluster, "web@2.service") == "launched"
     assert "web@2" not in result.stdout  # never touched
@@ -629,8 +608,7 @@ def test_restart_stops_at_the_first_failure(cluster: Cluster) -> None:
 def test_restart_global_unit(cluster: Cluster) -> None:
     cluster.add_unit("global.service", GLOBAL, TargetState.LAUNCHED)
     cluster.publish("global.service", M1)
-    result = cluster.invoke("restart", "global.service")
-    assert result.exit_code == 0, result.output
+    result = fleetctl(cluster, "restart", "global.service")
     assert result.stdout == "Triggered global unit global.service restart\n"
     assert desired(cluster, "global.service") == "launched"
 
@@ -639,8 +617,7 @@ def test_restart_global_unit_that_does_not_stop(cluster: Cluster) -> None:
     cluster.auto = False
     cluster.add_unit("global.service", GLOBAL, TargetState.LAUNCHED)
     cluster.publish("global.service", M1)
-    result = cluster.invoke("restart", "--block-attempts=1", "global.service")
-    assert result.exit_code == 1
+    result = fleetctl(cluster, "restart", "--block-attempts=1", "global.service", exit_code=1)
     assert result.stderr == (
         "Error restarting units: timed out waiting for global unit global.service to stop\n"
     )
@@ -665,8 +642,7 @@ def test_cat_errors(cluster: Cluster) -> None:
     result = cluster.invoke("cat", "nope")
     assert (result.exit_code, result.stderr) == (1, "Unit nope.service not found\n")
     for args in ([], ["a", "b"]):
-        result = cluster.invoke("cat", *args)
-        assert result.exit_code == 2
+        result = fleetctl(cluster, "cat", *args, exit_code=2)
         assert "One unit file must be provided" in result.stderr
 
 
@@ -683,8 +659,7 @@ def test_load_no_block(cluster: Cluster) -> None:
 def test_stop_times_out(cluster: Cluster) -> None:
     cluster.auto = False  # no agent: the unit never reports loaded
     cluster.run_unit("hello.service", M1)
-    result = cluster.invoke("stop", "--block-attempts", "1", "hello.service")
-    assert result.exit_code == 1
+    result = fleetctl(cluster, "stop", "--block-attempts", "1", "hello.service", exit_code=1)
     assert result.stderr == (
         "Error waiting for units: timed out waiting for unit hello.service to report state"
         " loaded\nFailed to stop units [hello.service].\n"
@@ -700,14 +675,12 @@ def test_unload_glob_no_block_and_timeout(cluster: Cluster) -> None:
         "Triggered unit web@1.service unload\nTriggered unit web@2.service unload\n"
     )
     assert desired(cluster, "web@1.service") == desired(cluster, "web@2.service") == "inactive"
-    result = cluster.invoke("unload", "--block-attempts=1", "web@1")
-    assert result.exit_code == 1
+    result = fleetctl(cluster, "unload", "--block-attempts=1", "web@1", exit_code=1)
     assert result.stderr.endswith("Failed to unload units [web@1.service].\n")
 
 
 def test_negative_block_attempts_is_a_usage_error(cluster: Cluster) -> None:
-    result = cluster.invoke("start", "--block-attempts=-1", "hello.service")
-    assert result.exit_code == 2
+    fleetctl(cluster, "start", "--block-attempts=-1", "hello.service", exit_code=2)
 
 
 # ---- the logic modules say nothing themselves ------------------------------------------------

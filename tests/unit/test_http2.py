@@ -32,6 +32,7 @@ from fleetd.etcd.http2 import (
     encode_headers,
     error_name,
 )
+from tests.unit.http2_frames import Flag, Type, frame
 from tests.unit.memory_transport import h2_server
 
 Event = tuple[Any, ...]
@@ -53,18 +54,6 @@ RESPONSE: Headers = [
 ]
 TRAILERS: Headers = [(b"grpc-status", b"0"), (b"grpc-message", b"all fine")]
 
-# Frame types and flags, spelled out here rather than taken from the module under test.
-T_DATA, T_HEADERS, T_PRIORITY, T_RST, T_SETTINGS, T_PUSH, T_PING, T_GOAWAY = range(8)
-T_WINDOW_UPDATE, T_CONTINUATION = 8, 9
-F_END_STREAM = F_ACK = 0x1
-F_END_HEADERS = 0x4
-F_PADDED = 0x8
-F_PRIORITY = 0x20
-
-
-def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", kind, flags, stream) + payload
-
 
 def parse(data: bytes) -> list[tuple[int, int, int, bytes]]:
     """Frames as (type, flags, stream, payload); the bytes must hold whole frames only."""
@@ -83,7 +72,7 @@ def window_updates(data: bytes) -> dict[int, int]:
     """The WINDOW_UPDATE frames among `data`: increment by stream (0 the connection)."""
     updates: dict[int, int] = {}
     for kind, _, stream, payload in parse(data):
-        if kind == T_WINDOW_UPDATE:
+        if kind == Type.WINDOW_UPDATE:
             assert stream not in updates
             updates[stream] = struct.unpack(">I", payload)[0]
     return updates
@@ -92,7 +81,7 @@ def window_updates(data: bytes) -> dict[int, int]:
 def heard(window: int = WINDOW) -> ClientConnection:
     """A client that has heard an (empty) SETTINGS frame, with nothing left to send."""
     client = ClientConnection(window)
-    assert client.receive(frame(T_SETTINGS, 0, 0)) == []
+    assert client.receive(frame(Type.SETTINGS, 0, 0)) == []
     client.take()
     return client
 
@@ -129,6 +118,13 @@ class Pair:
         ]
         return stream
 
+    def answered(self) -> int:
+        """A whole request and the server's response headers to it (not yet sent to the
+        client); returns its stream id."""
+        stream = self.request()
+        self.server.send_headers(stream, RESPONSE)
+        return stream
+
     def open(self, headers: Headers = REQUEST) -> int:
         """A stream with its request headers only (the client may still send DATA)."""
         stream = self.client.open_stream(encode_headers(headers))
@@ -159,7 +155,7 @@ def test_preface_and_settings_are_accepted_by_h2() -> None:
 def test_small_window_sends_no_connection_update() -> None:
     client = ClientConnection(1000)
     kinds = [kind for kind, _, _, _ in parse(client.take()[len(PREFACE) :])]
-    assert kinds == [T_SETTINGS]
+    assert kinds == [Type.SETTINGS]
     pair = Pair(1000)
     assert pair.server.remote_settings.initial_window_size == 1000
     assert pair.server.outbound_flow_control_window == 65_535
@@ -170,33 +166,33 @@ def test_small_window_sends_no_connection_update() -> None:
 def test_heard_only_after_server_settings() -> None:
     client = ClientConnection(WINDOW)
     client.take()
-    server_settings = frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x3, 100))
+    server_settings = frame(Type.SETTINGS, 0, 0, struct.pack(">HI", 0x3, 100))
     assert client.receive(server_settings[:9]) == []
     assert not client.heard
     assert client.take() == b""
     assert client.receive(server_settings[9:]) == []
     assert client.heard
-    assert parse(client.take()) == [(T_SETTINGS, F_ACK, 0, b"")]
+    assert parse(client.take()) == [(Type.SETTINGS, Flag.ACK, 0, b"")]
 
 
 def test_settings_ack_is_not_a_first_settings() -> None:
     client = ClientConnection(WINDOW)
     with pytest.raises(ProtocolError, match="SETTINGS"):
-        client.receive(frame(T_SETTINGS, F_ACK, 0))
+        client.receive(frame(Type.SETTINGS, Flag.ACK, 0))
 
 
 @pytest.mark.parametrize(
     "first",
     [
-        frame(T_PING, 0, 0, b"12345678"),
-        frame(T_WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)),
-        frame(T_HEADERS, F_END_HEADERS, 1, b"\x88"),
+        frame(Type.PING, 0, 0, b"12345678"),
+        frame(Type.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)),
+        frame(Type.HEADERS, Flag.END_HEADERS, 1, b"\x88"),
     ],
 )
 def test_first_frame_must_be_settings(first: bytes) -> None:
     client = ClientConnection(WINDOW)
     with pytest.raises(ProtocolError):
-        client.receive(first + frame(T_SETTINGS, 0, 0))
+        client.receive(first + frame(Type.SETTINGS, 0, 0))
     assert not client.heard
 
 
@@ -211,8 +207,8 @@ def test_server_settings_are_acknowledged_through_h2() -> None:
     server = h2_server()
     server.receive_data(client.take())
     assert client.receive(server.data_to_send()) == []
-    acks = [f for f in parse(client.take()) if f[0] == T_SETTINGS]
-    assert acks == [(T_SETTINGS, F_ACK, 0, b"")]
+    acks = [f for f in parse(client.take()) if f[0] == Type.SETTINGS]
+    assert acks == [(Type.SETTINGS, Flag.ACK, 0, b"")]
     # h2 changes its settings only when they are acknowledged: the ACK reached it.
     server.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 7})
     client.receive(server.data_to_send())
@@ -225,14 +221,14 @@ def test_server_settings_are_acknowledged_through_h2() -> None:
 def test_max_streams_is_assumed_until_the_server_says() -> None:
     client = ClientConnection(WINDOW)
     assert client.max_streams == 100  # as grpc-go's client assumes before the SETTINGS
-    client.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x4, 1000)))
+    client.receive(frame(Type.SETTINGS, 0, 0, struct.pack(">HI", 0x4, 1000)))
     assert client.max_streams == 2**32 - 1  # SETTINGS that name no limit: there is none
-    client.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x3, 3)))
+    client.receive(frame(Type.SETTINGS, 0, 0, struct.pack(">HI", 0x3, 3)))
     assert client.max_streams == 3
-    client.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x4, 1000)))
+    client.receive(frame(Type.SETTINGS, 0, 0, struct.pack(">HI", 0x4, 1000)))
     assert client.max_streams == 3  # later SETTINGS without it leave it
     limited = ClientConnection(WINDOW)
-    limited.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x3, 0)))
+    limited.receive(frame(Type.SETTINGS, 0, 0, struct.pack(">HI", 0x3, 0)))
     assert limited.max_streams == 0
 
 
@@ -263,12 +259,7 @@ def test_encode_headers_uses_static_table() -> None:
 
 def test_h2_receives_request() -> None:
     headers: Headers = [
-        (b":method", b"POST"),
-        (b":scheme", b"https"),
-        (b":path", b"/etcdserverpb.KV/Range"),
-        (b":authority", b"127.0.0.1:2379"),
-        (b"content-type", b"application/grpc"),
-        (b"te", b"trailers"),
+        *((name, b"https" if name == b":scheme" else value) for name, value in REQUEST),
         (b"token", b"k" * 130),
         (b"hasleader", b"true"),
         (b"x-long", b"l" * 300),
@@ -312,14 +303,14 @@ def test_large_header_block_uses_continuation() -> None:
     out = pair.client.take()
     frames = parse(out)
     assert [(k, f) for k, f, _, _ in frames] == [
-        (T_HEADERS, 0),
-        (T_CONTINUATION, 0),
-        (T_CONTINUATION, F_END_HEADERS),
-        (T_DATA, F_END_STREAM),
+        (Type.HEADERS, 0),
+        (Type.CONTINUATION, 0),
+        (Type.CONTINUATION, Flag.END_HEADERS),
+        (Type.DATA, Flag.END_STREAM),
     ]
     assert all(s == stream for _, _, s, _ in frames)
     assert all(len(p) <= 16_384 for _, _, _, p in frames)
-    assert b"".join(p for k, _, _, p in frames if k != T_DATA) == block
+    assert b"".join(p for k, _, _, p in frames if k != Type.DATA) == block
     received, _, _ = pair.server.receive_data(out)
     assert isinstance(received, h2.events.RequestReceived)
     assert received.headers == headers
@@ -358,8 +349,7 @@ def test_response_events() -> None:
 
 def test_response_data_with_end_stream() -> None:
     pair = Pair()
-    stream = pair.request()
-    pair.server.send_headers(stream, RESPONSE)
+    stream = pair.answered()
     pair.server.send_data(stream, b"a")
     pair.server.send_data(stream, b"b", end_stream=True)
     assert pair.to_client() == [
@@ -375,7 +365,7 @@ def test_response_headers_through_dynamic_table() -> None:
     pair.server.send_headers(first, RESPONSE)
     pair.server.send_headers(second, RESPONSE)
     data = pair.server.data_to_send()
-    blocks = [p for k, _, _, p in parse(data) if k == T_HEADERS]
+    blocks = [p for k, _, _, p in parse(data) if k == Type.HEADERS]
     assert len(blocks) == 2
     assert len(blocks[1]) < len(blocks[0])  # the second refers to the server's table
     assert pair.client.receive(data) == [
@@ -388,7 +378,7 @@ def test_bad_header_block() -> None:
     client = heard()
     client.open_stream(encode_headers(REQUEST))
     with pytest.raises(ProtocolError, match="header block"):
-        client.receive(frame(T_HEADERS, F_END_HEADERS, 1, b"\xff\xff\xff\xff"))
+        client.receive(frame(Type.HEADERS, Flag.END_HEADERS, 1, b"\xff\xff\xff\xff"))
 
 
 def test_input_one_byte_at_a_time() -> None:
@@ -408,7 +398,7 @@ def test_input_one_byte_at_a_time() -> None:
         events += split.receive(transcript[i : i + 1])
     assert events == whole
     assert split.heard
-    assert (T_PING, F_ACK, 0, b"pingping") in parse(split.take())
+    assert (Type.PING, Flag.ACK, 0, b"pingping") in parse(split.take())
 
 
 # -- padding and CONTINUATION --------------------------------------------------------------
@@ -419,11 +409,11 @@ def test_padded_data() -> None:
     stream = client.open_stream(b"")
     client.take()
     payload = bytes([5]) + b"hello" + b"\0" * 5
-    assert client.receive(frame(T_DATA, F_PADDED | F_END_STREAM, stream, payload)) == [
+    assert client.receive(frame(Type.DATA, Flag.PADDED | Flag.END_STREAM, stream, payload)) == [
         (DATA, stream, b"hello", True)
     ]
     # all of the frame counts for flow control, the padding too: 11 + 489 = 500
-    assert client.receive(frame(T_DATA, 0, stream, b"z" * 489)) == [
+    assert client.receive(frame(Type.DATA, 0, stream, b"z" * 489)) == [
         (DATA, stream, b"z" * 489, False)
     ]
     assert window_updates(client.take()) == {0: 500, stream: 500}
@@ -433,7 +423,9 @@ def test_padding_only() -> None:
     client = heard()
     stream = client.open_stream(b"")
     payload = bytes([3]) + b"\0" * 3
-    assert client.receive(frame(T_DATA, F_PADDED, stream, payload)) == [(DATA, stream, b"", False)]
+    assert client.receive(frame(Type.DATA, Flag.PADDED, stream, payload)) == [
+        (DATA, stream, b"", False)
+    ]
 
 
 def test_padded_headers_with_priority() -> None:
@@ -442,14 +434,14 @@ def test_padded_headers_with_priority() -> None:
     block = hpack.Encoder().encode(RESPONSE)
     priority = struct.pack(">IB", 0x8000_0000 | 3, 200)
     payload = bytes([4]) + priority + block + b"\0" * 4
-    flags = F_PADDED | F_PRIORITY | F_END_HEADERS
-    assert client.receive(frame(T_HEADERS, flags, stream, payload)) == [
+    flags = Flag.PADDED | Flag.PRIORITY | Flag.END_HEADERS
+    assert client.receive(frame(Type.HEADERS, flags, stream, payload)) == [
         (HEADERS, stream, RESPONSE, False)
     ]
     # PRIORITY alone, unpadded
     block = hpack.Encoder().encode(TRAILERS)
-    flags = F_PRIORITY | F_END_HEADERS | F_END_STREAM
-    assert client.receive(frame(T_HEADERS, flags, stream, priority + block)) == [
+    flags = Flag.PRIORITY | Flag.END_HEADERS | Flag.END_STREAM
+    assert client.receive(frame(Type.HEADERS, flags, stream, priority + block)) == [
         (HEADERS, stream, TRAILERS, True)
     ]
 
@@ -459,7 +451,7 @@ def test_padded_headers() -> None:
     stream = client.open_stream(b"")
     block = hpack.Encoder().encode(RESPONSE)
     payload = bytes([7]) + block + b"\0" * 7
-    assert client.receive(frame(T_HEADERS, F_PADDED | F_END_HEADERS, stream, payload)) == [
+    assert client.receive(frame(Type.HEADERS, Flag.PADDED | Flag.END_HEADERS, stream, payload)) == [
         (HEADERS, stream, RESPONSE, False)
     ]
 
@@ -467,18 +459,18 @@ def test_padded_headers() -> None:
 @pytest.mark.parametrize(
     ("kind", "payload"),
     [
-        (T_DATA, b""),
-        (T_DATA, bytes([1])),
-        (T_DATA, bytes([5]) + b"abcd"),
-        (T_DATA, bytes([200]) + b"abc"),
-        (T_HEADERS, b""),
-        (T_HEADERS, bytes([3]) + b"\x88\0"),
+        (Type.DATA, b""),
+        (Type.DATA, bytes([1])),
+        (Type.DATA, bytes([5]) + b"abcd"),
+        (Type.DATA, bytes([200]) + b"abc"),
+        (Type.HEADERS, b""),
+        (Type.HEADERS, bytes([3]) + b"\x88\0"),
     ],
 )
 def test_bad_padding(kind: int, payload: bytes) -> None:
     client = heard()
     stream = client.open_stream(b"")
-    flags = F_PADDED | (F_END_HEADERS if kind == T_HEADERS else 0)
+    flags = Flag.PADDED | (Flag.END_HEADERS if kind == Type.HEADERS else 0)
     with pytest.raises(ProtocolError, match="padding"):
         client.receive(frame(kind, flags, stream, payload))
 
@@ -488,26 +480,28 @@ def test_continuation() -> None:
     stream = client.open_stream(b"")
     block = hpack.Encoder().encode([*RESPONSE, (b"x-big", b"b" * 50)])
     data = (
-        frame(T_HEADERS, F_END_STREAM, stream, block[:10])
-        + frame(T_CONTINUATION, 0, stream, block[10:20])
-        + frame(T_CONTINUATION, 0, stream, b"")
-        + frame(T_CONTINUATION, F_END_HEADERS, stream, block[20:])
+        frame(Type.HEADERS, Flag.END_STREAM, stream, block[:10])
+        + frame(Type.CONTINUATION, 0, stream, block[10:20])
+        + frame(Type.CONTINUATION, 0, stream, b"")
+        + frame(Type.CONTINUATION, Flag.END_HEADERS, stream, block[20:])
     )
     assert client.receive(data[:20]) == []
     assert client.receive(data[20:]) == [
         (HEADERS, stream, [*RESPONSE, (b"x-big", b"b" * 50)], True)
     ]
     # the connection goes on: later frames parse as usual
-    assert client.receive(frame(T_DATA, 0, stream, b"after")) == [(DATA, stream, b"after", False)]
+    assert client.receive(frame(Type.DATA, 0, stream, b"after")) == [
+        (DATA, stream, b"after", False)
+    ]
 
 
 @pytest.mark.parametrize(
     "between",
     [
-        frame(T_DATA, 0, 1, b"data"),
-        frame(T_PING, 0, 0, b"12345678"),
-        frame(T_HEADERS, F_END_HEADERS, 1, b"\x88"),
-        frame(T_PRIORITY, 0, 1, struct.pack(">IB", 0, 1)),
+        frame(Type.DATA, 0, 1, b"data"),
+        frame(Type.PING, 0, 0, b"12345678"),
+        frame(Type.HEADERS, Flag.END_HEADERS, 1, b"\x88"),
+        frame(Type.PRIORITY, 0, 1, struct.pack(">IB", 0, 1)),
         frame(0xFA, 0, 0, b"unknown"),
     ],
 )
@@ -515,9 +509,9 @@ def test_continuation_interrupted(between: bytes) -> None:
     client = heard()
     stream = client.open_stream(b"")
     block = hpack.Encoder().encode(RESPONSE)
-    client.receive(frame(T_HEADERS, 0, stream, block[:3]))
+    client.receive(frame(Type.HEADERS, 0, stream, block[:3]))
     with pytest.raises(ProtocolError, match="CONTINUATION"):
-        client.receive(between + frame(T_CONTINUATION, F_END_HEADERS, stream, block[3:]))
+        client.receive(between + frame(Type.CONTINUATION, Flag.END_HEADERS, stream, block[3:]))
 
 
 def test_continuation_on_another_stream() -> None:
@@ -525,9 +519,9 @@ def test_continuation_on_another_stream() -> None:
     client.open_stream(b"")
     client.open_stream(b"")
     block = hpack.Encoder().encode(RESPONSE)
-    client.receive(frame(T_HEADERS, 0, 1, block[:3]))
+    client.receive(frame(Type.HEADERS, 0, 1, block[:3]))
     with pytest.raises(ProtocolError, match="CONTINUATION"):
-        client.receive(frame(T_CONTINUATION, F_END_HEADERS, 3, block[3:]))
+        client.receive(frame(Type.CONTINUATION, Flag.END_HEADERS, 3, block[3:]))
 
 
 def test_continuation_out_of_the_blue() -> None:
@@ -535,16 +529,18 @@ def test_continuation_out_of_the_blue() -> None:
     stream = client.open_stream(b"")
     block = hpack.Encoder().encode(RESPONSE)
     with pytest.raises(ProtocolError, match="CONTINUATION"):
-        client.receive(frame(T_CONTINUATION, F_END_HEADERS, stream, block))
+        client.receive(frame(Type.CONTINUATION, Flag.END_HEADERS, stream, block))
 
 
 def test_continuation_after_headers_ended() -> None:
     client = heard()
     stream = client.open_stream(b"")
     encoder = hpack.Encoder()
-    assert len(client.receive(frame(T_HEADERS, F_END_HEADERS, stream, encoder.encode(RESPONSE))))
+    assert len(
+        client.receive(frame(Type.HEADERS, Flag.END_HEADERS, stream, encoder.encode(RESPONSE)))
+    )
     with pytest.raises(ProtocolError, match="CONTINUATION"):
-        client.receive(frame(T_CONTINUATION, F_END_HEADERS, stream, encoder.encode(TRAILERS)))
+        client.receive(frame(Type.CONTINUATION, Flag.END_HEADERS, stream, encoder.encode(TRAILERS)))
 
 
 # -- flow control: sending -----------------------------------------------------------------
@@ -598,7 +594,7 @@ def test_closed_stream_has_no_window() -> None:
     assert pair.client.window(stream) == 0
     assert pair.client.window(99) == 0
     # a WINDOW_UPDATE for a forgotten stream is ignored
-    pair.client.receive(frame(T_WINDOW_UPDATE, 0, stream, struct.pack(">I", 100)))
+    pair.client.receive(frame(Type.WINDOW_UPDATE, 0, stream, struct.pack(">I", 100)))
     assert pair.client.window(stream) == 0
 
 
@@ -660,7 +656,7 @@ def test_max_frame_size_setting() -> None:
     assert client.window(stream) == 40_000
     client.data(stream, b"d" * 40_000, end_stream=True)
     out = client.take()
-    assert [(k, len(p)) for k, _, _, p in parse(out)][1:] == [(T_DATA, 40_000)]
+    assert [(k, len(p)) for k, _, _, p in parse(out)][1:] == [(Type.DATA, 40_000)]
     received, data, _ = server.receive_data(out)
     assert isinstance(received, h2.events.RequestReceived)
     assert received.headers == headers
@@ -672,43 +668,43 @@ def test_max_frame_size_setting() -> None:
 def test_bad_max_frame_size(value: int) -> None:
     client = ClientConnection(WINDOW)
     with pytest.raises(ProtocolError, match="MAX_FRAME_SIZE"):
-        client.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x5, value)))
+        client.receive(frame(Type.SETTINGS, 0, 0, struct.pack(">HI", 0x5, value)))
 
 
 @pytest.mark.parametrize("value", [16_384, 2**24 - 1])
 def test_max_frame_size_limits(value: int) -> None:
     client = ClientConnection(WINDOW)
-    client.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x5, value)))
+    client.receive(frame(Type.SETTINGS, 0, 0, struct.pack(">HI", 0x5, value)))
     assert client.max_frame == value
 
 
 def test_bad_initial_window_size() -> None:
     client = ClientConnection(WINDOW)
     with pytest.raises(ProtocolError, match="INITIAL_WINDOW_SIZE"):
-        client.receive(frame(T_SETTINGS, 0, 0, struct.pack(">HI", 0x4, 2**31)))
+        client.receive(frame(Type.SETTINGS, 0, 0, struct.pack(">HI", 0x4, 2**31)))
 
 
 def test_connection_window_overflow() -> None:
     client = heard()
-    client.receive(frame(T_WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1 - 65_535)))
+    client.receive(frame(Type.WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1 - 65_535)))
     assert client.send_window == 2**31 - 1
     with pytest.raises(ProtocolError, match="window"):
-        client.receive(frame(T_WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)))
+        client.receive(frame(Type.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)))
 
 
 @pytest.mark.parametrize(
     "bad",
     [
-        frame(T_SETTINGS, 0, 1, b""),
-        frame(T_SETTINGS, 0, 0, b"\0\x03\0\0\0"),
-        frame(T_SETTINGS, F_ACK, 0, struct.pack(">HI", 0x3, 1)),
-        frame(T_WINDOW_UPDATE, 0, 0, b"\0\0\0"),
-        frame(T_PING, 0, 0, b"1234567"),
-        frame(T_PING, 0, 1, b"12345678"),
-        frame(T_GOAWAY, 0, 0, b"\0" * 7),
-        frame(T_GOAWAY, 0, 1, b"\0" * 8),
-        frame(T_RST, 0, 0, b"\0\0\0\x08"),
-        frame(T_RST, 0, 1, b"\0\0\x08"),
+        frame(Type.SETTINGS, 0, 1, b""),
+        frame(Type.SETTINGS, 0, 0, b"\0\x03\0\0\0"),
+        frame(Type.SETTINGS, Flag.ACK, 0, struct.pack(">HI", 0x3, 1)),
+        frame(Type.WINDOW_UPDATE, 0, 0, b"\0\0\0"),
+        frame(Type.PING, 0, 0, b"1234567"),
+        frame(Type.PING, 0, 1, b"12345678"),
+        frame(Type.GOAWAY, 0, 0, b"\0" * 7),
+        frame(Type.GOAWAY, 0, 1, b"\0" * 8),
+        frame(Type.RST, 0, 0, b"\0\0\0\x08"),
+        frame(Type.RST, 0, 1, b"\0\0\x08"),
     ],
 )
 def test_malformed_control_frames(bad: bytes) -> None:
@@ -724,8 +720,7 @@ def test_malformed_control_frames(bad: bytes) -> None:
 def test_receive_window_credited_at_half() -> None:
     pair = Pair(1000)
     client, server = pair.client, pair.server
-    stream = pair.request()
-    server.send_headers(stream, RESPONSE)
+    stream = pair.answered()
     server.send_data(stream, b"a" * 400)
     assert pair.to_client()[-1] == (DATA, stream, b"a" * 400, False)
     assert client.take() == b""  # 400 of 1000: not yet
@@ -748,8 +743,7 @@ def test_receive_window_credited_at_half() -> None:
 def test_receive_window_large() -> None:
     pair = Pair(200_000)
     client, server = pair.client, pair.server
-    stream = pair.request()
-    server.send_headers(stream, RESPONSE)
+    stream = pair.answered()
     for _ in range(6):
         server.send_data(stream, b"a" * 16_384)  # 98_304 bytes
     pair.to_client()
@@ -764,24 +758,23 @@ def test_receive_credit_for_unknown_or_closed_stream() -> None:
     client = heard(1000)
     stream = client.open_stream(b"")
     client.take()
-    assert client.receive(frame(T_DATA, 0, 99, b"u" * 300)) == [(DATA, 99, b"u" * 300, False)]
-    client.receive(frame(T_DATA, 0, stream, b"s" * 100))
+    assert client.receive(frame(Type.DATA, 0, 99, b"u" * 300)) == [(DATA, 99, b"u" * 300, False)]
+    client.receive(frame(Type.DATA, 0, stream, b"s" * 100))
     assert client.take() == b""
     client.close_stream(stream)
-    client.receive(frame(T_DATA, 0, stream, b"s" * 100))
+    client.receive(frame(Type.DATA, 0, stream, b"s" * 100))
     assert window_updates(client.take()) == {0: 500}  # the connection's only
 
 
 def test_reset_stream_credits_connection_only() -> None:
     pair = Pair(1000)
     client, server = pair.client, pair.server
-    stream = pair.request()
-    server.send_headers(stream, RESPONSE)
+    stream = pair.answered()
     server.send_data(stream, b"a" * 300)
     pair.to_client()
     client.reset(stream)
     pair.to_server()
-    client.receive(frame(T_DATA, 0, stream, b"late" * 100))  # in flight when we reset it
+    client.receive(frame(Type.DATA, 0, stream, b"late" * 100))  # in flight when we reset it
     assert window_updates(client.take()) == {0: 700}
 
 
@@ -793,7 +786,7 @@ def test_server_ping_is_answered() -> None:
     pair.server.ping(b"\x00\x01opaque")
     assert pair.to_client() == []
     out = pair.client.take()
-    assert parse(out) == [(T_PING, F_ACK, 0, b"\x00\x01opaque")]
+    assert parse(out) == [(Type.PING, Flag.ACK, 0, b"\x00\x01opaque")]
     (event,) = pair.server.receive_data(out)
     assert isinstance(event, h2.events.PingAckReceived)
     assert event.ping_data == b"\x00\x01opaque"
@@ -859,7 +852,7 @@ def test_goaway_without_debug_data() -> None:
 def test_goaway_reserved_bit_is_ignored() -> None:
     client = heard()
     payload = struct.pack(">II", 0x8000_0000 | 5, 0x2) + b"debug"
-    assert client.receive(frame(T_GOAWAY, 0, 0, payload)) == [(GOAWAY, 5, 0x2, b"debug")]
+    assert client.receive(frame(Type.GOAWAY, 0, 0, payload)) == [(GOAWAY, 5, 0x2, b"debug")]
 
 
 def test_error_name() -> None:
@@ -878,15 +871,15 @@ def test_push_promise_is_refused() -> None:
     stream = client.open_stream(b"")
     payload = struct.pack(">I", 2) + hpack.Encoder().encode(REQUEST)
     with pytest.raises(ProtocolError, match="PUSH_PROMISE"):
-        client.receive(frame(T_PUSH, F_END_HEADERS, stream, payload))
+        client.receive(frame(Type.PUSH, Flag.END_HEADERS, stream, payload))
 
 
 @pytest.mark.parametrize(
     "bad",
     [
-        frame(T_DATA, 0, 0, b"data"),
-        frame(T_HEADERS, F_END_HEADERS, 0, b"\x88"),
-        frame(T_DATA, 0, 0x8000_0000, b"reserved bit"),
+        frame(Type.DATA, 0, 0, b"data"),
+        frame(Type.HEADERS, Flag.END_HEADERS, 0, b"\x88"),
+        frame(Type.DATA, 0, 0x8000_0000, b"reserved bit"),
     ],
 )
 def test_stream_zero(bad: bytes) -> None:
@@ -903,7 +896,7 @@ def test_unknown_frames_are_ignored() -> None:
         frame(0xFA, 0xFF, 0, b"whatever")
         + frame(0x0A, 0, stream, b"an ALTSVC")
         + frame(0x10, 0, stream)
-        + frame(T_DATA, 0, stream, b"still here")
+        + frame(Type.DATA, 0, stream, b"still here")
     )
     assert client.receive(data) == [(DATA, stream, b"still here", False)]
     assert window_updates(client.take()) == {}
@@ -913,18 +906,18 @@ def test_priority_frame_is_ignored() -> None:
     client = heard()
     stream = client.open_stream(b"")
     client.take()
-    data = frame(T_PRIORITY, 0, stream, struct.pack(">IB", 0x8000_0000 | 5, 16)) + frame(
-        T_PRIORITY, 0, 99, struct.pack(">IB", 0, 0)
+    data = frame(Type.PRIORITY, 0, stream, struct.pack(">IB", 0x8000_0000 | 5, 16)) + frame(
+        Type.PRIORITY, 0, 99, struct.pack(">IB", 0, 0)
     )
     assert client.receive(data) == []
     assert client.take() == b""
-    assert client.receive(frame(T_DATA, 0, stream, b"ok")) == [(DATA, stream, b"ok", False)]
+    assert client.receive(frame(Type.DATA, 0, stream, b"ok")) == [(DATA, stream, b"ok", False)]
 
 
 def test_oversized_frame() -> None:
     client = heard()
     client.open_stream(b"")
-    header = struct.pack(">I", 16_385)[1:] + struct.pack(">BBI", T_DATA, 0, 1)
+    header = struct.pack(">I", 16_385)[1:] + struct.pack(">BBI", Type.DATA, 0, 1)
     with pytest.raises(ProtocolError, match="16385"):
         client.receive(header)  # refused from its header alone
 
@@ -932,7 +925,7 @@ def test_oversized_frame() -> None:
 def test_frame_of_max_size() -> None:
     client = heard(1 << 20)
     stream = client.open_stream(b"")
-    assert client.receive(frame(T_DATA, 0, stream, b"m" * 16_384)) == [
+    assert client.receive(frame(Type.DATA, 0, stream, b"m" * 16_384)) == [
         (DATA, stream, b"m" * 16_384, False)
     ]
 
@@ -944,9 +937,9 @@ def test_events_before_a_bad_frame_come_with_the_error() -> None:
     # The same events whether the bad frame comes in the same read or the next one.
     client = heard()
     stream = client.open_stream(b"")
-    good = frame(T_DATA, 0, stream, b"before") + frame(T_PING, F_ACK, 0, b"12345678")
+    good = frame(Type.DATA, 0, stream, b"before") + frame(Type.PING, Flag.ACK, 0, b"12345678")
     with pytest.raises(ProtocolError, match="stream 0") as caught:
-        client.receive(good + frame(T_DATA, 0, 0, b"bad"))
+        client.receive(good + frame(Type.DATA, 0, 0, b"bad"))
     assert caught.value.events == [(DATA, stream, b"before", False), (PING_ACK, b"12345678")]
 
 
@@ -954,11 +947,11 @@ def test_a_broken_connection_stays_broken() -> None:
     client = heard()
     stream = client.open_stream(b"")
     with pytest.raises(ProtocolError, match="stream 0"):
-        client.receive(frame(T_DATA, 0, 0, b"bad"))
+        client.receive(frame(Type.DATA, 0, 0, b"bad"))
     # Later bytes, good or not, are not parsed from a state nobody knows: the same error,
     # without the events it reported already.
     with pytest.raises(ProtocolError, match="stream 0") as again:
-        client.receive(frame(T_DATA, 0, stream, b"late"))
+        client.receive(frame(Type.DATA, 0, stream, b"late"))
     assert again.value.events == []
 
 
@@ -966,13 +959,15 @@ def test_headers_too_short_for_their_priority_fields() -> None:
     client = heard()
     stream = client.open_stream(b"")
     with pytest.raises(ProtocolError, match="priority"):
-        client.receive(frame(T_HEADERS, F_END_HEADERS | F_PRIORITY, stream, b"\0\0\0"))
+        client.receive(frame(Type.HEADERS, Flag.END_HEADERS | Flag.PRIORITY, stream, b"\0\0\0"))
     padded = heard()
     stream = padded.open_stream(b"")
     # Four bytes left once the padding is off: one short.
     payload = bytes([2]) + b"\0\0\0\x01" + b"\0\0"
     with pytest.raises(ProtocolError, match="priority"):
-        padded.receive(frame(T_HEADERS, F_END_HEADERS | F_PRIORITY | F_PADDED, stream, payload))
+        padded.receive(
+            frame(Type.HEADERS, Flag.END_HEADERS | Flag.PRIORITY | Flag.PADDED, stream, payload)
+        )
 
 
 def test_a_header_block_that_never_ends_is_refused_at_its_bound() -> None:
@@ -981,11 +976,11 @@ def test_a_header_block_that_never_ends_is_refused_at_its_bound() -> None:
     client = heard()
     stream = client.open_stream(b"")
     piece = b"\0" * 16_384
-    client.receive(frame(T_HEADERS, 0, stream, piece))
+    client.receive(frame(Type.HEADERS, 0, stream, piece))
     for _ in range(15):  # 256 KiB so far: not yet refused
-        assert client.receive(frame(T_CONTINUATION, 0, stream, piece)) == []
+        assert client.receive(frame(Type.CONTINUATION, 0, stream, piece)) == []
     with pytest.raises(ProtocolError, match="header block over 262144 bytes"):
-        client.receive(frame(T_CONTINUATION, 0, stream, b"\0"))
+        client.receive(frame(Type.CONTINUATION, 0, stream, b"\0"))
 
 
 def test_a_large_header_block_within_the_bound_is_decoded() -> None:
@@ -994,7 +989,7 @@ def test_a_large_header_block_within_the_bound_is_decoded() -> None:
     headers = [(b"x-h%d" % i, b"v" * 500) for i in range(100)]  # 50 KB: hpack's 64 KiB list
     block = hpack.Encoder().encode(headers, huffman=False)
     pieces = [block[i : i + 1000] for i in range(0, len(block), 1000)]
-    data = frame(T_HEADERS, 0, stream, pieces[0])
+    data = frame(Type.HEADERS, 0, stream, pieces[0])
     for i, piece in enumerate(pieces[1:], 2):
-        data += frame(T_CONTINUATION, F_END_HEADERS if i == len(pieces) else 0, stream, piece)
+        data += frame(Type.CONTINUATION, Flag.END_HEADERS if i == len(pieces) else 0, stream, piece)
     assert client.receive(data) == [(HEADERS, stream, headers, False)]

@@ -30,6 +30,7 @@ from fleetd.etcd.http2 import (
     ClientConnection,
     ProtocolError,
 )
+from tests.unit.http2_frames import Flag, Type, frame
 
 Event = tuple[Any, ...]
 
@@ -39,20 +40,8 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-# Frame types and flags, spelled out here rather than taken from the module under test.
-T_DATA, T_HEADERS, T_PRIORITY, T_RST, T_SETTINGS, T_PUSH, T_PING, T_GOAWAY = range(8)
-T_WINDOW_UPDATE, T_CONTINUATION = 8, 9
-F_END_STREAM = F_ACK = 0x1
-F_END_HEADERS = 0x4
-F_PADDED = 0x8
-F_PRIORITY = 0x20
-
 WINDOW = 1 << 20
 STREAMS = (1, 3, 5, 7)
-
-
-def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", kind, flags, stream) + payload
 
 
 def client() -> ClientConnection:
@@ -142,20 +131,20 @@ def header_block(
     splits = sorted(draw(st.lists(st.integers(0, len(block)), max_size=3)))
     pieces = [block[a:b] for a, b in zip([0, *splits], [*splits, len(block)], strict=True)]
     first = pieces[0]
-    flags = F_END_STREAM if end else 0
+    flags = Flag.END_STREAM if end else 0
     if draw(st.booleans()):
-        flags |= F_PRIORITY
+        flags |= Flag.PRIORITY
         first = struct.pack(">IB", draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 255))) + (
             first
         )
     first, was_padded = draw(padded(first, MAX_FRAME - len(first)))
     if was_padded:
-        flags |= F_PADDED
+        flags |= Flag.PADDED
     if len(pieces) == 1:
-        flags |= F_END_HEADERS
-    talk.add(T_HEADERS, flags, stream, first)
+        flags |= Flag.END_HEADERS
+    talk.add(Type.HEADERS, flags, stream, first)
     for i, piece in enumerate(pieces[1:], 2):
-        talk.add(T_CONTINUATION, F_END_HEADERS if i == len(pieces) else 0, stream, piece)
+        talk.add(Type.CONTINUATION, Flag.END_HEADERS if i == len(pieces) else 0, stream, piece)
     talk.events.append((HEADERS, stream, headers, end))
 
 
@@ -190,24 +179,24 @@ CONTROLS = st.sampled_from(
 @st.composite
 def control(draw: st.DrawFn, talk: Conversation, kind: str) -> None:
     if kind == "ping":
-        talk.add(T_PING, 0, 0, draw(st.binary(min_size=8, max_size=8)))  # answered, no event
+        talk.add(Type.PING, 0, 0, draw(st.binary(min_size=8, max_size=8)))  # answered, no event
     elif kind == "ping-ack":
         opaque = draw(st.binary(min_size=8, max_size=8))
-        talk.add(T_PING, F_ACK, 0, opaque)
+        talk.add(Type.PING, Flag.ACK, 0, opaque)
         talk.events.append((PING_ACK, opaque))
     elif kind == "settings":
-        talk.add(T_SETTINGS, 0, 0, draw(SETTINGS_PAYLOADS))
+        talk.add(Type.SETTINGS, 0, 0, draw(SETTINGS_PAYLOADS))
     elif kind == "settings-ack":
-        talk.add(T_SETTINGS, F_ACK, 0)
+        talk.add(Type.SETTINGS, Flag.ACK, 0)
     elif kind == "window":
         stream = draw(st.sampled_from((0, *STREAMS, 99)))
         increment = draw(st.integers(1, 1 << 20))
         if stream == 0:
             talk.credit += increment
-        talk.add(T_WINDOW_UPDATE, 0, stream, struct.pack(">I", increment))
+        talk.add(Type.WINDOW_UPDATE, 0, stream, struct.pack(">I", increment))
     elif kind == "priority":
         stream = draw(st.sampled_from((*STREAMS, 2, 99)))
-        talk.add(T_PRIORITY, 0, stream, struct.pack(">IB", draw(st.integers(0, 2**32 - 1)), 16))
+        talk.add(Type.PRIORITY, 0, stream, struct.pack(">IB", draw(st.integers(0, 2**32 - 1)), 16))
     elif kind == "unknown":
         talk.add(
             draw(st.integers(10, 255)),
@@ -219,7 +208,7 @@ def control(draw: st.DrawFn, talk: Conversation, kind: str) -> None:
         last, code = draw(st.integers(0, 2**31 - 1)), draw(st.integers(0, 2**32 - 1))
         debug = draw(st.binary(max_size=30))
         reserved = draw(st.sampled_from([0, 1 << 31]))  # the reserved bit: ignored
-        talk.add(T_GOAWAY, 0, 0, struct.pack(">II", last | reserved, code) + debug)
+        talk.add(Type.GOAWAY, 0, 0, struct.pack(">II", last | reserved, code) + debug)
         talk.events.append((GOAWAY, last, code, debug))
 
 
@@ -228,7 +217,7 @@ def conversations(draw: st.DrawFn) -> Conversation:
     """A valid conversation: the server's SETTINGS, then its streams' frames interleaved
     (each stream's in order, a header block never interrupted) with control frames."""
     talk = Conversation()
-    talk.add(T_SETTINGS, 0, 0, draw(SETTINGS_PAYLOADS))
+    talk.add(Type.SETTINGS, 0, 0, draw(SETTINGS_PAYLOADS))
     queues = {
         s: draw(stream_steps(s)) for s in draw(st.lists(st.sampled_from(STREAMS), unique=True))
     }
@@ -247,11 +236,11 @@ def conversations(draw: st.DrawFn) -> Conversation:
         elif step == "data":
             payload, end = arg
             body, was_padded = draw(padded(payload, MAX_FRAME - len(payload)))
-            flags = (F_END_STREAM if end else 0) | (F_PADDED if was_padded else 0)
-            talk.add(T_DATA, flags, pick, body)
+            flags = (Flag.END_STREAM if end else 0) | (Flag.PADDED if was_padded else 0)
+            talk.add(Type.DATA, flags, pick, body)
             talk.events.append((DATA, pick, payload, end))
         else:
-            talk.add(T_RST, 0, pick, struct.pack(">I", arg))
+            talk.add(Type.RST, 0, pick, struct.pack(">I", arg))
             talk.events.append((RESET, pick, arg))
     assume(65_535 + talk.credit <= 2**31 - 1)  # the connection's send window stays valid
     return talk
@@ -318,7 +307,7 @@ def same_in_any_chunking(data: bytes, cuts: list[int]) -> tuple[list[Event], Pro
 def test_garbage_is_a_protocol_error_or_events(data: st.DataObject) -> None:
     raw = data.draw(st.binary(max_size=200))
     if data.draw(st.booleans()):
-        raw = frame(T_SETTINGS, 0, 0) + raw  # past the first-frame check
+        raw = frame(Type.SETTINGS, 0, 0) + raw  # past the first-frame check
     same_in_any_chunking(raw, data.draw(cuts_for(raw)))
 
 
@@ -334,7 +323,7 @@ ANY_FRAME = st.builds(
 @FUZZ
 @given(st.data())
 def test_arbitrary_frames_are_a_protocol_error_or_events(data: st.DataObject) -> None:
-    raw = frame(T_SETTINGS, 0, 0) + b"".join(data.draw(st.lists(ANY_FRAME, max_size=8)))
+    raw = frame(Type.SETTINGS, 0, 0) + b"".join(data.draw(st.lists(ANY_FRAME, max_size=8)))
     same_in_any_chunking(raw, data.draw(cuts_for(raw)))
 
 
@@ -366,12 +355,12 @@ def test_oversized_lengths_fail_from_the_frame_header_alone(data: st.DataObject)
 @given(st.data())
 def test_bad_padding_is_a_protocol_error(data: st.DataObject) -> None:
     # The pad length must be less than the payload (its own byte included), or no payload.
-    kind = data.draw(st.sampled_from([T_DATA, T_HEADERS]))
+    kind = data.draw(st.sampled_from([Type.DATA, Type.HEADERS]))
     body = data.draw(st.binary(max_size=40))
     pad = data.draw(st.integers(len(body) + 1, 255))
     payload = bytes([pad]) + body if data.draw(st.booleans()) else b""
-    flags = F_PADDED | (F_END_HEADERS if kind == T_HEADERS else 0)
-    raw = frame(T_SETTINGS, 0, 0) + frame(kind, flags, 1, payload)
+    flags = Flag.PADDED | (Flag.END_HEADERS if kind == Type.HEADERS else 0)
+    raw = frame(Type.SETTINGS, 0, 0) + frame(kind, flags, 1, payload)
     _, error = same_in_any_chunking(raw, data.draw(cuts_for(raw)))
     assert error is not None
     assert "padding" in str(error)
@@ -401,8 +390,8 @@ def test_unknown_frame_types_change_nothing(data: st.DataObject) -> None:
             )
         mixed += f
         kind, flags = f[3], f[4]
-        if kind in (T_HEADERS, T_CONTINUATION):
-            inside_block = not flags & F_END_HEADERS
+        if kind in (Type.HEADERS, Type.CONTINUATION):
+            inside_block = not flags & Flag.END_HEADERS
     events, error, _ = feed(bytes(mixed), data.draw(cuts_for(bytes(mixed))))
     assert error is None
     assert normalised(events) == talk.events

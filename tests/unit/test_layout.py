@@ -68,6 +68,18 @@ def within(name: str, *rooms: str) -> bool:
 
 IMPORTS = {name: sorted(set(imports(path))) for name, path in MODULES.items()}
 
+
+def imports_of(room: str, others: list[str]) -> list[str]:
+    """Each import, by a module of `room`, of a module within `others`: "x imports y"."""
+    return [
+        f"{name} imports {imported}"
+        for name, found in IMPORTS.items()
+        if within(name, room)
+        for imported in found
+        if within(imported, *others)
+    ]
+
+
 # The planners and the vocabulary they use: pure functions of their input.
 PURE = [
     "fleetd.engine.plan",
@@ -122,25 +134,13 @@ FORBIDDEN = [
 @pytest.mark.parametrize("planner", PURE)
 def test_planners_import_no_io(planner: str) -> None:
     assert planner in MODULES, f"{planner} moved: update the rule"
-    bad = [
-        f"{name} imports {imported}"
-        for name, found in IMPORTS.items()
-        if within(name, planner)
-        for imported in found
-        if within(imported, *IO)
-    ]
+    bad = imports_of(planner, IO)
     assert not bad, f"planners do no I/O and read no clock: {bad}"
 
 
 @pytest.mark.parametrize(("room", "others", "why"), FORBIDDEN, ids=[r for r, _, _ in FORBIDDEN])
 def test_rooms_do_not_import_what_they_must_not(room: str, others: list[str], why: str) -> None:
-    bad = [
-        f"{name} imports {imported}"
-        for name, found in IMPORTS.items()
-        if within(name, room)
-        for imported in found
-        if within(imported, *others)
-    ]
+    bad = imports_of(room, others)
     assert not bad, f"{why}: " + "; ".join(bad)
 
 

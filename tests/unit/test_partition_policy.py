@@ -18,7 +18,14 @@ from fleetd.registry.registry import Registry
 from fleetd.sim import SimCluster, SimMachine
 from fleetd.systemd.fake import FakeUnitManager
 from tests.unit.fixed_lease import FixedLease
-from tests.unit.test_sim_cluster import HELLO, TTL, running_on, start_unit, wait_for
+from tests.unit.test_sim_cluster import (
+    HELLO,
+    TTL,
+    running_on,
+    start_unit,
+    three_machines,
+    wait_for,
+)
 
 KEEP, STOP = PartitionPolicy.KEEP, PartitionPolicy.STOP
 LAUNCHED, LOADED = TargetState.LAUNCHED, TargetState.LOADED
@@ -88,13 +95,8 @@ STOPPY = HELLO + "\n[X-Fleet]\nPartitionPolicy=stop\n"
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[tuple[SimCluster, FakeKV]]:
     kv = FakeKV()
-    sim = SimCluster(kv, agent_ttl=TTL, safety_interval=0.5, state_dir=tmp_path)
-    for i in range(3):
-        sim.add(f"{i + 1:032x}", metadata={"idx": str(i + 1)}, public_ip=f"10.0.0.{i + 1}")
-    await sim.start_all()
-    await wait_for(lambda: sim.leader() is not None, what="an engine leader")
-    yield sim, kv
-    await sim.close()
+    async with three_machines(kv, tmp_path) as sim:
+        yield sim, kv
 
 
 def active_pid(m: SimMachine, name: str) -> int:

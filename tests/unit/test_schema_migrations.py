@@ -14,7 +14,7 @@ from fleetd.engine.engine import Engine
 from fleetd.model import Machine
 from fleetd.registry.fake import FakeKV
 from fleetd.registry.keys import SCHEMA_VERSION
-from fleetd.registry.kv import Put
+from fleetd.registry.kv import KeyValue, Put
 from fleetd.registry.migrations import SchemaTooNew, blocking_machines, migrate, version_key
 from fleetd.registry.registry import Registry
 
@@ -28,6 +28,13 @@ async def _registry_with(machines: dict[str, str]) -> Registry:
     for machine_id, version in machines.items():
         assert await registry.register_machine(Machine.make(machine_id, version=version), lease)
     return registry
+
+
+async def _schema_key(registry: Registry) -> KeyValue:
+    """The schema version's key, which must be there."""
+    stored = await registry.kv.get(registry.keys.schema)
+    assert stored is not None
+    return stored
 
 
 async def test_a_fresh_keyspace_gets_this_releases_version_once() -> None:
@@ -55,8 +62,7 @@ async def test_a_newer_or_unreadable_layout_is_refused(written: str, message: st
     await registry.kv.txn([], [Put(registry.keys.schema, written)])
     with pytest.raises(SchemaTooNew, match=message):
         await registry.ensure_schema()
-    stored = await registry.kv.get(registry.keys.schema)
-    assert stored is not None
+    stored = await _schema_key(registry)
     assert stored.value == written  # nothing rewritten
 
 
@@ -84,8 +90,7 @@ async def test_an_older_layout_is_migrated_once_when_every_machine_knows_the_new
     step = Step()
     reached = await _migrate_to_next(registry, step)
     assert (reached, step.runs) == (NEXT, 1)
-    stored = await registry.kv.get(registry.keys.schema)
-    assert stored is not None
+    stored = await _schema_key(registry)
     assert stored.value == str(NEXT)
     assert await registry.kv.get(f"{registry.keys.prefix}added-by-2") is not None
     # Run again from the version now stored: nothing to do, nothing written.
@@ -100,8 +105,7 @@ async def test_migration_waits_while_a_machine_runs_an_older_release() -> None:
     step = Step()
     reached = await _migrate_to_next(registry, step)
     assert (reached, step.runs) == (SCHEMA_VERSION, 0)
-    stored = await registry.kv.get(registry.keys.schema)
-    assert stored is not None
+    stored = await _schema_key(registry)
     assert stored.value == str(SCHEMA_VERSION)
 
 
@@ -112,8 +116,7 @@ async def test_two_leaders_racing_bump_the_version_once() -> None:
     # compare-and-swap on the old value lets exactly one of them move it.
     results = await asyncio.gather(*(_migrate_to_next(registry, step) for _ in range(2)))
     assert results == [NEXT, NEXT]
-    stored = await registry.kv.get(registry.keys.schema)
-    assert stored is not None
+    stored = await _schema_key(registry)
     assert (stored.value, stored.version) == (str(NEXT), 2)  # created, then bumped once
 
 

@@ -5,6 +5,7 @@ etcd and real systemd in tests/functional."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,16 +26,25 @@ async def wait_for(cond: Callable[[], bool], within: float = 5.0, what: str = ""
     return await wait_until(cond, within, what)
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[SimCluster]:
-    kv = FakeKV()
-    sim = SimCluster(kv, agent_ttl=TTL, safety_interval=0.5, state_dir=tmp_path)
+@contextlib.asynccontextmanager
+async def three_machines(kv: FakeKV, state_dir: Path) -> AsyncIterator[SimCluster]:
+    """Machines 1 to 3 over `kv` (metadata idx=N, IP 10.0.0.N), started and with an engine
+    leader; closed on the way out."""
+    sim = SimCluster(kv, agent_ttl=TTL, safety_interval=0.5, state_dir=state_dir)
     for i in range(3):
         sim.add(f"{i + 1:032x}", metadata={"idx": str(i + 1)}, public_ip=f"10.0.0.{i + 1}")
     await sim.start_all()
     await wait_for(lambda: sim.leader() is not None, what="an engine leader")
-    yield sim
-    await sim.close()
+    try:
+        yield sim
+    finally:
+        await sim.close()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[SimCluster]:
+    async with three_machines(FakeKV(), tmp_path) as sim:
+        yield sim
 
 
 def running_on(sim: SimCluster, name: str) -> list[SimMachine]:

@@ -172,14 +172,14 @@ async def test_lost_connection_fails_waiting_jobs_and_ends_watches(tmp_path: Pat
 # -- signals and snapshots -------------------------------------------------------------------
 
 
+def message(kind: MessageType, body: list[Any], **fields: Any) -> Any:
+    """A D-Bus message as the manager reads it: its type, its body and the fields it looks at."""
+    return SimpleNamespace(message_type=kind, body=body, **fields)
+
+
 def signal(path: str, interface: str, member: str, body: list[Any]) -> Any:
-    return SimpleNamespace(
-        message_type=MessageType.SIGNAL,
-        path=path,
-        interface=interface,
-        member=member,
-        body=body,
-        reply_serial=None,
+    return message(
+        MessageType.SIGNAL, body, path=path, interface=interface, member=member, reply_serial=None
     )
 
 
@@ -191,13 +191,7 @@ def props(name: str, **values: str) -> Any:
 
 def snapshot_reply(serial: int, rows: list[tuple[str, str, str, str]]) -> Any:
     body = [[(n, "", load, active, sub, "", "/", 0, "", "/") for n, load, active, sub in rows]]
-    return SimpleNamespace(
-        message_type=MessageType.METHOD_RETURN,
-        reply_serial=serial,
-        body=body,
-        path=None,
-        member=None,
-    )
+    return message(MessageType.METHOD_RETURN, body, reply_serial=serial, path=None, member=None)
 
 
 def watching(tmp_path: Path, *names: str) -> tuple[sd.DBusUnitManager, StateFeed]:

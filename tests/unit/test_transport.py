@@ -9,6 +9,7 @@ h2 servers. Against a real etcd the transport is covered by tests/integration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import re
 import socket
@@ -16,6 +17,7 @@ import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import h2.config
@@ -172,14 +174,36 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+def call(conn: Connection, request: bytes = b"x") -> asyncio.Task[bytes]:
+    """A unary Range call on `conn`, under way (5 s timeout)."""
+    return asyncio.create_task(conn.unary(RANGE, request, [], 5.0))
+
+
+async def delivered(peer: Peer) -> None:
+    """Let our batched writes out, and the peer read them."""
+    await settle()
+    peer.receive()
+
+
+async def resets(peer: Peer) -> dict[int, int]:
+    """The streams the peer has seen reset (and their codes), once our writes are out."""
+    await delivered(peer)
+    return peer.resets
+
+
+async def answer(peer: Peer, stream: int, task: asyncio.Task[bytes], message: bytes) -> None:
+    """The peer answers `stream` with `message`: the call's `task` must resolve to it."""
+    peer.respond(stream, message)
+    assert await asyncio.wait_for(task, 1) == message
+
+
 async def call_sent(
     member: Member = MEMBER,
 ) -> tuple[Connection, Peer, asyncio.Task[bytes]]:
     """A connection with one unary call (stream 1) whose request the peer has read."""
     conn, peer = make(member=member)
-    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
-    await settle()
-    peer.receive()
+    task = call(conn)
+    await delivered(peer)
     return conn, peer, task
 
 
@@ -202,6 +226,13 @@ async def failure(awaitable: Any, limit: float = 1.0) -> RpcError:
     return caught.value
 
 
+async def failed(awaitable: Any, code: StatusCode, limit: float = 1.0) -> RpcError:
+    """`failure`, which must be of gRPC status `code`."""
+    error = await failure(awaitable, limit)
+    assert error.code() == code
+    return error
+
+
 # -- unary calls -----------------------------------------------------------------------------
 
 
@@ -209,8 +240,7 @@ async def test_unary_call_is_a_grpc_post_with_the_metadata_and_resolves_to_the_a
     conn, peer = make()
     request = range_request()
     task = asyncio.create_task(conn.unary(RANGE, request, [("token", "tok")], 5.0))
-    await settle()
-    peer.receive()
+    await delivered(peer)
     headers = peer.header(1)
     assert headers[b":method"] == b"POST"
     assert headers[b":path"] == RANGE
@@ -242,8 +272,7 @@ async def test_unary_calls_tell_etcd_their_deadline_as_grpc_timeout() -> None:
     await settle()
     watch = conn.start(WATCH, [("token", "t")], unary=False)
     watch.write(b"watch")
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert [peer.header(s).get(b"grpc-timeout") for s in (1, 3, 5, 7)] == [
         b"5000m",
         b"5000m",
@@ -284,8 +313,7 @@ async def test_tls_member_calls_use_the_https_scheme() -> None:
     _conn, peer, task = await call_sent(member)
     assert peer.header(1)[b":scheme"] == b"https"
     assert peer.header(1)[b":authority"] == b"etcd.example:2379"
-    peer.respond(1, b"y")
-    assert await asyncio.wait_for(task, 1) == b"y"
+    await answer(peer, 1, task, b"y")
 
 
 async def test_calls_of_one_loop_iteration_leave_in_one_write_on_their_own_streams() -> None:
@@ -306,8 +334,7 @@ async def test_calls_of_one_loop_iteration_leave_in_one_write_on_their_own_strea
 async def test_unary_answer_split_across_data_frames_counts_once_the_trailers_say_ok() -> None:
     conn, peer = make()
     task = asyncio.create_task(conn.unary(RANGE, range_request(), [], 5.0))
-    await settle()
-    peer.receive()
+    await delivered(peer)
     answer = range_response(12345) + b"\x00" * 40
     body = prefixed(answer)
     peer.conn.send_headers(1, OK_HEADERS)
@@ -328,14 +355,12 @@ async def test_streaming_call_writes_and_reads_messages_in_order_and_ends_cleanl
     conn, peer = make()
     call = conn.start(WATCH, [("token", "tok")], unary=False)
     call.write(b"first request")
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert peer.header(1)[b"token"] == b"tok"
     assert peer.messages(1) == [b"first request"]
     assert peer.ended == set()  # the request side stays open
     call.write(b"second request", end=True)
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert peer.messages(1) == [b"first request", b"second request"]
     assert peer.ended == {1}
 
@@ -364,15 +389,13 @@ async def test_streaming_call_reads_its_messages_before_the_error_that_ended_it(
     conn, peer = make()
     call = conn.start(WATCH, [], unary=False)
     call.write(b"watch")
-    await settle()
-    peer.receive()
+    await delivered(peer)
     peer.conn.send_headers(1, OK_HEADERS)
     peer.conn.send_data(1, prefixed(b"event"))
     peer.trailers(1, int(StatusCode.OUT_OF_RANGE), b"etcdserver: mvcc: required revision")
     peer.send()
     assert await call.read() == b"event"
-    error = await failure(call.read())
-    assert error.code() == StatusCode.OUT_OF_RANGE
+    error = await failed(call.read(), StatusCode.OUT_OF_RANGE)
     assert error.details() == "etcdserver: mvcc: required revision"
     with pytest.raises(RpcError) as caught:
         call.write(b"more")
@@ -390,13 +413,10 @@ async def test_cancelling_a_streaming_call_resets_its_stream_only() -> None:
     reader = asyncio.create_task(watch.read())
     await settle()
     watch.cancel()
-    error = await failure(reader)
-    assert error.code() == StatusCode.CANCELLED
+    await failed(reader, StatusCode.CANCELLED)
     with pytest.raises(RpcError):
         watch.write(b"late")
-    await settle()
-    peer.receive()
-    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    assert await resets(peer) == {1: h2.errors.ErrorCodes.CANCEL}
     # The connection and the other stream go on.
     peer.conn.send_headers(3, OK_HEADERS)
     peer.conn.send_data(3, prefixed(b"still here"))
@@ -409,7 +429,7 @@ async def test_cancelling_a_streaming_call_resets_its_stream_only() -> None:
 async def test_streaming_calls_keep_pings_going_until_none_is_open() -> None:
     conn, peer = make(ping_interval=0.02)
     # A unary call alone: no pings (etcd refuses pings without a stream open).
-    pending = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    pending = call(conn)
     await asyncio.sleep(0.08)
     peer.pump()
     assert peer.pings == 0
@@ -443,8 +463,7 @@ async def test_streaming_calls_keep_pings_going_until_none_is_open() -> None:
 async def test_trailers_only_error_fails_the_call_with_its_code_and_decoded_message() -> None:
     conn, peer = make()
     task = asyncio.create_task(conn.unary(RANGE, b"x", [("token", "stale")], 5.0))
-    await settle()
-    peer.receive()
+    await delivered(peer)
     peer.conn.send_headers(
         1,
         [
@@ -455,8 +474,7 @@ async def test_trailers_only_error_fails_the_call_with_its_code_and_decoded_mess
         end_stream=True,
     )
     peer.send()
-    error = await failure(task)
-    assert error.code() == StatusCode.UNAUTHENTICATED
+    error = await failed(task, StatusCode.UNAUTHENTICATED)
     assert error.details() == "etcdserver: invalid auth token!"
     assert conn.usable  # a failed call, not a failed connection
     assert peer.resets == {}
@@ -466,8 +484,7 @@ async def test_http_error_status_without_grpc_status_is_unavailable() -> None:
     _conn, peer, task = await call_sent()
     peer.conn.send_headers(1, [(b":status", b"503")], end_stream=True)
     peer.send()
-    error = await failure(task)
-    assert error.code() == StatusCode.UNAVAILABLE
+    error = await failed(task, StatusCode.UNAVAILABLE)
     assert "HTTP 503" in error.details()
 
 
@@ -475,12 +492,9 @@ async def test_http_error_status_with_a_body_coming_resets_the_stream() -> None:
     _conn, peer, task = await call_sent()
     peer.conn.send_headers(1, [(b":status", b"502"), (b"content-type", b"text/html")])
     peer.send()
-    error = await failure(task)
-    assert error.code() == StatusCode.UNAVAILABLE
+    error = await failed(task, StatusCode.UNAVAILABLE)
     assert "HTTP 502" in error.details()
-    await settle()
-    peer.receive()
-    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    assert await resets(peer) == {1: h2.errors.ErrorCodes.CANCEL}
 
 
 async def test_stream_ended_without_grpc_status_is_internal() -> None:
@@ -488,16 +502,14 @@ async def test_stream_ended_without_grpc_status_is_internal() -> None:
     peer.conn.send_headers(1, OK_HEADERS)
     peer.conn.send_data(1, prefixed(b"an answer, but no status"), end_stream=True)
     peer.send()
-    error = await failure(task)
-    assert error.code() == StatusCode.INTERNAL
+    error = await failed(task, StatusCode.INTERNAL)
     assert "without a status" in error.details()
 
 
 async def test_ok_status_without_a_message_is_internal() -> None:
     _conn, peer, task = await call_sent()
     peer.respond(1)  # headers and trailers, no message
-    error = await failure(task)
-    assert error.code() == StatusCode.INTERNAL
+    await failed(task, StatusCode.INTERNAL)
 
 
 async def test_compressed_answer_fails_the_call_and_resets_its_stream() -> None:
@@ -505,12 +517,9 @@ async def test_compressed_answer_fails_the_call_and_resets_its_stream() -> None:
     peer.conn.send_headers(1, OK_HEADERS)
     peer.conn.send_data(1, prefixed(b"gzipped", compressed=1))
     peer.send()
-    error = await failure(task)
-    assert error.code() == StatusCode.INTERNAL
+    error = await failed(task, StatusCode.INTERNAL)
     assert "compressed" in error.details()
-    await settle()
-    peer.receive()
-    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    assert await resets(peer) == {1: h2.errors.ErrorCodes.CANCEL}
 
 
 def test_the_largest_message_a_call_takes_is_64_mib() -> None:
@@ -523,24 +532,20 @@ async def test_a_message_over_the_limit_fails_its_call_on_its_prefix_and_spares_
 ):
     conn, peer = make()
     conn.max_message = 1000
-    big = asyncio.create_task(conn.unary(RANGE, b"big", [], 5.0))
-    other = asyncio.create_task(conn.unary(RANGE, b"other", [], 5.0))
-    await settle()
-    peer.receive()
+    big = call(conn, b"big")
+    other = call(conn, b"other")
+    await delivered(peer)
     peer.conn.send_headers(1, OK_HEADERS)
     peer.conn.send_data(1, struct.pack(">BI", 0, 10_000_000) + b"x" * 95)  # 100 bytes of it
     peer.send()
     # Failed at once, on the prefix: not a byte of the rest is waited for or kept.
-    error = await failure(big)
-    assert error.code() == StatusCode.RESOURCE_EXHAUSTED
+    error = await failed(big, StatusCode.RESOURCE_EXHAUSTED)
     assert error.details() == (
         "127.0.0.1:2379: etcd's answer is a message of 10000000 bytes, larger than the 1000"
         " bytes a call may receive"
     )
     assert list(conn.calls) == [3]
-    await settle()
-    peer.receive()
-    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    assert await resets(peer) == {1: h2.errors.ErrorCodes.CANCEL}
     # What etcd sent of it before it saw the reset is dropped as it comes, and credited back.
     late = struct.pack(">I", 16_000)[1:] + struct.pack(">BBI", 0, 0, 1) + b"x" * 16_000
     conn.data_received(late * 3)  # (h2 sends nothing on a stream it knows is reset)
@@ -555,14 +560,12 @@ async def test_a_streaming_call_reads_its_messages_before_one_over_the_limit() -
     conn.max_message = 1000
     watch = conn.start(WATCH, [], unary=False)
     watch.write(b"watch")
-    await settle()
-    peer.receive()
+    await delivered(peer)
     peer.conn.send_headers(1, OK_HEADERS)
     peer.conn.send_data(1, prefixed(b"event") + struct.pack(">BI", 0, 1001))
     peer.send()
     assert await watch.read() == b"event"
-    error = await failure(watch.read())
-    assert error.code() == StatusCode.RESOURCE_EXHAUSTED
+    error = await failed(watch.read(), StatusCode.RESOURCE_EXHAUSTED)
     assert "1001 bytes" in error.details()
     assert conn.usable
 
@@ -571,8 +574,7 @@ async def test_stream_reset_by_etcd_is_unavailable() -> None:
     conn, peer, task = await call_sent()
     peer.conn.reset_stream(1, h2.errors.ErrorCodes.REFUSED_STREAM)
     peer.send()
-    error = await failure(task)
-    assert error.code() == StatusCode.UNAVAILABLE
+    error = await failed(task, StatusCode.UNAVAILABLE)
     assert "reset" in error.details()
     assert conn.usable
 
@@ -585,17 +587,15 @@ async def test_unary_timeout_resets_the_stream_and_an_unanswered_ping_drops_the_
 ):
     conn, peer = make(timeout=0.1)
     slow = asyncio.create_task(conn.unary(RANGE, b"slow", [], 0.05))
-    other = asyncio.create_task(conn.unary(RANGE, b"other", [], 5.0))
+    other = call(conn, b"other")
     await settle()
     watch = conn.start(WATCH, [], unary=False)
     watch.write(b"watch")
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert sorted(peer.headers) == [1, 3, 5]
     assert peer.header(5)[b":path"] == WATCH
 
-    error = await failure(slow)
-    assert error.code() == StatusCode.DEADLINE_EXCEEDED
+    error = await failed(slow, StatusCode.DEADLINE_EXCEEDED)
     assert "0.05s" in error.details()
     await settle()
     peer.receive()  # not answered: the peer's ping acknowledgement never leaves
@@ -604,8 +604,7 @@ async def test_unary_timeout_resets_the_stream_and_an_unanswered_ping_drops_the_
     assert not peer.transport.aborted
 
     # No answer to the ping within the connection's timeout: every call fails, at once.
-    error = await failure(other)
-    assert error.code() == StatusCode.UNAVAILABLE
+    error = await failed(other, StatusCode.UNAVAILABLE)
     assert "ping" in error.details()
     lost = await failure(watch.read())
     assert lost.code() == StatusCode.UNAVAILABLE
@@ -650,11 +649,9 @@ async def test_a_busy_loop_before_the_ping_leaves_does_not_fail_a_member_that_an
 async def test_unary_timeout_with_the_ping_answered_keeps_the_connection() -> None:
     conn, peer = make(timeout=0.1)
     slow = asyncio.create_task(conn.unary(RANGE, b"slow", [], 0.05))
-    other = asyncio.create_task(conn.unary(RANGE, b"other", [], 5.0))
-    await settle()
-    peer.receive()
-    error = await failure(slow)
-    assert error.code() == StatusCode.DEADLINE_EXCEEDED
+    other = call(conn, b"other")
+    await delivered(peer)
+    await failed(slow, StatusCode.DEADLINE_EXCEEDED)
     await settle()
     peer.pump()  # the ping, acknowledged
     assert peer.pings == 1
@@ -663,31 +660,24 @@ async def test_unary_timeout_with_the_ping_answered_keeps_the_connection() -> No
     await asyncio.sleep(0.15)  # past the ping's timeout
     assert conn.usable
     assert not peer.transport.aborted
-    peer.respond(3, b"late but fine")
-    assert await asyncio.wait_for(other, 1) == b"late but fine"
+    await answer(peer, 3, other, b"late but fine")
     # And new calls work.
-    task = asyncio.create_task(conn.unary(RANGE, b"next", [], 5.0))
-    await settle()
-    peer.receive()
-    peer.respond(5, b"next answer")
-    assert await asyncio.wait_for(task, 1) == b"next answer"
+    task = call(conn, b"next")
+    await delivered(peer)
+    await answer(peer, 5, task, b"next answer")
 
 
 async def test_cancelling_a_unary_call_resets_its_stream_and_spares_the_others() -> None:
     conn, peer = make()
-    first = asyncio.create_task(conn.unary(RANGE, b"first", [], 5.0))
-    second = asyncio.create_task(conn.unary(RANGE, b"second", [], 5.0))
-    await settle()
-    peer.receive()
+    first = call(conn, b"first")
+    second = call(conn, b"second")
+    await delivered(peer)
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
-    await settle()
-    peer.receive()
-    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    assert await resets(peer) == {1: h2.errors.ErrorCodes.CANCEL}
     assert list(conn.calls) == [3]
-    peer.respond(3, b"second answer")
-    assert await asyncio.wait_for(second, 1) == b"second answer"
+    await answer(peer, 3, second, b"second answer")
     assert conn.usable
     assert not peer.transport.aborted
 
@@ -699,11 +689,9 @@ async def test_request_bigger_than_the_stream_window_waits_for_the_window_to_ope
     conn, peer = make(window=100)
     request = bytes(range(250))  # 255 bytes with the prefix
     task = asyncio.create_task(conn.unary(RANGE, request, [], 5.0))
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert peer.frames == [(1, 100, False)]  # what the window allows, and no more
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert peer.frames == [(1, 100, False)]
 
     peer.conn.increment_flow_control_window(100, stream_id=1)
@@ -718,16 +706,14 @@ async def test_request_bigger_than_the_stream_window_waits_for_the_window_to_ope
     assert peer.frames == [(1, 100, False), (1, 100, False), (1, 55, True)]
     assert peer.messages(1) == [request]
     assert peer.ended == {1}
-    peer.respond(1, b"done")
-    assert await asyncio.wait_for(task, 1) == b"done"
+    await answer(peer, 1, task, b"done")
 
 
 async def test_request_bigger_than_the_connection_window_waits_too() -> None:
     conn, peer = make(window=1 << 20)  # streams may take 1 MiB, the connection 64 KiB - 1
     request = b"v" * 70000
     task = asyncio.create_task(conn.unary(RANGE, request, [], 5.0))
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert sum(n for _, n, _ in peer.frames) == 65535
     assert all(n <= 16384 for _, n, _ in peer.frames)  # the peer's largest frame size
     assert not any(end for _, _, end in peer.frames)
@@ -738,8 +724,7 @@ async def test_request_bigger_than_the_connection_window_waits_too() -> None:
     assert sum(n for _, n, _ in peer.frames) == 70005
     assert peer.frames[-1][2]
     assert peer.messages(1) == [request]
-    peer.respond(1, b"done")
-    assert await asyncio.wait_for(task, 1) == b"done"
+    await answer(peer, 1, task, b"done")
 
 
 # -- etcd's limit on concurrent streams --------------------------------------------------------
@@ -758,19 +743,16 @@ def limited(streams: int, timeout: float = 5.0) -> tuple[Connection, Peer]:
 async def test_calls_beyond_the_stream_limit_wait_and_go_in_order_as_streams_end() -> None:
     conn, peer = limited(2)
     tasks = [asyncio.create_task(conn.unary(RANGE, b"call %d" % i, [], 5.0)) for i in range(5)]
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert sorted(peer.headers) == [1, 3]  # no more than etcd allows
     assert len(conn.calls) == 2
     peer.respond(3, b"answer 1")
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert sorted(peer.headers) == [1, 3, 5]
     assert peer.messages(5) == [b"call 2"]  # the oldest waiting call, its request whole
     peer.respond(1, b"answer 0")
     peer.respond(5, b"answer 2")
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert sorted(peer.headers) == [1, 3, 5, 7, 9]
     assert [peer.messages(s) for s in (7, 9)] == [[b"call 3"], [b"call 4"]]
     peer.respond(9, b"answer 4")
@@ -785,41 +767,33 @@ async def test_streams_etcd_ends_by_reset_or_that_we_cancel_free_their_place_too
     conn, peer = limited(1)
     watch = conn.start(WATCH, [], unary=False)
     watch.write(b"watch")
-    first = asyncio.create_task(conn.unary(RANGE, b"first", [], 5.0))
-    second = asyncio.create_task(conn.unary(RANGE, b"second", [], 5.0))
-    await settle()
-    peer.receive()
+    first = call(conn, b"first")
+    second = call(conn, b"second")
+    await delivered(peer)
     assert sorted(peer.headers) == [1]
     watch.cancel()  # RST_STREAM first, then the next call's HEADERS
-    await settle()
-    peer.receive()
-    assert peer.resets == {1: h2.errors.ErrorCodes.CANCEL}
+    assert await resets(peer) == {1: h2.errors.ErrorCodes.CANCEL}
     assert sorted(peer.headers) == [1, 3]
     peer.conn.reset_stream(3, h2.errors.ErrorCodes.INTERNAL_ERROR)
     peer.send()
     assert (await failure(first)).code() == StatusCode.UNAVAILABLE
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert sorted(peer.headers) == [1, 3, 5]
-    peer.respond(5, b"second answer")
-    assert await asyncio.wait_for(second, 1) == b"second answer"
+    await answer(peer, 5, second, b"second answer")
 
 
 async def test_a_streaming_call_written_while_waiting_sends_its_messages_once_open() -> None:
     conn, peer = limited(1)
-    pending = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    pending = call(conn)
     await settle()
     watch = conn.start(WATCH, [("token", "t")], unary=False)
     watch.write(b"one")
     watch.write(b"two")
     assert watch.stream_id == 0  # waiting: not on the wire yet
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert sorted(peer.headers) == [1]
-    peer.respond(1, b"y")
-    assert await asyncio.wait_for(pending, 1) == b"y"
-    await settle()
-    peer.receive()
+    await answer(peer, 1, pending, b"y")
+    await delivered(peer)
     assert watch.stream_id == 3
     assert peer.header(3)[b"token"] == b"t"
     assert b"grpc-timeout" not in peer.header(3)
@@ -833,50 +807,44 @@ async def test_a_streaming_call_written_while_waiting_sends_its_messages_once_op
 
 async def test_a_call_that_waited_tells_etcd_the_time_it_has_left() -> None:
     conn, peer = limited(1)
-    blocker = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    blocker = call(conn)
     await settle()
-    waiting = asyncio.create_task(conn.unary(RANGE, b"y", [], 5.0))
+    waiting = call(conn, b"y")
     await asyncio.sleep(0.3)
     peer.receive()
     peer.respond(1, b"done")
     await asyncio.wait_for(blocker, 1)
-    await settle()
-    peer.receive()
+    await delivered(peer)
     left = int(peer.header(3)[b"grpc-timeout"].removesuffix(b"m"))
     assert 4000 < left <= 4700
-    peer.respond(3, b"done too")
-    assert await asyncio.wait_for(waiting, 1) == b"done too"
+    await answer(peer, 3, waiting, b"done too")
 
 
 async def test_a_call_that_times_out_waiting_for_a_stream_is_never_sent() -> None:
     conn, peer = limited(1)
-    blocker = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    blocker = call(conn)
     await settle()
     late = asyncio.create_task(conn.unary(RANGE, b"late", [], 0.05))
-    after = asyncio.create_task(conn.unary(RANGE, b"after", [], 5.0))
-    error = await failure(late)
-    assert error.code() == StatusCode.DEADLINE_EXCEEDED
+    after = call(conn, b"after")
+    error = await failed(late, StatusCode.DEADLINE_EXCEEDED)
     assert "not sent: etcd allows 1 streams at once" in error.details()
     await settle()
     peer.pump()  # the probe ping after a timeout, answered: the member is alive
-    peer.respond(1, b"done")
-    assert await asyncio.wait_for(blocker, 1) == b"done"
-    await settle()
-    peer.receive()
+    await answer(peer, 1, blocker, b"done")
+    await delivered(peer)
     assert sorted(peer.headers) == [1, 3]
     assert peer.messages(3) == [b"after"]  # the timed-out call never went
     assert peer.resets == {}
-    peer.respond(3, b"after answer")
-    assert await asyncio.wait_for(after, 1) == b"after answer"
+    await answer(peer, 3, after, b"after answer")
     assert conn.usable
 
 
 async def test_cancelling_a_waiting_call_takes_it_out_of_the_line() -> None:
     conn, peer = limited(1)
-    blocker = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    blocker = call(conn)
     await settle()
-    cancelled = asyncio.create_task(conn.unary(RANGE, b"cancelled", [], 5.0))
-    after = asyncio.create_task(conn.unary(RANGE, b"after", [], 5.0))
+    cancelled = call(conn, b"cancelled")
+    after = call(conn, b"after")
     await settle()
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -884,24 +852,20 @@ async def test_cancelling_a_waiting_call_takes_it_out_of_the_line() -> None:
     peer.receive()
     peer.respond(1, b"done")
     await asyncio.wait_for(blocker, 1)
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert peer.messages(3) == [b"after"]
     assert peer.resets == {}
-    peer.respond(3, b"after answer")
-    assert await asyncio.wait_for(after, 1) == b"after answer"
+    await answer(peer, 3, after, b"after answer")
 
 
 async def test_a_higher_limit_from_etcd_opens_the_waiting_calls() -> None:
     conn, peer = limited(1)
     tasks = [asyncio.create_task(conn.unary(RANGE, b"%d" % i, [], 5.0)) for i in range(3)]
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert sorted(peer.headers) == [1]
     peer.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 10})
     peer.send()
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert sorted(peer.headers) == [1, 3, 5]
     for stream_id in (1, 3, 5):
         peer.respond(stream_id, b"answer")
@@ -910,12 +874,11 @@ async def test_a_higher_limit_from_etcd_opens_the_waiting_calls() -> None:
 
 async def test_waiting_calls_fail_as_never_sent_on_goaway_or_a_lost_connection() -> None:
     conn, peer = limited(1)
-    taken = asyncio.create_task(conn.unary(RANGE, b"taken", [], 5.0))
+    taken = call(conn, b"taken")
     await settle()
     waiting = asyncio.create_task(conn.unary(TXN, b"a write", [], 5.0))
     watch = conn.start(WATCH, [], unary=False)
-    await settle()
-    peer.receive()
+    await delivered(peer)
     peer.conn.close_connection(last_stream_id=1)
     peer.send()
     for error in (await failure(waiting), await failure(watch.read())):
@@ -929,7 +892,7 @@ async def test_waiting_calls_fail_as_never_sent_on_goaway_or_a_lost_connection()
     taken.cancel()
 
     conn, peer = limited(1)
-    first = asyncio.create_task(conn.unary(RANGE, b"first", [], 5.0))
+    first = call(conn, b"first")
     await settle()
     second = asyncio.create_task(conn.unary(TXN, b"a write", [], 5.0))
     await settle()
@@ -980,18 +943,16 @@ def draining_peer() -> tuple[Connection, Peer]:
 
 async def test_goaway_fails_the_calls_etcd_did_not_take_and_drains_the_rest() -> None:
     conn, peer = draining_peer()
-    unary = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    unary = call(conn)
     await settle()
     watch = conn.start(WATCH, [], unary=False)
     watch.write(b"watch")
-    await settle()
-    peer.receive()
+    await delivered(peer)
     assert conn.usable
     # etcd took stream 1 (the unary call), not stream 3 (the watch).
     peer.conn.close_connection(last_stream_id=1)
     peer.send()
-    error = await failure(watch.read())
-    assert error.code() == StatusCode.UNAVAILABLE
+    error = await failed(watch.read(), StatusCode.UNAVAILABLE)
     assert "GOAWAY" in error.details()
     assert error.unprocessed  # never seen by etcd: safe to send again
     assert not conn.usable
@@ -1002,8 +963,7 @@ async def test_goaway_fails_the_calls_etcd_did_not_take_and_drains_the_rest() ->
     # then the drained connection is closed.
     assert not unary.done()
     assert not peer.transport.closed
-    peer.respond(1, b"answer")
-    assert await asyncio.wait_for(unary, 1.0) == b"answer"
+    await answer(peer, 1, unary, b"answer")
     assert peer.transport.closed
     assert not peer.transport.aborted
 
@@ -1012,9 +972,8 @@ async def test_graceful_goaway_and_ping_keep_calls_going() -> None:
     # grpc-go's graceful stop: GOAWAY naming the highest stream id, and a PING in the same
     # read. Nothing fails; the PING is answered.
     conn, peer = draining_peer()
-    unary = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
-    await settle()
-    peer.receive()
+    unary = call(conn)
+    await delivered(peer)
     peer.conn.close_connection(last_stream_id=2**31 - 1)
     peer.conn.ping(b"drain\0\0\0")
     peer.send()
@@ -1027,8 +986,7 @@ async def test_graceful_goaway_and_ping_keep_calls_going() -> None:
     assert len(acks) == 1
     assert not unary.done()
     assert not conn.usable
-    peer.respond(1, b"answer")
-    assert await asyncio.wait_for(unary, 1.0) == b"answer"
+    await answer(peer, 1, unary, b"answer")
     assert peer.transport.closed
 
 
@@ -1036,17 +994,15 @@ async def test_an_answer_before_a_bad_frame_in_the_same_read_counts() -> None:
     # As it would had the bad frame come in the next read: the call answered before it is
     # answered, the others fail with the connection.
     conn, peer = make()
-    first = asyncio.create_task(conn.unary(RANGE, b"1", [], 5.0))
-    second = asyncio.create_task(conn.unary(RANGE, b"2", [], 5.0))
-    await settle()
-    peer.receive()
+    first = call(conn, b"1")
+    second = call(conn, b"2")
+    await delivered(peer)
     peer.conn.send_headers(1, OK_HEADERS)
     peer.conn.send_data(1, prefixed(b"answer"))
     peer.trailers(1, 0)
     conn.data_received(peer.conn.data_to_send() + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
     assert await asyncio.wait_for(first, 1) == b"answer"
-    error = await failure(second)
-    assert error.code() == StatusCode.UNAVAILABLE
+    error = await failed(second, StatusCode.UNAVAILABLE)
     assert "HTTP/2 protocol error: DATA on stream 0" in error.details()
     assert peer.transport.aborted
 
@@ -1058,8 +1014,7 @@ async def test_bytes_h2_rejects_before_any_frame_say_not_http2() -> None:
     task = asyncio.create_task(fresh.unary(RANGE, b"x", [], 5.0))
     await settle()
     fresh.data_received(b"\x00" * 9)  # a DATA frame on stream 0: no HTTP/2 server sends it
-    error = await failure(task)
-    assert error.code() == StatusCode.UNAVAILABLE
+    error = await failed(task, StatusCode.UNAVAILABLE)
     assert "without answering in HTTP/2" in error.details()
     assert transport.aborted
 
@@ -1077,24 +1032,28 @@ async def test_bytes_that_are_not_http2_before_any_frame_say_not_http2(
     conn = Connection(MEMBER, 5.0, 10.0)
     transport = Transport()
     conn.connection_made(transport)
-    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    task = call(conn)
     await settle()
     for data in replies:
         conn.data_received(data)
     conn.connection_lost(None)  # the server hangs up after its answer
-    error = await failure(task)
-    assert error.code() == StatusCode.UNAVAILABLE
+    error = await failed(task, StatusCode.UNAVAILABLE)
     assert "without answering in HTTP/2" in error.details()
 
 
-async def test_connection_lost_before_any_bytes_says_not_http2_on_plaintext() -> None:
-    conn = Connection(MEMBER, 5.0, 10.0)
+async def lost_before_any_bytes(member: Member = MEMBER) -> tuple[Connection, RpcError]:
+    """A connection to `member` the server closes before sending a byte, with a call under way:
+    the connection and the call's failure (UNAVAILABLE)."""
+    conn = Connection(member, 5.0, 10.0)
     conn.connection_made(Transport())
-    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
+    task = call(conn)
     await settle()
     conn.connection_lost(None)
-    error = await failure(task)
-    assert error.code() == StatusCode.UNAVAILABLE
+    return conn, await failed(task, StatusCode.UNAVAILABLE)
+
+
+async def test_connection_lost_before_any_bytes_says_not_http2_on_plaintext() -> None:
+    conn, error = await lost_before_any_bytes()
     assert "without answering in HTTP/2" in error.details()
     assert not conn.usable
     await asyncio.wait_for(conn.wait_closed(), 1)
@@ -1102,13 +1061,7 @@ async def test_connection_lost_before_any_bytes_says_not_http2_on_plaintext() ->
 
 async def test_connection_lost_before_any_bytes_on_tls_is_no_plaintext_hint() -> None:
     member = Member("etcd.example", 2379, "etcd.example:2379", tls=ssl.create_default_context())
-    conn = Connection(member, 5.0, 10.0)
-    conn.connection_made(Transport())
-    task = asyncio.create_task(conn.unary(RANGE, b"x", [], 5.0))
-    await settle()
-    conn.connection_lost(None)
-    error = await failure(task)
-    assert error.code() == StatusCode.UNAVAILABLE
+    _conn, error = await lost_before_any_bytes(member)
     assert "plaintext" not in error.details()
     assert "before answering" in error.details()
 
@@ -1116,8 +1069,7 @@ async def test_connection_lost_before_any_bytes_on_tls_is_no_plaintext_hint() ->
 async def test_connection_lost_after_answering_in_http2_is_no_plaintext_hint() -> None:
     conn, _peer, task = await call_sent()
     conn.connection_lost(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
-    error = await failure(task)
-    assert error.code() == StatusCode.UNAVAILABLE
+    error = await failed(task, StatusCode.UNAVAILABLE)
     assert "HTTP/2" not in error.details()
     assert "reset by peer" in error.details()
     await asyncio.wait_for(conn.wait_closed(), 1)
@@ -1137,12 +1089,14 @@ class Site:
         self.frozen = False  # read nothing, answer nothing (a SIGSTOPped etcd: the kernel ACKs)
         self.transports: list[asyncio.Transport] = []
         self.server: asyncio.Server | None = None
+        self.member = Member("127.0.0.1", 0, "not started")  # what start() listens as
 
     async def start(self, port: int = 0) -> Member:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: _SiteProtocol(self), "127.0.0.1", port)
         port = self.server.sockets[0].getsockname()[1]
-        return Member("127.0.0.1", port, f"127.0.0.1:{port}")
+        self.member = Member("127.0.0.1", port, f"127.0.0.1:{port}")
+        return self.member
 
     def fin_now(self) -> None:
         """Send FIN on every connection at once, not with the loop's next turn."""
@@ -1220,6 +1174,37 @@ async def sites() -> AsyncIterator[Callable[[bytes], Site]]:
         await one.stop()
 
 
+# `a_b`: a channel over sites A and B, and the two sites.
+AB = tuple[Channel, Site, Site]
+OverAB = Callable[..., AbstractAsyncContextManager[AB]]
+
+
+@pytest.fixture
+def a_b(sites: Callable[[bytes], Site], monkeypatch: pytest.MonkeyPatch) -> OverAB:
+    """Two sites, A and B, and a channel over them in that order, closed on the way out:
+    `call_timeout` is its calls' timeout, `probe` (if set) its probe ping's (PROBE_TIMEOUT)."""
+
+    @contextlib.asynccontextmanager
+    async def over(call_timeout: float = 1.0, probe: float | None = None) -> AsyncIterator[AB]:
+        if probe is not None:
+            monkeypatch.setattr(transport_module, "PROBE_TIMEOUT", probe)
+        a, b = sites(b"A"), sites(b"B")
+        async with opened([await a.start(), await b.start()], call_timeout) as channel:
+            yield channel, a, b
+
+    return over
+
+
+@contextlib.asynccontextmanager
+async def opened(members: list[Member], call_timeout: float = 1.0) -> AsyncIterator[Channel]:
+    """A channel over `members`, closed on the way out."""
+    channel = Channel(members, call_timeout)
+    try:
+        yield channel
+    finally:
+        await channel.close()
+
+
 def dead_member(port: int) -> Member:
     return Member("127.0.0.1", port, f"127.0.0.1:{port}")
 
@@ -1228,21 +1213,17 @@ async def test_channel_skips_a_refused_member_and_calls_the_next(
     unused_tcp_port_factory: Callable[[], int], sites: Callable[[bytes], Site]
 ) -> None:
     live = sites(b"B")
-    channel = Channel([dead_member(unused_tcp_port_factory()), await live.start()], 1.0)
-    try:
+    async with opened([dead_member(unused_tcp_port_factory()), await live.start()]) as channel:
         assert await channel.unary(RANGE, b"hello", []) == b"B:hello"
         assert await channel.unary(RANGE, b"again", []) == b"B:again"
         assert live.connections == 1  # one connection, many calls
-    finally:
-        await channel.close()
 
 
 async def test_channel_fails_fast_while_backing_off_then_tries_again(
     unused_tcp_port_factory: Callable[[], int], sites: Callable[[bytes], Site]
 ) -> None:
     ports = [unused_tcp_port_factory(), unused_tcp_port_factory()]
-    channel = Channel([dead_member(p) for p in ports], 1.0)
-    try:
+    async with opened([dead_member(p) for p in ports]) as channel:
         first = await failure(channel.unary(RANGE, b"x", []))
         assert first.code() == StatusCode.UNAVAILABLE
         assert first.details().count("connection refused") == 2
@@ -1263,16 +1244,13 @@ async def test_channel_fails_fast_while_backing_off_then_tries_again(
         await asyncio.sleep(0.25)  # past the first backoff, 0.2 s
         assert await channel.unary(RANGE, b"x", []) == b"A:x"
         assert site.connections == 1
-    finally:
-        await channel.close()
 
 
 async def test_channel_backoff_doubles_while_members_keep_refusing(
     unused_tcp_port_factory: Callable[[], int], sites: Callable[[bytes], Site]
 ) -> None:
     port = unused_tcp_port_factory()
-    channel = Channel([dead_member(port)], 1.0)
-    try:
+    async with opened([dead_member(port)]) as channel:
         first = await failure(channel.unary(RANGE, b"x", []))
         await asyncio.sleep(0.25)  # past 0.2 s: tried again, refused again
         second = await failure(channel.unary(RANGE, b"x", []))
@@ -1287,16 +1265,10 @@ async def test_channel_backoff_doubles_while_members_keep_refusing(
         assert site.connections == 0
         await asyncio.sleep(0.2)  # past 0.4 s
         assert await channel.unary(RANGE, b"x", []) == b"A:x"
-    finally:
-        await channel.close()
 
 
-async def test_channel_after_losing_a_connection_starts_with_the_next_member(
-    sites: Callable[[bytes], Site],
-) -> None:
-    a, b = sites(b"A"), sites(b"B")
-    channel = Channel([await a.start(), await b.start()], 1.0)
-    try:
+async def test_channel_after_losing_a_connection_starts_with_the_next_member(a_b: OverAB) -> None:
+    async with a_b() as (channel, a, b):
         assert await channel.unary(RANGE, b"1", []) == b"A:1"
         conn = await channel.connection()
         a.hang_up()
@@ -1308,86 +1280,62 @@ async def test_channel_after_losing_a_connection_starts_with_the_next_member(
         await asyncio.wait_for(conn.wait_closed(), 1)
         assert await channel.unary(RANGE, b"3", []) == b"A:3"  # round again
         assert (a.connections, b.connections) == (2, 1)
-    finally:
-        await channel.close()
 
 
 async def test_channel_sends_a_call_etcd_did_not_take_again_on_a_new_connection(
-    sites: Callable[[bytes], Site],
+    a_b: OverAB,
 ) -> None:
     # As gRPC's transparent retry: a GOAWAY that says etcd took no call means even a write
     # is safe to send again, so the caller sees no error.
-    a, b = sites(b"A"), sites(b"B")
-    channel = Channel([await a.start(), await b.start()], 1.0)
-    try:
+    async with a_b() as (channel, a, b):
         assert await channel.unary(RANGE, b"1", []) == b"A:1"
         a.going_away = True
         assert await channel.unary(RANGE, b"2", []) == b"B:2"
         assert (a.connections, b.connections) == (1, 1)
-    finally:
-        await channel.close()
 
 
 async def test_channel_moves_off_a_frozen_member_within_the_probe_and_sends_a_read_again(
-    sites: Callable[[bytes], Site], monkeypatch: pytest.MonkeyPatch
+    a_b: OverAB,
 ) -> None:
     # A SIGSTOPped etcd (its raft leader, say): TCP is still up, nothing answers. The read that
     # timed out is sent again to the next member once the probe ping went unanswered; the
     # connection is dropped after the probe's second, not after a whole timeout more.
-    monkeypatch.setattr(transport_module, "PROBE_TIMEOUT", 0.05)
-    a, b = sites(b"A"), sites(b"B")
-    channel = Channel([await a.start(), await b.start()], 0.3)
     loop = asyncio.get_running_loop()
-    try:
+    async with a_b(call_timeout=0.3, probe=0.05) as (channel, a, b):
         assert await channel.unary(RANGE, b"1", [], idempotent=True) == b"A:1"
         a.frozen = True
         start = loop.time()
         assert await channel.unary(RANGE, b"2", [], idempotent=True) == b"B:2"
         assert loop.time() - start < 0.3 + 0.05 + 0.2
         assert (a.connections, b.connections) == (1, 1)
-    finally:
-        await channel.close()
 
 
-async def test_channel_does_not_send_a_write_again_after_a_timeout(
-    sites: Callable[[bytes], Site], monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_channel_does_not_send_a_write_again_after_a_timeout(a_b: OverAB) -> None:
     # A write that timed out may yet be applied (etcd may read it once it runs again): the
     # caller sees the timeout; the connection is still dropped, so the next call goes on.
-    monkeypatch.setattr(transport_module, "PROBE_TIMEOUT", 0.05)
-    a, b = sites(b"A"), sites(b"B")
-    channel = Channel([await a.start(), await b.start()], 0.2)
-    try:
+    async with a_b(call_timeout=0.2, probe=0.05) as (channel, a, b):
         assert await channel.unary(TXN, b"1", []) == b"A:1"
         conn = await channel.connection()
         a.frozen = True
-        error = await failure(channel.unary(TXN, b"2", []))
-        assert error.code() == StatusCode.DEADLINE_EXCEEDED
+        await failed(channel.unary(TXN, b"2", []), StatusCode.DEADLINE_EXCEEDED)
         assert b.connections == 0
         await asyncio.wait_for(conn.wait_closed(), 1)
         assert "within 0.05s" in str(conn.broken)
         assert await channel.unary(TXN, b"3", []) == b"B:3"
-    finally:
-        await channel.close()
 
 
 async def test_channel_sends_a_read_again_when_the_probe_fails_its_connection_under_it(
-    sites: Callable[[bytes], Site], monkeypatch: pytest.MonkeyPatch
+    a_b: OverAB,
 ) -> None:
     # A write times out on a frozen member; a read sent while the probe ping is still out
     # goes to the same connection, and fails with it when the probe does: sent again to B.
-    monkeypatch.setattr(transport_module, "PROBE_TIMEOUT", 0.1)
-    a, b = sites(b"A"), sites(b"B")
-    channel = Channel([await a.start(), await b.start()], 0.2)
-    try:
+    async with a_b(call_timeout=0.2, probe=0.1) as (channel, a, _b):
         assert await channel.unary(RANGE, b"1", [], idempotent=True) == b"A:1"
         a.frozen = True
         assert (await failure(channel.unary(TXN, b"w", []))).code() == StatusCode.DEADLINE_EXCEEDED
         assert (await channel.connection()).usable  # the probe is still out
         assert await channel.unary(RANGE, b"r", [], idempotent=True) == b"B:r"
         assert await channel.unary(TXN, b"2", []) == b"B:2"  # and writes go on there
-    finally:
-        await channel.close()
 
 
 async def test_channel_with_one_member_does_not_send_a_timed_out_read_again(
@@ -1396,15 +1344,11 @@ async def test_channel_with_one_member_does_not_send_a_timed_out_read_again(
     # There is nowhere else to go: a second try would only double the caller's wait.
     monkeypatch.setattr(transport_module, "PROBE_TIMEOUT", 0.05)
     a = sites(b"A")
-    channel = Channel([await a.start()], 0.2)
-    try:
+    async with opened([await a.start()], 0.2) as channel:
         assert await channel.unary(RANGE, b"1", [], idempotent=True) == b"A:1"
         a.frozen = True
-        error = await failure(channel.unary(RANGE, b"2", [], idempotent=True))
-        assert error.code() == StatusCode.DEADLINE_EXCEEDED
+        await failed(channel.unary(RANGE, b"2", [], idempotent=True), StatusCode.DEADLINE_EXCEEDED)
         assert a.connections == 1
-    finally:
-        await channel.close()
 
 
 async def test_member_mute_tells_a_frozen_member_from_a_live_or_a_stopped_one(
@@ -1425,23 +1369,17 @@ async def test_member_mute_tells_a_frozen_member_from_a_live_or_a_stopped_one(
 
 
 async def test_channel_leaves_a_member_found_mute_and_its_watch_fails_at_once(
-    sites: Callable[[bytes], Site],
+    a_b: OverAB,
 ) -> None:
-    a, b = sites(b"A"), sites(b"B")
-    member_a = await a.start()
-    channel = Channel([member_a, await b.start()], 5.0)
-    try:
+    async with a_b(call_timeout=5.0) as (channel, a, _b):
         assert await channel.unary(RANGE, b"1", []) == b"A:1"
         watch = await channel.stream(WATCH, [])
         channel.leave(["somewhere-else:2379"])
         assert (await channel.connection()).usable
-        channel.leave([member_a.authority])
-        error = await failure(watch.read(), limit=0.5)
-        assert error.code() == StatusCode.UNAVAILABLE
+        channel.leave([a.member.authority])
+        error = await failed(watch.read(), StatusCode.UNAVAILABLE, limit=0.5)
         assert "mute" in error.details()
         assert await channel.unary(RANGE, b"2", []) == b"B:2"
-    finally:
-        await channel.close()
 
 
 async def test_member_mute_is_not_a_host_that_does_not_answer_the_connect(
@@ -1458,23 +1396,17 @@ async def test_member_mute_is_not_a_host_that_does_not_answer_the_connect(
     assert asyncio.get_running_loop().time() - start < 0.5
 
 
-async def test_channel_takes_in_a_close_it_has_not_seen_before_calling_again(
-    sites: Callable[[bytes], Site], monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_channel_takes_in_a_close_it_has_not_seen_before_calling_again(a_b: OverAB) -> None:
     # A loop that runs only during calls (run_until_complete, as a test harness does) has not
     # seen etcd close an idle connection, even right after its last answer: the next call must
     # not be written to it.
-    a, b = sites(b"A"), sites(b"B")
-    channel = Channel([await a.start(), await b.start()], 1.0)
-    try:
+    async with a_b() as (channel, a, _b):
         assert await channel.unary(RANGE, b"1", []) == b"A:1"
         conn = await channel.connection()
         a.fin_now()  # etcd's FIN is in our socket; the loop has not read it
         assert conn.usable
         assert await channel.unary(RANGE, b"2", []) == b"B:2"
         assert not conn.usable
-    finally:
-        await channel.close()
 
 
 async def test_closed_channel_refuses_calls(sites: Callable[[bytes], Site]) -> None:
@@ -1483,10 +1415,8 @@ async def test_closed_channel_refuses_calls(sites: Callable[[bytes], Site]) -> N
     assert await channel.unary(RANGE, b"x", []) == b"A:x"
     watch = await channel.stream(WATCH, [])
     await channel.close()
-    error = await failure(watch.read())
-    assert error.code() == StatusCode.CANCELLED
-    error = await failure(channel.unary(RANGE, b"x", []))
-    assert error.code() == StatusCode.CANCELLED
+    await failed(watch.read(), StatusCode.CANCELLED)
+    await failed(channel.unary(RANGE, b"x", []), StatusCode.CANCELLED)
 
 
 async def test_channel_refused_on_a_name_with_two_addresses_says_connection_refused(
@@ -1505,8 +1435,7 @@ async def test_channel_refused_on_a_name_with_two_addresses_says_connection_refu
     monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
     port = unused_tcp_port_factory()
     channel = Channel([Member("etcd.local", port, f"etcd.local:{port}")], 1.0)
-    error = await failure(channel.unary(RANGE, b"x", []))
-    assert error.code() == StatusCode.UNAVAILABLE
+    error = await failed(channel.unary(RANGE, b"x", []), StatusCode.UNAVAILABLE)
     assert "connection refused" in error.details()
 
 
