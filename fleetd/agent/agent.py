@@ -15,7 +15,7 @@ The one exception is `PartitionPolicy=stop` (beyond fleet), the only place a tim
 etcd. When the machine's lease has not been renewed for FENCE_FRACTION (2/3) of agent_ttl, the
 engine may soon move the unit (it can only after the lease expires, at 1 x TTL), so the fence
 loop stops this machine's copies of STOP-policy units first: at most one copy runs, ever. The
-decision is the pure `agentplan.units_to_fence`; the loop re-checks every `fence_tick`, so a
+decision is the pure `plan.units_to_fence`; the loop re-checks every `fence_tick`, so a
 unit started concurrently is stopped again.
 
 A fenced unit is recorded as what it now is, LOADED (file in place, not started), and is also
@@ -362,7 +362,7 @@ class Agent:
         failure, so one unit that could not load kept every other unit of the machine from
         starting): the unit's later tasks in this pass are skipped (a unit whose load failed is
         not started), every other task runs, and the unit is retried with backoff
-        (`agentplan.retry_delay`). Until its retry time its tasks are left out of the plan, so a
+        (`plan.retry_delay`). Until its retry time its tasks are left out of the plan, so a
         unit in backoff costs no systemd call, unless what is desired of it changes. Its state
         carries the error meanwhile, and a task of it that succeeds clears it.
 
