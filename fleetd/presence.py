@@ -200,9 +200,14 @@ class Presence:
         self.last_renewed = self.clock()
         # The term baseline: an election before the first renewal counts too (a fleetd that
         # registered just before etcd's leader froze).
+        first = self._term == 0
         self._check_term()
         self._answered()
-        self._start_mute_watch()
+        if first:
+            # Started during a freeze, it saw no election: look once. Not at re-registering,
+            # which follows the term already, and after a stall comes for every machine at
+            # once: a probe each would be a connection storm on etcd as it recovers.
+            self._start_mute_watch()
         self.registered.set()
         log.info("machine_registered", machine=machine.id, lease=lease, ttl=self.ttl)
 
@@ -243,8 +248,8 @@ class Presence:
         resumes and before it learns it was deposed, every lease it thinks expired, although
         the new leader kept them (etcd #15247; Debian 12's etcd 3.4.23 has it). That comes
         any time after the election, so the engine's grace must still be on then. Also run
-        at each registration and restart of presence: this fleetd may have missed the
-        election (it started during the freeze), and its engine may lead when the revoke
+        at the first registration and at a restart of presence: this fleetd may have missed
+        the election (it started during the freeze), and its engine may lead when the revoke
         comes."""
         started = self.clock()
         warned = False

@@ -134,3 +134,26 @@ async def test_a_member_mute_at_registration_keeps_etcd_unsettled() -> None:
     while presence.settled_since() is None:
         assert presence.clock() < deadline, "still unsettled after the member answered"
         await asyncio.sleep(0.05)
+
+
+async def test_registering_again_does_not_probe_the_members() -> None:
+    # After a stall every machine registers again at once; each one probing every member then
+    # would storm etcd as it recovers. A running fleetd follows the term instead.
+    kv = FakeKV()
+    presence = Presence(Registry(kv), lambda: Machine.make("m1"), ttl=3)
+    await presence._register()
+    await asyncio.sleep(0)  # the first registration's look
+    asked: list[bool] = []
+    real = kv.mute_members
+
+    async def counted() -> list[str]:
+        asked.append(True)
+        return await real()
+
+    kv.mute_members = counted  # type: ignore[method-assign]
+    await kv.revoke(presence.lease)  # etcd expired it: presence registers again
+    presence._lost_lease()
+    await presence._register()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert asked == []
