@@ -113,8 +113,6 @@ class RegistryClient:
         self.registry = registry
         # The command prints them once, as plain warnings (see command.run), not log lines.
         registry.log_corrupt = False
-        # Bodies are content-addressed, so one cache serves every poll of a blocking command.
-        self._bodies: dict[str, UnitFile] = {}
 
     async def machines(self) -> list[MachineView]:
         return await load_machine_views(self.registry)
@@ -123,10 +121,10 @@ class RegistryClient:
         return {m.id: m.version for m in await self.registry.list_machines()}
 
     async def units(self) -> list[UnitView]:
-        return await load_unit_views(self.registry, self._bodies)
+        return await load_unit_views(self.registry)
 
     async def unit(self, name: str) -> UnitView | None:
-        return await load_unit_view(self.registry, name, self._bodies)
+        return await load_unit_view(self.registry, name)
 
     async def unit_states(
         self, unit: str | None = None, machine_id: str | None = None
@@ -157,11 +155,11 @@ class RegistryClient:
         await self.registry.set_machine_metadata(machine_id, key, value)
 
     def corrupt_values(self) -> dict[str, str]:
-        units = self.registry.keys.units
         out = {}
         for key, error in self.registry.corrupt.items():
-            if key.startswith(units):  # say how to get rid of it
-                error += f" (fleetctl destroy {key[len(units) :]} removes it)"
+            unit = self.registry.unit_of_record(key)
+            if unit is not None:  # say how to get rid of it
+                error += f" (fleetctl destroy {unit} removes it)"
             out[key] = error
         return out
 

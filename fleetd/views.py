@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fleetd.errors import InvalidInput, UnitFileError
 from fleetd.model import Machine, Placement, TargetState, Unit, UnitState
-from fleetd.registry.kv import KeyValue
 from fleetd.registry.registry import Registry
-from fleetd.unit.file import XFLEET_SECTION, UnitFile, UnitOption, parse_unit
+from fleetd.unit.file import XFLEET_SECTION, UnitFile, UnitOption
 from fleetd.unit.xfleet import requirements
 
 _GLOBAL = "Global"  # the [X-Fleet] key that makes a unit global
@@ -173,87 +172,37 @@ def state_view(state: UnitState) -> StateView:
 # ---- registry reads ------------------------------------------------------------------------
 
 
-async def _bodies(
-    registry: Registry, hashes: set[str], cache: MutableMapping[str, UnitFile]
-) -> Mapping[str, UnitFile]:
-    """The bodies of `hashes`, through `cache` (bodies are immutable: entries never go stale).
-
-    One range of the bodies prefix fetches every missing body at once; only the bodies asked
-    for are parsed. A lone miss is a single get instead (the common case of a long-lived
-    cache, e.g. the API server's, after one new unit).
-    """
-    missing = hashes - cache.keys()
-    keys = registry.keys
-    if len(missing) == 1:
-        (hash_,) = missing
-        try:
-            body = await registry.get_body(hash_)
-        except UnitFileError as e:
-            registry.skip_corrupt(keys.body(hash_), 0, str(e))  # its revision is not known here
-            body = None
-        if body is not None:
-            cache[hash_] = body
-    elif missing:
-        kvs, _ = await registry.body_records()
-        _parse_bodies(registry, kvs, missing, cache)
-    return cache
-
-
-def _parse_bodies(
-    registry: Registry,
-    kvs: Iterable[KeyValue],
-    wanted: set[str],
-    cache: MutableMapping[str, UnitFile],
-) -> None:
-    """Parse the bodies among `kvs` (a range of the bodies prefix) whose hash is `wanted`."""
-    keys = registry.keys
-    for kv in kvs:
-        hash_ = keys.tail(kv.key, keys.bodies)
-        if hash_ not in wanted:
-            continue
-        try:
-            cache[hash_] = parse_unit(kv.value)
-        except UnitFileError as e:
-            # One unreadable body hides its units, not the whole listing.
-            registry.skip_corrupt(kv.key, kv.mod_revision, str(e))
-
-
-async def load_unit_views(
-    registry: Registry, body_cache: MutableMapping[str, UnitFile] | None = None
-) -> list[UnitView]:
-    """Every unit, sorted by name. Pass a long-lived `body_cache` to skip re-reading bodies."""
-    cache = body_cache if body_cache is not None else {}
-    if cache:
+async def load_unit_views(registry: Registry) -> list[UnitView]:
+    """Every unit, sorted by name; bodies through the registry's cache (bodies.py)."""
+    if len(registry.bodies):
         units, placements, states = await asyncio.gather(
             registry.list_units(), registry.placements(), registry.list_states()
         )
-        bodies = await _bodies(registry, {u.hash for u in units}, cache)
+        bodies = await registry.fetch_bodies({u.hash for u in units})
         return build_unit_views(units, bodies, placements, states)
     # Nothing cached (a fresh fleetctl, a new API server): every body will be wanted, which
-    # (beyond a single unit) `_bodies` reads by ranging the whole prefix, so range it beside
-    # the records instead of after them.
+    # (beyond a single unit) `fetch_bodies` reads by ranging the whole prefix, so range it
+    # beside the records instead of after them.
     units, placements, states, (kvs, _) = await asyncio.gather(
         registry.list_units(),
         registry.placements(),
         registry.list_states(),
         registry.body_records(),
     )
-    _parse_bodies(registry, kvs, {u.hash for u in units}, cache)
-    return build_unit_views(units, cache, placements, states)
+    hashes = {u.hash for u in units}
+    registry.absorb_bodies(kvs, hashes)
+    bodies = {h: body for h in hashes if (body := registry.bodies.get(h)) is not None}
+    return build_unit_views(units, bodies, placements, states)
 
 
-async def load_unit_view(
-    registry: Registry, name: str, body_cache: MutableMapping[str, UnitFile] | None = None
-) -> UnitView | None:
+async def load_unit_view(registry: Registry, name: str) -> UnitView | None:
     """One unit, or None if it does not exist (or its body is missing)."""
     unit, placement, states = await asyncio.gather(
         registry.get_unit(name), registry.placement(name), registry.list_states(unit=name)
     )
     if unit is None:
         return None
-    cache = body_cache if body_cache is not None else {}
-    bodies = await _bodies(registry, {unit.hash}, cache)
-    body = bodies.get(unit.hash)
+    body = (await registry.fetch_bodies({unit.hash})).get(unit.hash)
     if body is None:
         return None
     return build_unit_view(unit, body, placement, {(s.name, s.machine_id): s for s in states})

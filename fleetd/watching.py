@@ -1,8 +1,7 @@
-"""The event loop shape the engine and the agent share: follow several watched prefixes from
-one revision, absorb each burst of events, then act once; act on a timer too when idle.
+"""The timers of fleetd's long-running loops: retry backoff, sleeps cut short by stop, and the
+grid that lets timers falling due together share one wakeup.
 
-A watch that breaks (etcd unreachable, compaction) ends `follow` with its error, and the
-caller resyncs from a fresh snapshot: events are never half-applied.
+Following the registry's watches is the registry's own job (fleetd/registry/mirror.py).
 """
 
 from __future__ import annotations
@@ -10,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import Any
 
 from fleetd.registry.kv import WatchEvent
 
@@ -59,84 +56,6 @@ class Backoff:
 
     def reset(self) -> None:
         self.current = self.initial
-
-
-async def follow(
-    watch: Callable[[str, int], AsyncGenerator[list[WatchEvent], None]],
-    prefixes: Sequence[str],
-    start_revision: int,
-    stop: asyncio.Event,
-    *,
-    on_event: Callable[[WatchEvent], None],
-    act: Callable[[], Awaitable[None]],
-    idle_interval: float | Callable[[], float],
-    batch_window: Callable[[], float],
-    interrupt: asyncio.Event | None = None,
-) -> None:
-    """Until `stop`: absorb events (waiting `batch_window()` for a burst to finish), then
-    `act()`; with no event for `idle_interval` seconds, `act()` anyway (the safety pass).
-    A callable `idle_interval` is asked before each wait (the engine shortens it to end a
-    grace on time).
-
-    When `interrupt` is set, clear it and return: the caller resyncs from a fresh snapshot."""
-    queue: asyncio.Queue[Item] = asyncio.Queue()
-    pumps = [asyncio.ensure_future(_pump(watch(p, start_revision), queue)) for p in prefixes]
-    stop_task = asyncio.ensure_future(stop.wait())
-    interrupt_task = asyncio.ensure_future(interrupt.wait()) if interrupt is not None else None
-    waited: set[asyncio.Future[Any]] = {stop_task}
-    if interrupt_task is not None:
-        waited.add(interrupt_task)
-    getter: asyncio.Future[Item] | None = None
-
-    def absorb(item: Item) -> None:
-        if isinstance(item, BaseException):
-            raise item
-        for event in item:
-            on_event(event)
-
-    try:
-        while not stop.is_set():
-            if interrupt is not None and interrupt.is_set():
-                interrupt.clear()
-                return
-            getter = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait(
-                {getter, *waited},
-                timeout=idle_interval() if callable(idle_interval) else idle_interval,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if interrupt is not None and interrupt.is_set():
-                getter.cancel()
-                continue  # returns at the top of the loop
-            if getter in done:
-                absorb(getter.result())
-                await asyncio.sleep(batch_window())
-                while not queue.empty():
-                    absorb(queue.get_nowait())
-            else:
-                getter.cancel()
-            if not stop.is_set():
-                await act()
-    finally:
-        stop_task.cancel()
-        if interrupt_task is not None:
-            interrupt_task.cancel()
-        if getter is not None:
-            getter.cancel()  # cancelled (a crash) while waiting: no task left pending
-        for p in pumps:
-            p.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
-
-
-async def _pump(events: AsyncGenerator[list[WatchEvent], None], queue: asyncio.Queue[Item]) -> None:
-    try:
-        async with contextlib.aclosing(events):
-            async for batch in events:
-                queue.put_nowait(batch)
-    except asyncio.CancelledError:
-        raise
-    except BaseException as e:  # handed to the loop, which re-raises it
-        queue.put_nowait(e)
 
 
 class StopWaiter:

@@ -71,11 +71,11 @@ from fleetd.model import (
     Unit,
     UnitState,
 )
-from fleetd.registry.kv import EventType, WatchEvent
-from fleetd.registry.registry import Registry, acceptable_name
+from fleetd.registry.mirror import Change, Topic
+from fleetd.registry.registry import Registry
 from fleetd.systemd.manager import SystemdState, UnitManager
 from fleetd.unit.file import UnitFile
-from fleetd.watching import Backoff, StopWaiter, follow, grid_delay, sleep_or_stop
+from fleetd.watching import Backoff, StopWaiter, grid_delay, sleep_or_stop
 
 log = structlog.get_logger("fleetd.agent")
 
@@ -189,17 +189,23 @@ class Agent:
         republishes every state.
         """
         self.registry = registry
-        self.keys = registry.keys
         self.manager = manager
         self._machine = machine
         self._lease = lease
         lease.on_lease_changed(lambda _lease: self.republish_all())
         self.machine_id = machine().id
+        # This machine's schedule, the global units and this machine's dynamic metadata: a
+        # placement elsewhere costs this agent nothing.
+        self.mirror = registry.mirror(
+            [Topic.SCHEDULE, Topic.GLOBALS, Topic.META],
+            machine_id=self.machine_id,
+            check_names=True,
+        )
         self.record = AgentRecord.load(record_path)
         self.safety_interval = safety_interval
+        # The mirror's, after each load (which the mirror's watch then keeps current).
         self.scheduled: dict[str, ScheduledUnit] = {}
         self.globals: dict[str, ScheduledUnit] = {}
-        self.dynamic_meta: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
         self._published: dict[str, UnitState] = {}
@@ -265,73 +271,29 @@ class Agent:
             self.fenced.clear()
         await self.reconcile()
         self.synced = True
-        prefixes = [
-            self.keys.machine_schedule(self.machine_id),
-            self.keys.globals,
-            self.keys.machine_meta_of(self.machine_id),
-        ]
 
         async def reconcile() -> None:
             await self.reconcile()
 
-        await follow(
-            self.registry.watch,
-            prefixes,
+        await self.mirror.follow(
             revision + 1,
             stop,
-            on_event=self._on_event,
+            on_change=_ignore,  # each pass plans from the whole mirrored schedule
             act=reconcile,
             idle_interval=self.safety_interval,
             batch_window=lambda: BATCH_WINDOW,
             interrupt=self._resync,
         )
 
-    def _on_event(self, event: WatchEvent) -> None:
-        keys = self.keys
-        mine = keys.machine_schedule(self.machine_id)
-        meta = keys.machine_meta_of(self.machine_id)
-        if event.key.startswith(meta):
-            key = keys.tail(event.key, meta)
-            if event.type == EventType.DELETE:
-                self.dynamic_meta.pop(key, None)
-            else:
-                self.dynamic_meta[key] = event.value
-            return
-        if event.key.startswith(mine):
-            target, prefix, machine_id = self.scheduled, mine, self.machine_id
-        elif event.key.startswith(keys.globals):
-            target, prefix, machine_id = self.globals, keys.globals, ""
-        else:
-            return
-        decoded = self.registry.desired_event(event, prefix)
-        if decoded is None:
-            return
-        name, record = decoded
-        if record is None:
-            target.pop(name, None)
-            return
-        target[name] = ScheduledUnit(name, machine_id, *record)
-
     async def _load_desired(self) -> int:
-        scheduled, revision = await self.registry.machine_schedule(self.machine_id)
-        globals_, _ = await self.registry.global_units()
-        dynamic_meta = await self.registry.machine_dynamic_metadata(self.machine_id)
-        keys = self.keys
-        self.scheduled = {
-            s.name: s
-            for s in scheduled
-            if acceptable_name(s.name, keys.scheduled(self.machine_id, s.name))
-        }
-        self.globals = {
-            s.name: s for s in globals_ if acceptable_name(s.name, keys.global_unit(s.name))
-        }
-        self.dynamic_meta = dynamic_meta
+        revision = await self.mirror.load()
+        self.scheduled, self.globals = self.mirror.scheduled, self.mirror.globals
         return revision
 
     # ---- reconciliation --------------------------------------------------------------------
 
     def machine(self) -> Machine:
-        return self._machine().with_dynamic_metadata(self.dynamic_meta)
+        return self._machine().with_dynamic_metadata(self.mirror.meta_of(self.machine_id))
 
     async def desired(self) -> dict[str, DesiredUnit]:
         requirements: dict[str, Requirements] = {}
@@ -797,6 +759,10 @@ class Agent:
                 for name in list(self._published):
                     await self.registry.remove_state(name, self.machine_id)
             self._published.clear()
+
+
+def _ignore(_change: Change) -> None:
+    pass
 
 
 def _skipped(task: Task, reason: str) -> None:

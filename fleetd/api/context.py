@@ -12,7 +12,7 @@ from fleetd import __version__
 from fleetd.api.live import LiveListings
 from fleetd.api.snapshots import SnapshotCache
 from fleetd.registry.registry import Registry
-from fleetd.unit.file import MAX_UNIT_BYTES, UnitFile
+from fleetd.unit.file import MAX_UNIT_BYTES
 
 if TYPE_CHECKING:
     from fleetd.api.metrics import Metrics
@@ -39,8 +39,6 @@ class ApiContext:
     registered: Callable[[], bool] = _always
     is_leader: Callable[[], bool] = _never
     metrics: Metrics | None = None
-    # Unit bodies by hash for the views: content-addressed, so entries never go stale.
-    bodies: dict[str, UnitFile] = field(default_factory=dict)
     # The latest listing of each collection, reused by the next pages while the store's
     # revision is unchanged (fleetd/api/snapshots.py).
     listings: SnapshotCache = field(default_factory=SnapshotCache)
@@ -52,7 +50,7 @@ class ApiContext:
         """The unfiltered listing of `collection` ("units", "states" or "machines"), with
         every write completed before this call in it."""
         if self.live is None:
-            self.live = LiveListings(self.registry, self.bodies, self.offload)
+            self.live = LiveListings(self.registry, self.offload)
         return await self.live.items(collection, self.revision)
 
     async def close(self) -> None:

@@ -17,8 +17,10 @@ prefix, so no event will ever come for it, or the watch is stuck), or the watch 
 (compaction, etcd errors), the mirror is reloaded from range reads: the old cost, never a
 stale answer.
 
-Memory: one mirror and one list of encoded items per collection (units, states, machines).
-Filtered state listings are left to the snapshot cache.
+Memory: one mirror (fleetd/registry/mirror.py) and one list of encoded items per collection
+(units, states, machines); the bodies are the registry's one cache (bodies.py), of which a unit
+destroyed drops the bodies no unit names any more. Filtered state listings are left to the
+snapshot cache.
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ from typing import Any
 import structlog
 
 from fleetd.api.errors import json_bytes
-from fleetd.errors import UnitFileError
-from fleetd.model import Machine, Placement, Unit, UnitState
-from fleetd.registry import codec
-from fleetd.registry.codec import CorruptValue
-from fleetd.registry.kv import EventType, WatchEvent
+from fleetd.registry.mirror import (
+    BodyChange,
+    Change,
+    MachineChange,
+    MetaChange,
+    PlacementChange,
+    StateChange,
+    Topic,
+    UnitChange,
+)
 from fleetd.registry.registry import Registry
-from fleetd.unit.file import UnitFile, parse_unit
 from fleetd.views import (
-    _bodies,
     build_unit_view,
     machine_to_api,
     machine_view,
@@ -117,20 +122,23 @@ class LiveListings:
     def __init__(
         self,
         registry: Registry,
-        bodies: dict[str, UnitFile],
         offload: Callable[[Encoder, Sequence[object]], Awaitable[list[bytes]]],
         catch_up_seconds: float = CATCH_UP_SECONDS,
     ) -> None:
         self.registry = registry
-        self.keys = registry.keys
-        self.bodies = bodies  # shared with the API context: content-addressed, never stale
+        self.mirror = registry.mirror(
+            [
+                Topic.UNITS,
+                Topic.BODIES,
+                Topic.PLACEMENTS,
+                Topic.STATES,
+                Topic.MACHINES,
+                Topic.META,
+            ],
+            one_watch=True,  # one revision tells how far every collection has got
+        )
         self._offload = offload
         self.catch_up_seconds = catch_up_seconds
-        self.units: dict[str, Unit] = {}
-        self.placements: dict[str, Placement] = {}
-        self.states: dict[tuple[str, str], UnitState] = {}
-        self.machines: dict[str, Machine] = {}
-        self.meta: dict[str, dict[str, str]] = {}
         self.applied = 0  # every event up to this revision is in the mirror
         self.loads = 0  # full loads from range reads (tests, logs)
         self.listings: dict[str, SortedItems] = {
@@ -174,16 +182,14 @@ class LiveListings:
     async def _refresh(self, collection: str) -> Sequence[bytes]:
         listing = self.listings[collection]
         dirty = listing.take_dirty()
+        units = self.mirror.units
         if collection == "units" and dirty:
-            # A body can be stored and yet not cached: pruned when its last unit went, then
+            # A body can be stored and yet not cached: dropped when its last unit went, then
             # a unit created again with it writes no body, so no event brings it back.
-            missing = {
-                u.hash
-                for u in (self.units.get(n) for n in dirty)
-                if u and u.hash not in self.bodies
-            }
+            bodies = self.registry.bodies
+            missing = {u.hash for u in (units.get(n) for n in dirty) if u and u.hash not in bodies}
             if missing:
-                await _bodies(self.registry, missing, self.bodies)
+                await self.registry.fetch_bodies(missing)
         if dirty:
             # The objects are built here, on the loop (the mirror may change while the
             # executor runs); only the JSON encoding, the costly part, is offloaded.
@@ -191,15 +197,14 @@ class LiveListings:
             encoded = await self._offload(_encode_all, objs)
             gone = [(k, None) for k in dirty.difference(keys)]
             listing.apply([*zip(keys, encoded, strict=True), *gone])
-            if collection == "units" and any(k not in self.units for k, _ in gone):
-                self._prune_bodies()
+            if collection == "units" and any(k not in units for k, _ in gone):
+                self._drop_unused_bodies()
         return listing.listing
 
-    def _prune_bodies(self) -> None:
-        """Keep only the bodies of units that exist: the cache cannot grow without end."""
-        used = {u.hash for u in self.units.values()}
-        for stale in self.bodies.keys() - used:
-            del self.bodies[stale]
+    def _drop_unused_bodies(self) -> None:
+        """A unit went: drop the bodies it may have been the last to name (bodies.py)."""
+        used = {u.hash for u in self.mirror.units.values()}
+        self.registry.bodies.retain(used)
 
     def _objects(self, collection: str, dirty: set[object]) -> tuple[list[object], list[object]]:
         keys: list[object] = []
@@ -212,68 +217,59 @@ class LiveListings:
         return keys, objs
 
     def _object(self, collection: str, key: object) -> object | None:
+        mirror = self.mirror
         if collection == "units":
             assert isinstance(key, str)
-            unit = self.units.get(key)
+            unit = mirror.units.get(key)
             if unit is None:
                 return None
-            body = self.bodies.get(unit.hash)
+            body = self.registry.bodies.get(unit.hash)
             if body is None:  # left out, as fleet does, until its body comes
                 self._waiting_bodies.setdefault(unit.hash, set()).add(key)
                 return None
-            return unit_to_api(build_unit_view(unit, body, self.placements.get(key), self.states))
+            placement = mirror.placements.get(key)
+            return unit_to_api(build_unit_view(unit, body, placement, mirror.states))
         if collection == "states":
-            state = self.states.get(key)  # type: ignore[call-overload]
+            state = mirror.states.get(key)  # type: ignore[call-overload]
             return None if state is None else state_to_api(state_view(state))
         assert isinstance(key, str)
-        machine = self.machines.get(key)
-        if machine is None:
-            return None
-        machine = machine.with_dynamic_metadata(self.meta.get(key, {}))
-        return machine_to_api(machine_view(machine))
+        machine = mirror.machine(key)
+        return None if machine is None else machine_to_api(machine_view(machine))
 
     # ---- loading -----------------------------------------------------------------------
 
     async def _load(self) -> None:
-        """Read every prefix afresh and follow the registry from there."""
+        """Read every topic afresh and follow the registry from there."""
         await self._stop_follower()
-        keys = self.keys
-        prefixes = (keys.units, keys.placements, keys.states, keys.machines, keys.machine_meta)
-        reads = await self.registry.read_prefixes(prefixes)
-        (unit_kvs, _), (placement_kvs, _), (state_kvs, _), (machine_kvs, _), (meta_kvs, _) = reads
-        self.units, self.placements, self.states = {}, {}, {}
-        self.machines, self.meta, self._waiting_bodies = {}, {}, {}
-        for kvs in (unit_kvs, placement_kvs, state_kvs, machine_kvs, meta_kvs):
-            for kv in kvs:
-                self._put(kv.key, kv.value, kv.mod_revision)
-        self._prune_bodies()
-        await _bodies(self.registry, {u.hash for u in self.units.values()}, self.bodies)
+        # Bodies are not ranged here: the units' are fetched below, through the cache.
+        start = await self.mirror.load(skip=[Topic.BODIES])
+        self._waiting_bodies = {}
+        self._drop_unused_bodies()
+        await self.registry.fetch_bodies({u.hash for u in self.mirror.units.values()})
         for name, listing in self.listings.items():
             listing.reset()
             listing.dirty.update(self._all_keys(name))
-        # The reads ran at (possibly) different revisions: follow from the oldest, so no
-        # event is missed; replaying one already read only rewrites the same value. Requests
-        # are served once the watch passes their revision, which is at least the newest.
-        start = min(revision for _, revision in reads)
+        # Requests are served once the watch passes their revision, which is at least the
+        # newest read; the watch starts after the oldest (Mirror.load).
         self.applied = start
         self.loads += 1
         self._follower = asyncio.create_task(self._follow(start + 1))
 
     def _all_keys(self, collection: str) -> Iterable[object]:
         if collection == "units":
-            return self.units.keys()
+            return self.mirror.units.keys()
         if collection == "states":
-            return self.states.keys()
-        return self.machines.keys()
+            return self.mirror.states.keys()
+        return self.mirror.machines.keys()
 
     async def _follow(self, start: int) -> None:
         try:
-            async with contextlib.aclosing(self.registry.watch(self.keys.prefix, start)) as w:
-                async for batch in w:
-                    for event in batch:
-                        self.apply(event)
+            async with contextlib.aclosing(self.mirror.changes(start)) as batches:
+                async for changes, revision in batches:
+                    for change in changes:
+                        self._mark(change)
                     async with self._advanced:
-                        self.applied = max(self.applied, batch[-1].mod_revision)
+                        self.applied = max(self.applied, revision)
                         self._advanced.notify_all()
         except asyncio.CancelledError:
             raise
@@ -293,83 +289,21 @@ class LiveListings:
     async def close(self) -> None:
         await self._stop_follower()
 
-    # ---- applying events ---------------------------------------------------------------
+    # ---- marking what changed ----------------------------------------------------------
 
-    def apply(self, event: WatchEvent) -> None:
-        """One event from the registry's watch, in revision order."""
-        if event.type is EventType.PUT:
-            self._put(event.key, event.value, event.mod_revision)
-        else:
-            self._delete(event.key)
-
-    def _put(self, key: str, value: str, revision: int) -> None:
-        keys = self.keys
-        try:
-            if key.startswith(keys.units):
-                name = keys.tail(key, keys.units)
-                hash_, state = codec.decode_desired(value)
-                self.units[name] = Unit(name, hash_, state)
-                self._dirty_unit(name)
-            elif key.startswith(keys.placements):
-                name = keys.tail(key, keys.placements)
-                machine_id, reason = codec.decode_placement(value)
-                self.placements[name] = Placement(name, machine_id, reason)
-                self._dirty_unit(name)
-            elif key.startswith(keys.states):
-                unit, _, machine_id = keys.tail(key, keys.states).rpartition("/")
-                self.states[(unit, machine_id)] = codec.decode_state(unit, machine_id, value)
-                self.listings["states"].dirty.add((unit, machine_id))
-                self._dirty_unit(unit)
-            elif key.startswith(keys.machines):
-                machine = codec.decode_machine(value)
-                self.machines[keys.tail(key, keys.machines)] = machine
-                self.listings["machines"].dirty.add(keys.tail(key, keys.machines))
-            elif key.startswith(keys.machine_meta):
-                machine_id, _, name = keys.tail(key, keys.machine_meta).partition("/")
-                self.meta.setdefault(machine_id, {})[name] = value
-                self.listings["machines"].dirty.add(machine_id)
-            elif key.startswith(keys.bodies):
-                self._body(keys.tail(key, keys.bodies), value)
-        except (CorruptValue, UnitFileError) as e:
-            # As the range reads do: the record is skipped (shown as absent), and logged once
-            # per key and revision, so a reload (after a broken watch) does not repeat it.
-            self.registry.skip_corrupt(key, revision, str(e))
-            self._delete(key)
-
-    def _delete(self, key: str) -> None:
-        keys = self.keys
-        if key.startswith(keys.units):
-            name = keys.tail(key, keys.units)
-            self.units.pop(name, None)
-            self._dirty_unit(name)
-        elif key.startswith(keys.placements):
-            name = keys.tail(key, keys.placements)
-            self.placements.pop(name, None)
-            self._dirty_unit(name)
-        elif key.startswith(keys.states):
-            unit, _, machine_id = keys.tail(key, keys.states).rpartition("/")
-            self.states.pop((unit, machine_id), None)
-            self.listings["states"].dirty.add((unit, machine_id))
-            self._dirty_unit(unit)
-        elif key.startswith(keys.machines):
-            self.machines.pop(keys.tail(key, keys.machines), None)
-            self.listings["machines"].dirty.add(keys.tail(key, keys.machines))
-        elif key.startswith(keys.machine_meta):
-            machine_id, _, name = keys.tail(key, keys.machine_meta).partition("/")
-            meta = self.meta.get(machine_id)
-            if meta is not None:
-                meta.pop(name, None)
-                if not meta:
-                    del self.meta[machine_id]
-            self.listings["machines"].dirty.add(machine_id)
-
-    def _dirty_unit(self, name: str) -> None:
-        self.listings["units"].dirty.add(name)
-
-    def _body(self, hash_: str, value: str) -> None:
-        for name in self._waiting_bodies.pop(hash_, ()):
-            self._dirty_unit(name)
-        if hash_ not in self.bodies:
-            # Parsed as it arrives: a new unit's body is written in the same transaction as
-            # its record, just before it, so the unit's item finds it in the cache.
-            self.bodies[hash_] = parse_unit(value)
+    def _mark(self, change: Change) -> None:
+        """Mark the listing items a change (already in the mirror) can alter."""
+        listings = self.listings
+        if isinstance(change, UnitChange | PlacementChange):
+            listings["units"].dirty.add(change.name)
+        elif isinstance(change, StateChange):
+            listings["states"].dirty.add((change.unit, change.machine_id))
+            listings["units"].dirty.add(change.unit)
+        elif isinstance(change, MachineChange | MetaChange):
+            listings["machines"].dirty.add(change.machine_id)
+        elif isinstance(change, BodyChange) and change.present:
+            # A new unit's body is written in the same transaction as its record, just
+            # before it, so the unit's item finds it in the cache; units listed before
+            # their body came are shown now.
+            for name in self._waiting_bodies.pop(change.hash, ()):
+                listings["units"].dirty.add(name)

@@ -201,7 +201,7 @@ async def list_units(ctx: ApiContext, request: web.Request, item: str) -> web.St
 
 
 async def get_unit(ctx: ApiContext, request: web.Request, item: str) -> web.StreamResponse:
-    view = await load_unit_view(ctx.registry, item, ctx.bodies)
+    view = await load_unit_view(ctx.registry, item)
     if view is None:
         raise ApiError(404, "unit does not exist")
     return json_response(await ctx.offload(_encode_unit, view))

@@ -43,11 +43,18 @@ from fleetd.errors import (
 )
 from fleetd.model import Unit
 from fleetd.registry import gc
-from fleetd.registry.keys import SCHEMA_VERSION
 from fleetd.registry.kv import EventType, Op, WatchEvent
-from fleetd.registry.migrations import SchemaTooNew, migrate
-from fleetd.registry.registry import LeaderToken, Registry, acceptable_name
-from fleetd.watching import Backoff, follow, sleep_or_stop
+from fleetd.registry.migrations import SCHEMA_VERSION, SchemaTooNew, migrate
+from fleetd.registry.mirror import (
+    Change,
+    LeaderChange,
+    MachineChange,
+    MetaChange,
+    Topic,
+    UnitChange,
+)
+from fleetd.registry.registry import LeaderToken, Registry
+from fleetd.watching import Backoff, sleep_or_stop
 
 log = structlog.get_logger("fleetd.engine")
 
@@ -83,7 +90,12 @@ class Engine:
         when etcd answers well, None while it does not) enable the grace after etcd-side
         faults; without them absent machines' units move at once, as in fleet."""
         self.registry = registry
-        self.keys = registry.keys
+        # What others write that the engine plans from: the units, the machines and their
+        # metadata, and the leader key (to stop at once when the lead is lost). Its own
+        # projections (schedule, globals, placements) it reads when it takes the lead.
+        self.mirror = registry.mirror(
+            [Topic.UNITS, Topic.MACHINES, Topic.META, Topic.LEADER], check_names=True
+        )
         self.machine_id = machine_id
         self._lease = lease  # waits for, then returns, the machine's current lease
         self.safety_interval = safety_interval
@@ -174,7 +186,7 @@ class Engine:
         if kv is None:
             return
         log.debug("engine_leader_is", leader=kv.value)
-        events = self.registry.watch(self.keys.leader, kv.mod_revision + 1)
+        events = self.registry.watch_leader(kv.mod_revision + 1)
         async with contextlib.aclosing(events):
             stop_task = asyncio.ensure_future(stop.wait())
             try:
@@ -192,7 +204,6 @@ class Engine:
             schema = await migrate(self.registry, schema)
         revision = await self._load()
         await self._plan_and_apply(token)
-        prefixes = [self.keys.units, self.keys.machines, self.keys.machine_meta, self.keys.leader]
 
         async def plan() -> None:
             nonlocal schema
@@ -202,12 +213,10 @@ class Engine:
                 await self._plan_and_apply(token)
             await self._sweep_bodies()
 
-        await follow(
-            self.registry.watch,
-            prefixes,
+        await self.mirror.follow(
             revision + 1,
             stop,
-            on_event=self._on_event,
+            on_change=self._on_change,
             act=plan,
             idle_interval=self._idle_interval,  # the safety pass reads nothing from etcd
             batch_window=self._batch_window,
@@ -301,39 +310,29 @@ class Engine:
     def _batch_window(self) -> float:
         return min(max(BATCH_WINDOW, self.stats.last_plan_seconds), MAX_BATCH_WINDOW)
 
-    def _on_event(self, event: WatchEvent) -> None:
-        keys = self.keys
-        if event.key == keys.leader:
-            if event.type == EventType.DELETE or event.value != self.machine_id:
+    def _on_change(self, change: Change) -> None:
+        if isinstance(change, LeaderChange):
+            if change.machine_id != self.machine_id:
                 raise NotLeader("leader key changed")
             return
         self._changed = True
-        if event.key.startswith(keys.units):
-            decoded = self.registry.desired_event(event, keys.units)
-            if decoded is None:
-                return
-            name, record = decoded
-            if record is None:
-                self.view.units.pop(name, None)
+        if isinstance(change, UnitChange):
+            unit, before = change.unit, change.before
+            if unit is None or (before is not None and before.hash != unit.hash):
                 self._body_churn()
-                return
-            hash_, state = record
-            before = self.view.units.get(name)
-            if before is not None and before.hash != hash_:
-                self._body_churn()
-            self.view.units[name] = Unit(name, hash_, state)
-            self._needs_body.add(name)
-        elif event.key.startswith(keys.machines) or event.key.startswith(keys.machine_meta):
-            # Machine changes are rare; re-reading the machines is simpler than merging.
+            if unit is not None:
+                self._needs_body.add(change.name)
+        elif isinstance(change, MachineChange | MetaChange):
+            # Merged into the view's machines (with their metadata) before the next plan.
             self._machines_dirty = True
 
     async def _load(self) -> int:
         """Read everything the engine needs, once; returns the revision to watch from."""
         registry = self.registry
-        listed, revision = await registry.units_at()
-        units = {u.name: u for u in listed if acceptable_name(u.name, registry.keys.unit(u.name))}
+        revision = await self.mirror.load()
+        units = self.mirror.units  # kept current by the mirror's watch from here on
         view = EngineView(units=units)
-        view.machines = {m.id: m for m in await registry.list_machines()}
+        view.machines = self.mirror.machines_with_metadata()
         view.schedule = {s.name: s for s in await registry.full_schedule()}
         view.globals = {
             s.name: Unit(s.name, s.hash, s.target_state) for s in (await registry.global_units())[0]
@@ -357,7 +356,7 @@ class Engine:
     async def _refresh(self) -> None:
         """Bring in what events only flagged: new bodies' requirements, machine changes."""
         if self._machines_dirty:
-            self.view.machines = {m.id: m for m in await self.registry.list_machines()}
+            self.view.machines = self.mirror.machines_with_metadata()
             self._machines_dirty = False
         # One batched read for every body not cached yet (a burst of submissions brings
         # thousands), instead of a round trip per unit.

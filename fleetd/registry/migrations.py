@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from fleetd.errors import FleetError
 from fleetd.log import get_logger
-from fleetd.registry.keys import SCHEMA_VERSION
+from fleetd.registry.keys import SCHEMA_VERSION as SCHEMA_VERSION
 from fleetd.registry.kv import Compare, Put
 
 if TYPE_CHECKING:

@@ -14,7 +14,6 @@ import structlog
 
 from fleetd.errors import (
     Conflict,
-    InvalidUnitName,
     NotFound,
     NotLeader,
     UnitFileError,
@@ -29,6 +28,7 @@ from fleetd.model import (
     UnitState,
 )
 from fleetd.registry import codec, gc
+from fleetd.registry.bodies import BodyCache
 from fleetd.registry.codec import CorruptValue
 from fleetd.registry.keys import SCHEMA_VERSION, Keys, normalize_prefix
 from fleetd.registry.kv import (
@@ -36,7 +36,6 @@ from fleetd.registry.kv import (
     MAX_TXN_OPS,
     Compare,
     Delete,
-    EventType,
     KeyValue,
     Op,
     Put,
@@ -44,6 +43,7 @@ from fleetd.registry.kv import (
     WatchEvent,
 )
 from fleetd.registry.migrations import SchemaTooNew
+from fleetd.registry.mirror import Mirror, Topic
 from fleetd.unit.file import UnitFile, parse_unit
 from fleetd.unit.names import validate_name
 from fleetd.unit.xfleet import requirements as parse_requirements
@@ -67,31 +67,12 @@ class LeaderToken:
     create_revision: int
 
 
-def acceptable_name(name: str, key: str) -> bool:
-    """Whether a unit name read from etcd is one fleet accepts; if not, log it (naming the key).
-
-    Clients, the API and `Registry.create_unit` refuse such names, so only a direct etcd write
-    (or a bug) makes one. The engine does not schedule it and the agent skips it: the unit
-    manager would refuse it anyway (the name becomes a file name in the units directory), but
-    a unit kept in the agent's plan failed its task at every pass, and the first failure ends
-    the pass, so one bad key kept every other unit on the machine from being started.
-    """
-    try:
-        validate_name(name)
-    except InvalidUnitName as e:
-        log.error("unit_name_refused", key=key, error=str(e))
-        return False
-    return True
-
-
 class Registry:
     def __init__(self, kv: KV, prefix: str = "/fleet/") -> None:
         self.kv = kv
         self.keys = Keys(normalize_prefix(prefix))
-        # Bodies are immutable (content-addressed), so caching them forever is safe.
-        self._bodies: dict[str, UnitFile] = {}
-        # Parsed [X-Fleet] per (name, hash): specifiers make them depend on the name too.
-        self._requirements: dict[tuple[str, str], Requirements] = {}
+        # The process's one cache of parsed bodies and requirements (bodies.py).
+        self.bodies = BodyCache()
         # Corrupt values skipped (see skip_corrupt): key -> error, and the revision logged.
         self.corrupt: dict[str, str] = {}
         self._corrupt_logged: dict[str, int] = {}
@@ -111,6 +92,11 @@ class Registry:
         self._corrupt_logged[key] = revision
         if self.log_corrupt:
             log.warning("corrupt_value_skipped", key=key, error=error)
+
+    def unit_of_record(self, key: str) -> str | None:
+        """The unit whose desired-state record `key` is (None: not such a record)."""
+        units = self.keys.units
+        return key[len(units) :] if key.startswith(units) else None
 
     # ---- schema -------------------------------------------------------------------------
 
@@ -143,15 +129,48 @@ class Registry:
     # ---- unit bodies ----------------------------------------------------------------------
 
     async def get_body(self, hash_: str) -> UnitFile | None:
-        cached = self._bodies.get(hash_)
+        cached = self.bodies.get(hash_)
         if cached is not None:
             return cached
         kv = await self.kv.get(self.keys.body(hash_))
         if kv is None:
             return None
         unit = parse_unit(kv.value)
-        self._bodies[hash_] = unit
+        self.bodies.put(hash_, unit)
         return unit
+
+    async def fetch_bodies(self, hashes: set[str]) -> dict[str, UnitFile]:
+        """The bodies of `hashes` that exist and parse, through the cache: a listing's read.
+
+        A lone miss is a single get (the common case of a long-lived cache after one new
+        unit); more are read with one range of the bodies prefix, of which only those asked
+        for are parsed. An unreadable body is skipped and logged (`skip_corrupt`): it hides
+        its units, not the whole listing.
+        """
+        missing = [h for h in hashes if h not in self.bodies]
+        if len(missing) == 1:
+            (hash_,) = missing
+            try:
+                await self.get_body(hash_)
+            except UnitFileError as e:
+                self.skip_corrupt(self.keys.body(hash_), 0, str(e))  # its revision is unknown
+        elif missing:
+            kvs, _ = await self.body_records()
+            self.absorb_bodies(kvs, set(missing))
+        return {h: body for h in hashes if (body := self.bodies.get(h)) is not None}
+
+    def absorb_bodies(self, kvs: Iterable[KeyValue], wanted: set[str]) -> None:
+        """Parse into the cache the bodies among `kvs` (records of the bodies prefix, see
+        `body_records`) whose hash is `wanted`."""
+        prefix = self.keys.bodies
+        for kv in kvs:
+            hash_ = kv.key[len(prefix) :]
+            if hash_ not in wanted or hash_ in self.bodies:
+                continue
+            try:
+                self.bodies.put(hash_, parse_unit(kv.value))
+            except UnitFileError as e:
+                self.skip_corrupt(kv.key, kv.mod_revision, str(e))
 
     async def prefetch_bodies(self, hashes: Iterable[str]) -> None:
         """Bring the bodies of `hashes` into the cache, as few round trips as the KV allows
@@ -160,7 +179,7 @@ class Registry:
         Only an optimisation: a body that is missing or does not parse is left out, and
         `get_body` then reports it exactly as it would have without the prefetch.
         """
-        wanted = sorted({h for h in hashes if h not in self._bodies})
+        wanted = sorted({h for h in hashes if h not in self.bodies})
         if len(wanted) < 2:
             return
         found = await self.kv.get_many([self.keys.body(h) for h in wanted])
@@ -169,12 +188,12 @@ class Registry:
             if kv is None:
                 continue
             try:
-                self._bodies[hash_] = parse_unit(kv.value)
+                self.bodies.put(hash_, parse_unit(kv.value))
             except UnitFileError:
                 continue
 
     def cached_requirements(self, name: str, hash_: str) -> Requirements | None:
-        return self._requirements.get((name, hash_))
+        return self.bodies.requirements(name, hash_)
 
     async def requirements(self, name: str, hash_: str) -> Requirements | None:
         """The [X-Fleet] requirements of unit `name` with body `hash_`, parsed once.
@@ -182,7 +201,7 @@ class Registry:
         None (and an error log) when the body is missing or its requirements do not parse:
         the engine leaves such a unit unplanned, the agent leaves it alone.
         """
-        cached = self._requirements.get((name, hash_))
+        cached = self.bodies.requirements(name, hash_)
         if cached is not None:
             return cached
         body = await self.get_body(hash_)
@@ -194,7 +213,7 @@ class Registry:
         except UnitFileError as e:
             log.error("unit_requirements_invalid", unit=name, error=str(e))
             return None
-        self._requirements[(name, hash_)] = reqs
+        self.bodies.put_requirements(name, hash_, reqs)
         return reqs
 
     # ---- units (desired state, written by clients) ----------------------------------------
@@ -250,7 +269,7 @@ class Registry:
         ]
         result = await self.kv.txn([Compare(unit_key, "version", "==", 0)], ops)
         if result.succeeded:
-            self._bodies[unit.hash] = unit
+            self.bodies.put(unit.hash, unit)
         return result.succeeded
 
     async def create_units(self, units: Sequence[tuple[str, UnitFile, TargetState]]) -> None:
@@ -277,7 +296,7 @@ class Registry:
             if chunk:
                 await self.kv.txn([], chunk)
         for _, unit, _ in units:
-            self._bodies[unit.hash] = unit
+            self.bodies.put(unit.hash, unit)
 
     async def set_target_state(self, name: str, state: TargetState) -> None:
         """Change a unit's desired state; compare-and-swap so a concurrent replace is kept."""
@@ -400,6 +419,7 @@ class Registry:
             for one in batch:
                 if await self._delete_bodies([one]):
                     deleted.append(one[0])
+        self.bodies.discard(deleted)  # no unit names them: nobody here needs them again
         return deleted
 
     async def _delete_bodies(self, bodies: Sequence[tuple[str, int]]) -> bool:
@@ -703,25 +723,25 @@ class Registry:
     # ---- watches ---------------------------------------------------------------------------
 
     def watch(self, prefix: str, start_revision: int) -> AsyncGenerator[list[WatchEvent], None]:
+        """A watch of `prefix`; outside the registry, follow it through a `Mirror` instead."""
         return self.kv.watch(prefix, start_revision)
 
-    def desired_event(
-        self, event: WatchEvent, prefix: str
-    ) -> tuple[str, tuple[str, TargetState] | None] | None:
-        """A watch event of a desired-state record under `prefix` (units/, schedule/<machine>/
-        or global/): (unit name, (hash, target state)), or (name, None) for a delete. None
-        for an event to skip: a name fleet refuses, or a value that does not decode (each
-        logged, as a read would)."""
-        name = self.keys.tail(event.key, prefix)
-        if event.type == EventType.DELETE:
-            return name, None
-        if not acceptable_name(name, event.key):
-            return None
-        try:
-            return name, codec.decode_desired(event.value)
-        except CorruptValue as e:
-            log.warning("corrupt_value_skipped", key=event.key, error=str(e))
-            return None
+    def watch_leader(self, start_revision: int) -> AsyncGenerator[list[WatchEvent], None]:
+        """The engine leader key's events (a follower waits for it to go)."""
+        return self.kv.watch(self.keys.leader, start_revision)
+
+    def mirror(
+        self,
+        topics: Iterable[Topic],
+        *,
+        machine_id: str | None = None,
+        check_names: bool = False,
+        one_watch: bool = False,
+    ) -> Mirror:
+        """A copy of `topics` of this registry kept current by a watch (mirror.py)."""
+        return Mirror(
+            self, topics, machine_id=machine_id, check_names=check_names, one_watch=one_watch
+        )
 
 
 def _broken(record: KeyValue | None) -> bool:

@@ -119,7 +119,7 @@ async def test_deletes_remove_items(api: Api) -> None:
     assert [_decode(i)["name"] for i in await api.ctx.live_items("states")] == ["a.service"]
     assert [_decode(i)["id"] for i in await api.ctx.live_items("machines")] == [M2]
     # The destroyed unit's body left the cache with it.
-    assert len(api.ctx.bodies) == 1
+    assert len(api.ctx.registry.bodies) == 1
     assert live(api).loads == 1
 
 
@@ -207,7 +207,7 @@ async def test_a_unit_whose_body_was_pruned_is_listed_again(api: Api) -> None:
     await api.ctx.live_items("units")
     assert await api.registry.destroy_unit("a.service")
     assert list(await api.ctx.live_items("units")) == []
-    assert api.ctx.bodies == {}
+    assert len(api.ctx.registry.bodies) == 0
     await api.add_unit("a.service")
     assert [_decode(i)["name"] for i in await api.ctx.live_items("units")] == ["a.service"]
     assert list(await api.ctx.live_items("units")) == await rebuilt(api, "units")

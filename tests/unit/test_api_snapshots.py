@@ -101,10 +101,10 @@ async def test_unit_bodies_of_destroyed_units_leave_the_cache(api: Api) -> None:
     await api.add_unit("a.service", "[Service]\nExecStart=/bin/a\n")
     await api.add_unit("b.service", "[Service]\nExecStart=/bin/b\n")
     await pages(api, "units", "units")
-    assert len(api.ctx.bodies) == 2
+    assert len(api.ctx.registry.bodies) == 2
     assert await api.registry.destroy_unit("a.service")
     assert names(await pages(api, "units", "units")) == ["b.service"]
-    assert len(api.ctx.bodies) == 1
+    assert len(api.ctx.registry.bodies) == 1
 
 
 async def test_concurrent_first_pages_build_once() -> None:

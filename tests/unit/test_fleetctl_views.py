@@ -230,17 +230,17 @@ async def _cluster(units: int) -> tuple[FakeKV, Registry]:
 
 
 async def test_load_unit_views_reads_each_prefix_once() -> None:
-    kv, registry = await _cluster(50)
+    kv, _ = await _cluster(50)
+    registry = Registry(kv)  # a reader's: nothing cached yet
     kv.stats.clear()
-    cache: dict[str, UnitFile] = {}
-    views = await load_unit_views(registry, cache)
+    views = await load_unit_views(registry)
     assert len(views) == 50
     assert all(v.current_state == "loaded" and v.machine_id == M1 for v in views)
     # units, placements, states and bodies: one range each, whatever the number of units
     assert (kv.stats["range"], kv.stats["get"]) == (4, 0)
-    assert len(cache) == 5
+    assert len(registry.bodies) == 5
     kv.stats.clear()
-    await load_unit_views(registry, cache)
+    await load_unit_views(registry)
     assert (kv.stats["range"], kv.stats["get"]) == (3, 0)  # bodies come from the cache
 
 
@@ -261,7 +261,7 @@ async def test_a_corrupt_body_hides_only_its_units() -> None:
     kv, registry = await _cluster(6)
     bad = parse_unit("[Service]\nExecStart=/bin/sleep 0\n").hash
     await kv.txn([], [Put(registry.keys.body(bad), "[Broken\n")])
-    views = await load_unit_views(registry)
+    views = await load_unit_views(Registry(kv))  # a reader's (the writer caches what it wrote)
     assert sorted(v.name for v in views) == [
         "u001.service",
         "u002.service",

@@ -209,3 +209,26 @@ def test_only_the_registry_reaches_the_kv_through_a_registry() -> None:
         for line in reaches(path)
     ]
     assert not bad, f"reach the KV round the Registry: {bad}"
+
+
+def test_nobody_outside_the_registry_builds_keys_or_watches_prefixes() -> None:
+    # The key layout is the registry's (keys.py); a component follows records through a
+    # Mirror (registry/mirror.py), never by watching prefixes it built itself. The default
+    # prefix and its normalization are configuration, so fleetd.config and fleetctl use them.
+    allowed_names = {"DEFAULT_PREFIX", "normalize_prefix"}
+    bad = []
+    for name, path in MODULES.items():
+        if within(name, "fleetd.registry"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "fleetd.registry.keys":
+                extra = {a.name for a in node.names} - allowed_names
+                if extra:
+                    bad.append(f"{name}:{node.lineno} imports {sorted(extra)} from keys")
+            if isinstance(node, ast.Attribute) and node.attr in ("keys", "watch"):
+                owner = node.value
+                owner_name = owner.attr if isinstance(owner, ast.Attribute) else ""
+                owner_name = owner_name or getattr(owner, "id", "")
+                if owner_name == "registry":
+                    bad.append(f"{name}:{node.lineno} uses registry.{node.attr}")
+    assert not bad, f"the schema is the registry's: {bad}"
