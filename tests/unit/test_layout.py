@@ -111,6 +111,7 @@ IO = [
     "fleetd.presence",
     "fleetd.server",
     "fleetd.config",
+    "fleetd.machine",
 ]
 
 # (room, rooms it must not import, why)
