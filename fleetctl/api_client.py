@@ -42,7 +42,7 @@ API_PATH = "fleet/v1/"
 # broken, and following it forever would hang the command.
 MAX_PAGES = 10_000
 
-# stdlib logging, as in fleetctl/ssh.py: records show only once fleetctl's main() set up
+# stdlib logging, as in fleetctl/ssh/: records show only once fleetctl's main() set up
 # logging (and only with --debug); fleetctl used as a library stays silent.
 log = logging.getLogger(__name__)
 

@@ -199,7 +199,7 @@ async def _warn_if_outdated(registry: Registry, warn: Warn) -> None:
 
 # ---- the factory ---------------------------------------------------------------------------
 
-# stdlib logging, as in fleetctl/ssh.py: records show only once fleetctl's main() set up
+# stdlib logging, as in fleetctl/ssh/: records show only once fleetctl's main() set up
 # logging (and only with --debug); fleetctl used as a library stays silent.
 log = logging.getLogger(__name__)
 

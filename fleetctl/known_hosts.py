@@ -1,7 +1,7 @@
 """fleet's known_hosts checking (reference §7.6), independent of the SSH library.
 
 A host key is handled as `(key_type, blob)`: the key's SSH wire bytes and the type name they
-start with. fleetctl/ssh.py hands over what the server presented; nothing here imports
+start with. fleetctl/ssh/ hands over what the server presented; nothing here imports
 paramiko, so the rules are testable without a server.
 
 The file is OpenSSH's format, one `<patterns> <keytype> <base64> [comment]` per line, and the

@@ -2,7 +2,7 @@
 
 As in fleet, `status` and `journal` run locally (exec, no SSH) when the unit's machine is this
 machine (its /etc/machine-id), and over SSH to the machine's public IP otherwise, through
-`--tunnel` if given. SSH itself sits behind `fleetctl.transport` (paramiko in fleetctl/ssh.py).
+`--tunnel` if given. SSH itself sits behind `fleetctl.transport` (paramiko in fleetctl/ssh/).
 
 The remote command line is built with POSIX shell quoting (fleet used Go's %q, which a
 shell reads differently for `$`, backquotes and backslashes).

@@ -1,6 +1,6 @@
 """The seam between fleetctl and SSH: what commands need, not how paramiko does it.
 
-`fleetctl/ssh.py` (paramiko, the only module that imports it) provides
+`fleetctl/ssh/` (paramiko, the only package that imports it) provides
 `make_transport(options: SshOptions) -> SshTransport`. Everything else goes through
 `open_transport`, which tests replace with a fake. The protocol is synchronous because
 paramiko is; async callers run it in a worker thread.

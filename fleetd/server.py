@@ -25,10 +25,11 @@ import structlog
 
 from fleetd import __version__
 from fleetd.api import ApiContext, ApiServer, Metrics
-from fleetd.config import Config, detect_public_ip, load_config, read_machine_id
+from fleetd.config import Config, load_config
 from fleetd.errors import ConfigError, FleetError
 from fleetd.etcd.client import EtcdConfig, EtcdKV
 from fleetd.log import configure_logging
+from fleetd.machine import detect_public_ip, read_machine_id
 from fleetd.model import Machine
 from fleetd.node import NodeSettings, build_node
 from fleetd.notify import Notifier

@@ -1,4 +1,4 @@
-"""fleetctl/ssh.py against a real OpenSSH server (tests/integration/sshd_fixture.py).
+"""fleetctl/ssh/ against a real OpenSSH server (tests/integration/sshd_fixture.py).
 
 Two sshd on 127.0.0.1 (A and B, different host keys) and a private ssh-agent holding the
 client key are shared by the module; every test gets its own HOME, known_hosts file and
@@ -29,7 +29,9 @@ import pytest
 
 from fleetctl import remote
 from fleetctl.known_hosts import HOST_CHANGED_WARNING, TRUST_PROMPT
-from fleetctl.ssh import AUTH_SOCK_MISSING, DIAL_TIMEOUT, ParamikoTransport, make_transport
+from fleetctl.ssh import ParamikoTransport, make_transport
+from fleetctl.ssh.auth import AUTH_SOCK_MISSING
+from fleetctl.ssh.connections import DIAL_TIMEOUT
 from fleetctl.transport import SshError, SshOptions
 from tests.integration.sshd_fixture import (
     Agent,

@@ -1,4 +1,8 @@
-"""fleetd.config: fleet.conf syntax (goini), layers and precedence, value parsing, validation."""
+"""fleetd.config: fleet.conf syntax (goini), layers and precedence, validation of each option.
+
+The value syntax itself (Go's bools, ints, durations, fleet's lists) is test_config_values.py's;
+the machine ID and public IP test_machine.py's.
+"""
 
 from __future__ import annotations
 
@@ -12,25 +16,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleetd import config as cfg
 from fleetd.config import (
     OPTIONS,
     Config,
     Setting,
     build_config,
-    default_route_interfaces,
-    detect_public_ip,
     env_var,
-    first_global_ipv4_from_ip_json,
-    is_global_unicast,
     load_config,
-    parse_bool,
-    parse_duration,
     parse_fleet_conf,
-    parse_int,
-    parse_metadata,
-    parse_string_slice,
-    read_machine_id,
 )
 from fleetd.errors import ConfigError
 
@@ -133,149 +126,6 @@ def test_unknown_option_without_close_match_has_no_suggestion() -> None:
     with pytest.raises(ConfigError) as info:
         parse_fleet_conf("xyzzy=1", "t.conf")
     assert "did you mean" not in str(info.value)
-
-
-# --------------------------------------------------------------------------------------------
-# Value parsers
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("30s", 30.0),
-        ("10s", 10.0),
-        ("1m30s", 90.0),
-        ("500ms", 0.5),
-        ("1.5h", 5400.0),
-        ("1h2m3s4ms", 3723.004),
-        ("2m", 120.0),
-        (".5s", 0.5),
-        ("1.s", 1.0),
-        ("+3s", 3.0),
-        ("-3s", -3.0),
-        ("0", 0.0),
-        ("-0", 0.0),
-        ("1500us", 0.0015),
-        ("1500\u00b5s", 0.0015),
-        ("1500\u03bcs", 0.0015),
-        ("2000000ns", 0.002),
-        ("3s500ms", 3.5),
-    ],
-)
-def test_parse_duration(text: str, seconds: float) -> None:
-    assert parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("", 'invalid duration ""'),
-        ("+", 'invalid duration "+"'),
-        ("s", 'invalid duration "s"'),
-        (".s", 'invalid duration ".s"'),
-        ("10", 'missing unit in duration "10"'),
-        ("1m30", 'missing unit in duration "1m30"'),
-        ("3x", 'unknown unit "x" in duration "3x"'),
-        ("3 s", 'unknown unit " s"'),
-        ("3S", 'unknown unit "S"'),
-        ("1d", 'unknown unit "d"'),
-        ("30s ", 'unknown unit "s "'),
-        ("9999999999h", "out of range"),
-        ("1..5s", "missing unit in duration"),  # as Go: "1." then no unit before "."
-    ],
-)
-def test_parse_duration_errors(text: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        parse_duration(text)
-
-
-@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(["ms", "s", "m", "h"]))
-def test_parse_duration_whole_units(number: int, unit: str) -> None:
-    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
-    assert parse_duration(f"{number}{unit}") == pytest.approx(number * scale)
-
-
-@given(st.text(max_size=30))
-def test_parse_duration_raises_only_config_error(text: str) -> None:
-    with contextlib.suppress(ConfigError):
-        parse_duration(text)
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ('["http://a:2379", "http://b:4001"]', ("http://a:2379", "http://b:4001")),
-        ('["http://a:2379","http://b:4001"]', ("http://a:2379", "http://b:4001")),
-        ("http://a:2379,http://b:4001", ("http://a:2379", "http://b:4001")),
-        ("http://a:2379, http://b:4001", ("http://a:2379", "http://b:4001")),
-        ("http://a:2379", ("http://a:2379",)),
-        ('"http://a:2379"', ("http://a:2379",)),
-        ("[http://a:2379]", ("http://a:2379",)),
-        ("", ("",)),
-        ("a,,b", ("a", "", "b")),
-    ],
-)
-def test_parse_string_slice(text: str, expected: tuple[str, ...]) -> None:
-    assert parse_string_slice(text) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "expected", "warnings"),
-    [
-        ("", {}, []),
-        ("region=us-west", {"region": "us-west"}, []),
-        ("region=us-west,az=us-west-1", {"region": "us-west", "az": "us-west-1"}, []),
-        (" region = us-west , az = 1 ", {"region": "us-west", "az": "1"}, []),
-        ("a=1,a=2", {"a": "2"}, []),  # a later duplicate wins
-        ("a=", {"a": ""}, []),
-        ("a=b=c", {"a": "b=c"}, []),  # split on the first "="
-        ("disk.type=ssd,rack_no=4,x-y=z", {"disk.type": "ssd", "rack_no": "4", "x-y": "z"}, []),
-        ("a=1,,", {"a": "1"}, []),  # empty entries are not worth a warning
-        ("a=1,ssd", {"a": "1"}, ['metadata entry "ssd" has no "=" - ignoring']),
-    ],
-)
-def test_parse_metadata(text: str, expected: dict[str, str], warnings: list[str]) -> None:
-    got: list[str] = []
-    assert parse_metadata(text, got) == expected
-    assert got == warnings
-
-
-@pytest.mark.parametrize("text", ["=v", " =v", "a b=c", "a/b=c", "k:=v", "ü=1"])
-def test_parse_metadata_bad_keys(text: str) -> None:
-    with pytest.raises(ConfigError, match="invalid metadata key"):
-        parse_metadata(text)
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        *((t, True) for t in ["1", "t", "T", "TRUE", "true", "True"]),
-        *((t, False) for t in ["0", "f", "F", "FALSE", "false", "False"]),
-    ],
-)
-def test_parse_bool(text: str, expected: bool) -> None:
-    assert parse_bool(text) is expected
-
-
-@pytest.mark.parametrize("text", ["yes", "no", "on", "TrUe", "2", " true", "y", ""])
-def test_parse_bool_rejects(text: str) -> None:
-    with pytest.raises(ConfigError, match="invalid boolean"):
-        parse_bool(text)
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [("0", 0), ("2", 2), ("-1", -1), ("+7", 7), ("0x10", 16), ("010", 8), ("0o10", 8),
-     ("0b11", 3), ("1_000", 1000)],
-)  # fmt: skip
-def test_parse_int_go_syntax(text: str, expected: int) -> None:
-    assert parse_int(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", " 1", "1 ", "1.5", "one", "08", "1__0", "\u0661", "9" * 30])
-def test_parse_int_rejects(text: str) -> None:
-    with pytest.raises(ConfigError):
-        parse_int(text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,118 +490,3 @@ def test_any_option_value_raises_only_config_error(option: str, value: str) -> N
     for environ, overrides in (({env_var(option): value}, {}), ({}, {option: value})):
         with contextlib.suppress(ConfigError):
             build_config({}, environ, overrides)
-
-
-# --------------------------------------------------------------------------------------------
-# Machine ID and public IP
-
-
-def test_machine_id_from_file(tmp_path: Path) -> None:
-    path = write(tmp_path, "0123456789abcdef0123456789abcdef\n", "machine-id")
-    assert read_machine_id(Config(machine_id_file=path)) == "0123456789abcdef0123456789abcdef"
-
-
-def test_explicit_machine_id_wins(tmp_path: Path) -> None:
-    path = write(tmp_path, "fromfile\n", "machine-id")
-    assert read_machine_id(Config(machine_id_file=path, machine_id="sim42")) == "sim42"
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (None, "unable to determine local machine ID: {path}: No such file or directory"),
-        ("", "unable to determine local machine ID: {path} is empty"),
-        (" \n", "unable to determine local machine ID: {path} is empty"),
-        ("abc def\n", 'unable to determine local machine ID: {path}: invalid machine ID "abc d'),
-        ("../etc\n", "unable to determine local machine ID: {path}: invalid machine ID"),
-    ],
-)
-def test_machine_id_errors(tmp_path: Path, content: str | None, message: str) -> None:
-    path = tmp_path / "machine-id"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(ConfigError, match=re.escape(message.format(path=path))):
-        read_machine_id(Config(machine_id_file=str(path)))
-
-
-ROUTE_HEADER = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT"
-
-
-@pytest.mark.parametrize(
-    ("rows", "expected"),
-    [
-        (["eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0"], ["eth0"]),
-        (["eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0"], []),  # not default
-        (["eth0\t00000000\t010200C0\t0002\t0\t0\t0\t00000000\t0\t0\t0"], []),  # not up
-        (
-            [
-                "wlan0\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0",
-                "eth0\t00000000\t010200C0\t0003\t0\t0\t100\t00000000\t0\t0\t0",
-            ],
-            ["eth0", "wlan0"],  # lowest metric first
-        ),
-        (["garbage", "eth0\tzz\t0\t0003\t0\t0\t0\t00000000"], []),
-    ],
-)
-def test_default_route_interfaces(rows: list[str], expected: list[str]) -> None:
-    assert default_route_interfaces("\n".join([ROUTE_HEADER, *rows])) == expected
-
-
-@pytest.mark.parametrize(
-    ("address", "expected"),
-    [
-        ("192.0.2.2", True),
-        ("10.1.2.3", True),  # Go counts private ranges as global unicast
-        ("172.16.0.1", True),
-        ("8.8.8.8", True),
-        ("127.0.0.1", False),
-        ("169.254.1.1", False),
-        ("224.0.0.1", False),
-        ("0.0.0.0", False),
-        ("255.255.255.255", False),
-        ("::1", False),
-        ("", False),
-    ],
-)
-def test_is_global_unicast(address: str, expected: bool) -> None:
-    assert is_global_unicast(address) is expected
-
-
-def test_first_global_ipv4_from_ip_json() -> None:
-    text = (
-        '[{"ifname":"eth0","addr_info":[{"family":"inet6","local":"fe80::1"},'
-        '{"family":"inet","local":"169.254.3.3"},{"family":"inet","local":"10.0.0.5"},'
-        '{"family":"inet","local":"10.0.0.6"}]}]'
-    )
-    assert first_global_ipv4_from_ip_json(text) == "10.0.0.5"
-    for bad in ["", "not json", "{}", "[1]", '[{"addr_info": [1]}]']:
-        assert first_global_ipv4_from_ip_json(bad) == ""
-
-
-def test_detect_public_ip_without_route_table(tmp_path: Path) -> None:
-    assert detect_public_ip(str(tmp_path / "missing")) == ""
-    assert detect_public_ip(write(tmp_path, ROUTE_HEADER + "\n", "route")) == ""
-
-
-def test_detect_public_ip_uses_the_default_route_interface(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    route = write(
-        tmp_path,
-        f"{ROUTE_HEADER}\neth9\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n",
-        "route",
-    )
-    monkeypatch.setattr(cfg, "_ioctl_ipv4", lambda iface: "127.0.0.1" if iface == "eth9" else "")
-    monkeypatch.setattr(
-        cfg,
-        "_ip_addr_json",
-        lambda iface: '[{"addr_info":[{"family":"inet","local":"10.9.9.9"}]}]',
-    )
-    assert detect_public_ip(route) == "10.9.9.9"  # the ioctl's address was not global
-    monkeypatch.setattr(cfg, "_ioctl_ipv4", lambda iface: "192.0.2.7")
-    assert detect_public_ip(route) == "192.0.2.7"
-
-
-def test_detect_public_ip_on_this_host_returns_an_address_or_nothing() -> None:
-    address = detect_public_ip()
-    assert address == "" or is_global_unicast(address)

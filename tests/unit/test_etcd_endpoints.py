@@ -1,6 +1,6 @@
 """The etcd endpoint rule (fleetd/etcd/endpoints.py) and how its two callers word it.
 
-fleet.conf's etcd_servers (fleetd/config.py, every message in test_config.py) needs a port;
+fleet.conf's etcd_servers (fleetd/config_values.py, every message in test_config.py) needs a port;
 the etcd client (`EtcdConfig`; its long-standing messages in tests/integration/
 test_kv_contract.py) gives a URL without one etcd's 2379.
 """

@@ -23,7 +23,7 @@ from fleetctl.settings import (
     Settings,
     select_target,
 )
-from fleetctl.ssh import DEFAULT_IDENTITIES, SshConfig
+from fleetctl.ssh.config import DEFAULT_IDENTITIES, SshConfig
 from fleetctl.transport import ssh_options
 from fleetd import __version__
 from fleetd.errors import ConfigError

@@ -314,7 +314,7 @@ def test_ssh_connection_failure(cluster: Cluster, fake_remote: Remote) -> None:
 
 
 def test_ssh_without_the_paramiko_module(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Until fleetctl/ssh.py exists, SSH commands fail with a clear message.
+    # Without fleetctl/ssh/, SSH commands fail with a clear message.
     import builtins
 
     real_import = builtins.__import__

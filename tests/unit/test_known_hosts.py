@@ -25,7 +25,7 @@ from fleetctl.known_hosts import (
     md5_fingerprint,
     parse_line,
 )
-from fleetctl.ssh import split_address
+from fleetctl.ssh.connections import split_address
 from fleetctl.transport import SshError
 
 

@@ -111,6 +111,7 @@ IO = [
     "fleetd.presence",
     "fleetd.server",
     "fleetd.config",
+    "fleetd.machine",
 ]
 
 # (room, rooms it must not import, why)
@@ -145,8 +146,11 @@ def test_rooms_do_not_import_what_they_must_not(room: str, others: list[str], wh
 
 
 def test_only_fleetctl_ssh_imports_paramiko() -> None:
+    # One room holds the SSH library: the fleetctl.ssh package, one module per concern in it.
     users = sorted(n for n, found in IMPORTS.items() if any(within(i, "paramiko") for i in found))
-    assert users == ["fleetctl.ssh"]
+    assert users, "nothing imports paramiko: update the rule"
+    bad = [name for name in users if not within(name, "fleetctl.ssh")]
+    assert not bad, f"only fleetctl/ssh/ imports paramiko, not {bad}"
 
 
 def test_only_the_wiring_builds_presence_agent_and_engine_together() -> None:
