@@ -172,7 +172,7 @@ class SimBench:
         for m in self.sim.machines.values():
             if not m.running:
                 continue
-            for name, s in m.agent._published.items():
+            for name, s in m.agent.publisher.published.items():
                 if (
                     s.agent_state is TargetState.LAUNCHED
                     and s.active_state == "active"

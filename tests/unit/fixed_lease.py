@@ -1,4 +1,4 @@
-"""A machine lease for an agent built without presence (fleetd.agent.agent.MachineLease).
+"""A machine lease for an agent built without presence (fleetd.agent.lease.MachineLease).
 
 Registered from the start, on a lease id the test sets; `ttl` 0 (the default) turns
 PartitionPolicy=stop fencing off, `last_renewed` is what the test says.

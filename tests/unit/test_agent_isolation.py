@@ -49,10 +49,12 @@ class Clock:
 class Machine1:
     """An agent on M1 with a fake systemd and etcd, and helpers to change its schedule."""
 
-    def __init__(self, tmp_path: Path, **faults: Any) -> None:
+    def __init__(
+        self, tmp_path: Path, manager: type[FakeUnitManager] = FakeUnitManager, **faults: Any
+    ) -> None:
         self.kv = FakeKV()
         self.registry = Registry(self.kv)
-        self.manager = FakeUnitManager(tmp_path / "units", record=True, **faults)
+        self.manager = manager(tmp_path / "units", record=True, **faults)
         self.clock = Clock()
         self.lease = FixedLease(0)  # granted by the first schedule()
         self.agent = Agent(
@@ -79,8 +81,9 @@ class Machine1:
 
     async def published(self) -> dict[str, UnitState]:
         """Publish what is dirty, as the publish loop does, and read the states back."""
-        dirty, self.agent._dirty_states = self.agent._dirty_states, set()
-        await self.agent._publish(dirty)
+        publisher = self.agent.publisher
+        dirty, publisher._dirty_states = publisher._dirty_states, set()
+        await publisher._publish(dirty)
         return {s.name: s for s in await self.registry.list_states()}
 
 
@@ -113,7 +116,7 @@ async def test_a_start_job_that_times_out_fails_its_unit_alone(tmp_path: Path) -
     assert ran == 11 + 1 + 10
     assert await m.manager.states(GOOD) == dict.fromkeys(GOOD, RUNNING)
     assert m.agent.record.units[BAD].state == TargetState.LOADED  # loaded, not launched
-    m.agent._observed.clear()  # no observe loop here: read systemd's state afresh
+    m.agent.publisher._observed.clear()  # no observe loop here: read systemd's state afresh
     states = await m.published()
     assert states[BAD].failed_task == "start"
     assert "did not finish" in states[BAD].error
@@ -128,11 +131,10 @@ async def test_an_unexpected_exception_fails_its_unit_alone_too(tmp_path: Path) 
                 raise KeyError("a bug")
             await super().load(name, text, has_install=has_install)
 
-    m = Machine1(tmp_path)
-    m.manager = m.agent.manager = Buggy(tmp_path / "units")
+    m = Machine1(tmp_path, Buggy)
     await m.schedule([*GOOD, BAD])
     assert await m.agent.reconcile() == 10 + 1 + 10
-    assert m.agent._failures[BAD].error == "KeyError: 'a bug'"
+    assert m.agent.executor.failures.by_unit[BAD].error == "KeyError: 'a bug'"
 
 
 async def test_failed_unit_is_retried_with_backoff_and_success_clears_the_error(
@@ -165,7 +167,7 @@ async def test_failed_unit_is_retried_with_backoff_and_success_clears_the_error(
     assert await m.agent.reconcile() == 3  # load, daemon-reload, start
     assert await m.manager.states([BAD]) == {BAD: RUNNING}
     assert m.agent.next_retry() is None
-    m.agent._observed.clear()
+    m.agent.publisher._observed.clear()
     state = (await m.published())[BAD]
     assert (state.failed_task, state.error) == ("", "")
     assert state.agent_state == TargetState.LAUNCHED
@@ -181,7 +183,7 @@ async def test_a_changed_desire_retries_at_once(tmp_path: Path) -> None:
     await m.schedule([BAD], TargetState.LOADED)  # the user changed its target state
     await m.agent.reconcile()
     assert m.calls_for(BAD) == ["load", "load"]
-    failure = m.agent._failures[BAD]
+    failure = m.agent.executor.failures.by_unit[BAD]
     assert failure.attempts == 1  # a new desire starts the backoff afresh
     assert failure.retry_at == m.clock.now + 1.0
 
@@ -215,7 +217,7 @@ async def test_a_failed_unload_skips_the_units_later_tasks_only(tmp_path: Path) 
 
     assert m.calls_for("a.service") == ["unload"]  # no load, no start after the failure
     assert m.calls_for("b.service") == ["unload", "load", "start"]
-    assert m.agent._failures["a.service"].task == TaskKind.UNLOAD
+    assert m.agent.executor.failures.by_unit["a.service"].task == TaskKind.UNLOAD
     state = (await m.published())["a.service"]
     assert state.failed_task == "unload"
     assert "could not stop" in state.error
@@ -254,7 +256,7 @@ async def test_a_failed_daemon_reload_holds_the_new_units_starts_only(tmp_path: 
     assert await m.agent.reconcile() == 2  # the daemon-reload, then the start
     assert m.manager.reloads == reloads + 1
     assert await m.manager.states(["new.service"]) == {"new.service": RUNNING}
-    m.agent._observed.clear()
+    m.agent.publisher._observed.clear()
     state = (await m.published())["new.service"]
     assert (state.failed_task, state.error) == ("", "")
 
@@ -281,8 +283,8 @@ async def test_the_retry_timer_wakes_reconcile(
         await until(lambda: len(loads(manager)) >= 3)  # the first try and two retries
         manager.fail_load.clear()
         await until(lambda: manager._states.get(BAD) == RUNNING)
-        await until(lambda: agent._published.get(BAD) is not None)
-        await until(lambda: agent._published[BAD].error == "")
+        await until(lambda: agent.publisher.published.get(BAD) is not None)
+        await until(lambda: agent.publisher.published[BAD].error == "")
         settled = len(loads(manager))
         await asyncio.sleep(0.2)  # ten times the first wait: nothing is retried any more
         assert len(loads(manager)) == settled
@@ -336,8 +338,8 @@ async def test_the_retry_loop_does_not_spin_when_a_pass_cannot_retry(
 
 
 async def _fail_again(m: Machine1) -> None:
-    previous = m.agent._failures[BAD]
-    m.agent._failures[BAD] = failure_after(
+    previous = m.agent.executor.failures.by_unit[BAD]
+    m.agent.executor.failures.by_unit[BAD] = failure_after(
         previous, previous.task, previous.error, m.clock.now, previous.wanted
     )
 

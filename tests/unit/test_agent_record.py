@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from fleetd.agent import agent as agent_module
-from fleetd.agent.agent import Agent, AgentRecord
+from fleetd.agent import tasks as tasks_module
+from fleetd.agent.agent import Agent
+from fleetd.agent.record import AgentRecord
 from fleetd.model import Machine, PartitionPolicy, TargetState
 from fleetd.registry import codec
 from fleetd.registry.fake import FakeKV
@@ -132,7 +133,7 @@ async def test_a_failed_task_still_records_the_ones_that_succeeded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     agent, _manager, path = await scheduled_agent(tmp_path, 6, fail_load=["u003.service"])
-    monkeypatch.setattr(agent_module, "TASK_CONCURRENCY", 1)  # tasks in order: u003 fails 4th
+    monkeypatch.setattr(tasks_module, "TASK_CONCURRENCY", 1)  # tasks in order: u003 fails 4th
     await agent.reconcile()
     # The tasks after the failed one still ran (and were recorded); u003 alone is missing.
     final = on_disk(path)

@@ -170,6 +170,15 @@ def test_only_the_wiring_builds_presence_agent_and_engine_together() -> None:
         assert not bad, f"{wiring} imports {bad}: build the node in fleetd.node instead"
 
 
+def test_the_agent_parts_do_not_import_the_agent_loop() -> None:
+    # fleetd.agent.agent composes the record, the executor, the publisher and the fence; they
+    # know one another only as it hands them in, never the loop itself.
+    parts = [n for n in MODULES if within(n, "fleetd.agent") and n != "fleetd.agent.agent"]
+    assert "fleetd.agent.tasks" in parts, "the agent's parts moved: update the rule"
+    bad = [f"{n} imports {i}" for n in parts for i in IMPORTS[n] if i == "fleetd.agent.agent"]
+    assert not bad, "; ".join(bad)
+
+
 def test_every_package_says_what_its_room_is_for() -> None:
     missing = [
         name

@@ -236,18 +236,18 @@ def test_idle_fence_loop_sleeps_until_the_lease_could_be_at_risk() -> None:
     """Not a tick per second per agent: one wake when fencing could first be needed."""
     now, lease = [100.0], FixedLease(1, last_renewed=100.0, ttl=9.0)
     agent = fence_timing_agent(now, lease)
-    assert agent._fence_wait(at_risk=False) == pytest.approx(9.0 * FENCE_FRACTION)
+    assert agent.fence._wait(at_risk=False) == pytest.approx(9.0 * FENCE_FRACTION)
     now[0] = 104.0  # renewed 4 s ago: the fence point is 2 s away
-    assert agent._fence_wait(at_risk=False) == pytest.approx(2.0)
+    assert agent.fence._wait(at_risk=False) == pytest.approx(2.0)
     lease.last_renewed = 103.5  # a renewal moves the fence point
-    assert agent._fence_wait(at_risk=False) == pytest.approx(5.5)
+    assert agent.fence._wait(at_risk=False) == pytest.approx(5.5)
     now[0] = 110.0  # the fence point (109.5) passed: never sleep less than a tick
-    assert agent._fence_wait(at_risk=False) == agent.fence_tick
+    assert agent.fence._wait(at_risk=False) == agent.fence.fence_tick
 
 
 def test_fence_loop_ticks_while_at_risk_or_holding_units() -> None:
     now, lease = [100.0], FixedLease(1, last_renewed=100.0, ttl=9.0)
     agent = fence_timing_agent(now, lease)
-    assert agent._fence_wait(at_risk=True) == agent.fence_tick
+    assert agent.fence._wait(at_risk=True) == agent.fence.fence_tick
     agent.fenced.add("x.service")
-    assert agent._fence_wait(at_risk=False) == agent.fence_tick
+    assert agent.fence._wait(at_risk=False) == agent.fence.fence_tick
