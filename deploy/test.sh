@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./deploy/setup.sh
+./deploy/fetch-etcd35.sh  # the contract suites also run against etcd 3.5
+export FLEET_REQUIRE_ETCD35=1
 VENV="${FLEET_VENV:-/opt/fleet/venv}"
 export PATH="$VENV/bin:$PATH"
 echo "== ruff"

@@ -7,12 +7,14 @@ not installed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.etcd_fixture import (
+    ETCD35_BIN,
     ETCD_BIN,
     EtcdCluster,
     EtcdServer,
@@ -26,6 +28,20 @@ from tests.integration.etcd_fixture import (
 def _require_etcd() -> None:
     if not etcd_available():
         pytest.skip(f"{ETCD_BIN} is not installed (Debian package etcd-server)")
+
+
+@pytest.fixture
+def etcd35_server(tmp_path: Path) -> Iterator[EtcdServer]:
+    """As `etcd_server`, on etcd 3.5 (deploy/fetch-etcd35.sh). Where the tests must cover it
+    (deploy/test.sh sets FLEET_REQUIRE_ETCD35=1), a missing binary fails instead of skipping."""
+    if not etcd_available(ETCD35_BIN):
+        why = f"{ETCD35_BIN} is missing: run deploy/fetch-etcd35.sh"
+        if os.environ.get("FLEET_REQUIRE_ETCD35") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    server = EtcdServer(tmp_path / "etcd35", binary=ETCD35_BIN)
+    with running(server):
+        yield server
 
 
 @pytest.fixture

@@ -105,7 +105,11 @@ def etcd_kv(endpoints: list[str], **kw: object) -> EtcdKV:
 
 
 @pytest.fixture(
-    params=["fake", pytest.param("etcd", marks=pytest.mark.integration)],
+    params=[
+        "fake",
+        pytest.param("etcd", marks=pytest.mark.integration),
+        pytest.param("etcd-3.5", marks=pytest.mark.integration),
+    ],
 )
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     if request.param == "fake":
@@ -113,7 +117,8 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         yield Backend("fake", fake, fake=fake)
         await fake.close()
         return
-    server: EtcdServer = request.getfixturevalue("etcd_server")
+    fixture = "etcd35_server" if request.param == "etcd-3.5" else "etcd_server"
+    server: EtcdServer = request.getfixturevalue(fixture)
     kv = etcd_kv(server.endpoints)
     yield Backend("etcd", kv, server=server)
     await kv.close()

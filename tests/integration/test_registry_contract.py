@@ -58,14 +58,16 @@ class Backend:
             await asyncio.sleep(0.05)
 
 
-@pytest.fixture(params=["fake", "etcd"])
+@pytest.fixture(params=["fake", "etcd", "etcd-3.5"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     if request.param == "fake":
         clock = Clock()
         fake = FakeKV(clock)
         yield Backend(fake, fake, clock)
         return
-    server: EtcdServer = request.getfixturevalue("etcd_server")
+    server: EtcdServer = request.getfixturevalue(
+        "etcd35_server" if request.param == "etcd-3.5" else "etcd_server"
+    )
     kv = EtcdKV(EtcdConfig(endpoints=server.endpoints, request_timeout=2.0))
     try:
         yield Backend(kv, None, None)
