@@ -273,12 +273,7 @@ class Mirror:
                 self.units[tail] = unit
                 return UnitChange(tail, unit, before)
             if topic is Topic.SCHEDULE or topic is Topic.GLOBALS:
-                if topic is Topic.GLOBALS:
-                    machine_id, name = "", tail
-                elif self.machine_id is not None:
-                    machine_id, name = self.machine_id, tail
-                else:
-                    machine_id, _, name = tail.partition("/")
+                machine_id, name = self._scheduled_key(topic, tail)
                 if self.check_names and not acceptable_name(name, key):
                     return None
                 hash_, state = codec.decode_desired(value)
@@ -319,12 +314,7 @@ class Mirror:
         if topic is Topic.UNITS:
             return UnitChange(tail, None, self.units.pop(tail, None))
         if topic is Topic.SCHEDULE or topic is Topic.GLOBALS:
-            if topic is Topic.GLOBALS:
-                machine_id, name = "", tail
-            elif self.machine_id is not None:
-                machine_id, name = self.machine_id, tail
-            else:
-                machine_id, _, name = tail.partition("/")
+            machine_id, name = self._scheduled_key(topic, tail)
             self._set_scheduled(machine_id, name, None)
             return ScheduleChange(name, machine_id, None)
         if topic is Topic.PLACEMENTS:
@@ -350,6 +340,15 @@ class Mirror:
             return BodyChange(tail, False)
         self.leader = None
         return LeaderChange(None)
+
+    def _scheduled_key(self, topic: Topic, tail: str) -> tuple[str, str]:
+        """(machine id, unit name) of a schedule or global key; "" is the globals' machine."""
+        if topic is Topic.GLOBALS:
+            return "", tail
+        if self.machine_id is not None:
+            return self.machine_id, tail
+        machine_id, _, name = tail.partition("/")
+        return machine_id, name
 
     def _meta_key(self, tail: str) -> tuple[str, str]:
         if self.machine_id is not None:
