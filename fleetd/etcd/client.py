@@ -193,20 +193,11 @@ def _members(config: EtcdConfig) -> list[Member]:
             tls = tls_context(ca, config.cert_file, config.key_file)
         except (ssl.SSLError, OSError) as e:
             raise ConfigError(f"etcd TLS: cannot use the CA, certificate or key: {e}") from e
-    first = endpoints[0]
-    return [
-        Member(
-            ep.host,
-            ep.port,
-            _hostport(ep.host, ep.port),
-            tls,
-            # With several members, every member's certificate must be valid for the first
-            # endpoint's host (list every member in each certificate's SANs, as etcd's TLS
-            # guide does): one name to check however the members are reached, as gRPC did.
-            first.host if len(endpoints) > 1 else ep.host,
-        )
-        for ep in endpoints
-    ]
+    # Each member's certificate is checked against the host of that member's own endpoint:
+    # a cluster whose members each have a certificate of their own (one per machine, naming
+    # that machine) works, and no certificate must name another member's host. (These
+    # endpoints are all the client knows of the cluster: it discovers no members.)
+    return [Member(ep.host, ep.port, _hostport(ep.host, ep.port), tls, ep.host) for ep in endpoints]
 
 
 class _Session:

@@ -1439,6 +1439,40 @@ async def test_channel_refused_on_a_name_with_two_addresses_says_connection_refu
     assert "connection refused" in error.details()
 
 
+async def test_each_member_is_connected_to_with_its_own_tls_server_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What the certificate is checked against, member by member; plaintext has none.
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[str, Any, Any]] = []
+
+    async def create_connection(_: Any, host: str, port: int, **kw: Any) -> Any:
+        seen.append((host, kw["ssl"] is not None, kw["server_hostname"]))
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+
+    monkeypatch.setattr(loop, "create_connection", create_connection)
+    tls = ssl.create_default_context()
+    members = [Member(h, 2379, f"{h}:2379", tls, h) for h in ("etcd-a", "etcd-b", "10.0.0.3")]
+    await failed(
+        transport_module.connect_first(members, 1, noop_protocol, 1.0), StatusCode.UNAVAILABLE
+    )
+    assert seen == [
+        ("etcd-b", True, "etcd-b"),
+        ("10.0.0.3", True, "10.0.0.3"),
+        ("etcd-a", True, "etcd-a"),
+    ]
+    seen.clear()
+    plain = Member("etcd-a", 2379, "etcd-a:2379", None, "etcd-a")
+    await failed(
+        transport_module.connect_first([plain], 0, noop_protocol, 1.0), StatusCode.UNAVAILABLE
+    )
+    assert seen == [("etcd-a", False, None)]
+
+
+def noop_protocol(_: Member) -> asyncio.Protocol:
+    return asyncio.Protocol()
+
+
 # -- connect_error, status_error -------------------------------------------------------------
 
 
