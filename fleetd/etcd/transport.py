@@ -37,7 +37,6 @@ import asyncio
 import enum
 import errno
 import functools
-import select
 import socket
 import ssl
 import struct
@@ -591,18 +590,6 @@ class Connection(asyncio.Protocol):
     async def wait_closed(self) -> None:
         await self._closed
 
-    def unread(self) -> bool:
-        """Whether bytes (or the end) wait on the socket that the loop has not taken in."""
-        transport = self._transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None:
-            return False
-        try:
-            readable, _, _ = select.select([sock.fileno()], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
-
     # -- internals --------------------------------------------------------------------
 
     def _lost(self, error: RpcError) -> None:
@@ -940,21 +927,14 @@ class Channel:
         self._draining: weakref.WeakSet[Connection] = weakref.WeakSet()
 
     async def connection(self) -> Connection:
+        # The connection as the loop last saw it: a close or GOAWAY is taken in as it arrives,
+        # by a loop that runs all along (fleetd, fleetctl). One run only now and then
+        # (run_until_complete between a test's steps) must be kept running meanwhile, in a
+        # thread of its own (tests/functional/fleet_helpers.py), or it calls on what etcd
+        # closed while it did not look.
         conn = self._conn
         if conn is not None and conn.usable:
-            if conn.calls or not conn.unread():
-                return conn
-            # No call in flight, yet something waits on the socket: an event loop that only
-            # runs during calls (run_until_complete) may not have seen etcd close or drain the
-            # connection, and a call sent now would be lost with it. Let the loop take that in
-            # first. (With a call in flight the loop is reading it, so this costs a busy
-            # connection nothing; an idle one, a select per call.)
-            for _ in range(5):
-                await asyncio.sleep(0)
-                if not conn.usable:
-                    break
-            else:
-                return conn
+            return conn
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
