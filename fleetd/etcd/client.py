@@ -17,8 +17,9 @@ How it talks to etcd, and why:
   `compact_revision` on the response, any stream failure ends exactly that watch, and closing
   the iterator cancels exactly that stream.
 - Lease keepalives share one long-lived `LeaseKeepAlive` stream per EtcdKV, on a connection of
-  its own, matched to their answers by lease id (keepalive.py): it is the request a machine
-  makes forever, and opening a stream per keepalive cost several times its CPU.
+  its own, matched to their answers by lease id (keepalive.py, a streaming call of
+  transport.py's like a watch): it is the request a machine makes forever, and opening a
+  stream per keepalive cost several times its CPU.
 - `get_many` reads many keys in one round trip: a read-only transaction of range requests.
 """
 
