@@ -17,8 +17,9 @@ How it talks to etcd, and why:
   `compact_revision` on the response, any stream failure ends exactly that watch, and closing
   the iterator cancels exactly that stream.
 - Lease keepalives share one long-lived `LeaseKeepAlive` stream per EtcdKV, on a connection of
-  its own, matched to their answers by lease id (keepalive.py): it is the request a machine
-  makes forever, and opening a stream per keepalive cost several times its CPU.
+  its own, matched to their answers by lease id (keepalive.py, a streaming call of
+  transport.py's like a watch): it is the request a machine makes forever, and opening a
+  stream per keepalive cost several times its CPU.
 - `get_many` reads many keys in one round trip: a read-only transaction of range requests.
 """
 
@@ -193,20 +194,11 @@ def _members(config: EtcdConfig) -> list[Member]:
             tls = tls_context(ca, config.cert_file, config.key_file)
         except (ssl.SSLError, OSError) as e:
             raise ConfigError(f"etcd TLS: cannot use the CA, certificate or key: {e}") from e
-    first = endpoints[0]
-    return [
-        Member(
-            ep.host,
-            ep.port,
-            _hostport(ep.host, ep.port),
-            tls,
-            # With several members, every member's certificate must be valid for the first
-            # endpoint's host (list every member in each certificate's SANs, as etcd's TLS
-            # guide does): one name to check however the members are reached, as gRPC did.
-            first.host if len(endpoints) > 1 else ep.host,
-        )
-        for ep in endpoints
-    ]
+    # Each member's certificate is checked against the host of that member's own endpoint:
+    # a cluster whose members each have a certificate of their own (one per machine, naming
+    # that machine) works, and no certificate must name another member's host. (These
+    # endpoints are all the client knows of the cluster: it discovers no members.)
+    return [Member(ep.host, ep.port, _hostport(ep.host, ep.port), tls, ep.host) for ep in endpoints]
 
 
 class _Session:

@@ -11,8 +11,9 @@ does what a gRPC client of one server needs in a few microseconds per request:
   fields only, so the server's table never matters), DATA within the flow-control windows;
 - answers: frames parsed with struct, header blocks decoded by hpack (the server does use
   its dynamic table), DATA credited back in large window updates;
-- the connection: SETTINGS (acknowledged and applied; `max_streams` is the server's
-  SETTINGS_MAX_CONCURRENT_STREAMS, for the caller to respect), PING (answered; ours reported),
+- the connection: SETTINGS (acknowledged and applied; `max_streams` and `max_header_list`
+  are the server's SETTINGS_MAX_CONCURRENT_STREAMS and SETTINGS_MAX_HEADER_LIST_SIZE, for the
+  caller to respect; ours say MAX_HEADER_LIST), PING (answered; ours reported),
   GOAWAY and RST_STREAM (reported), CONTINUATION, padding; no server push (refused in our
   SETTINGS), no priorities (ignored).
 
@@ -23,8 +24,9 @@ debug), (PING_ACK, opaque).
 
 Whatever the bytes, `receive` returns events or raises ProtocolError (carrying the events of
 the frames before the bad one, so the events never depend on how the bytes were cut into
-reads); after that the connection stays failed. Header blocks are bounded (MAX_HEADER_BLOCK),
-frames by MAX_FRAME. tests/unit/test_http2_fuzz.py holds it to that.
+reads); after that the connection stays failed. Header blocks are bounded (MAX_HEADER_BLOCK
+bytes as sent, MAX_HEADER_LIST decoded), frames by MAX_FRAME. tests/unit/test_http2_fuzz.py
+holds it to that.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ _MAX_WINDOW = 2**31 - 1
 
 # SETTINGS identifiers.
 _HEADER_TABLE_SIZE, _ENABLE_PUSH, _MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
-_INITIAL_WINDOW_SIZE, _MAX_FRAME_SIZE = 0x4, 0x5
+_INITIAL_WINDOW_SIZE, _MAX_FRAME_SIZE, _MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
 # The streams the server is taken to allow open at once until its SETTINGS say (grpc-go's
 # client assumes the same): a burst of calls on a new connection then waits one round trip
 # at most, instead of being refused by a server that allows fewer. A server whose SETTINGS
@@ -87,10 +89,17 @@ ASSUMED_MAX_STREAMS = 100
 UNLIMITED_STREAMS = 2**32 - 1
 
 
-# The most header block bytes (HEADERS and its CONTINUATIONs) taken in before they end: hpack
-# refuses a decoded list over 64 KiB anyway, and without a bound a server that never ends a
-# block (a CONTINUATION flood) would have every byte it sends kept.
+# The most header block bytes (HEADERS and its CONTINUATIONs) taken in before they end: the
+# decoded list is bounded anyway (MAX_HEADER_LIST), but without a bound a server that never
+# ends a block (a CONTINUATION flood) would have every byte it sends kept.
 MAX_HEADER_BLOCK = 256 * 1024
+# The largest header list we take, as HTTP/2 counts it (RFC 9113 6.5.2: each field's name and
+# value plus 32), told to the server in our SETTINGS (grpc-go, etcd's server, then fails a
+# stream whose answer would be larger instead of sending it). etcd's answers carry a status, a
+# content type and a short message: hundreds of bytes. hpack's own default, made explicit.
+MAX_HEADER_LIST = 64 * 1024
+# The server allows any header list until its SETTINGS_MAX_HEADER_LIST_SIZE says (RFC 9113).
+UNLIMITED_HEADER_LIST = 2**32 - 1
 
 
 class ProtocolError(Exception):
@@ -136,6 +145,12 @@ _STATIC_FIELDS = {(b":method", b"POST"): 3, (b":scheme", b"http"): 6, (b":scheme
 _STATIC_NAMES = {b":authority": 1, b":path": 4, b"content-type": 31, b"user-agent": 58}
 
 
+def header_list_size(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """The size of a header list as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 6.5.2):
+    its fields uncompressed, each name and value plus 32 bytes."""
+    return sum(len(name) + len(value) + 32 for name, value in headers)
+
+
 def encode_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """A header block that leaves the server's dynamic table alone: static-table fields, and
     literals "without indexing" (RFC 7541 6.2.2). Encoded once per distinct request kind."""
@@ -163,6 +178,7 @@ class ClientConnection:
         self.next_stream_id = 1
         self.max_frame = MAX_FRAME  # the largest frame the server accepts
         self.max_streams = ASSUMED_MAX_STREAMS  # streams the server allows open at once
+        self.max_header_list = UNLIMITED_HEADER_LIST  # the largest header list it takes
         self.send_window = DEFAULT_WINDOW  # the connection's, for our DATA
         self._stream_window = DEFAULT_WINDOW  # a new stream's, for our DATA
         self._send_windows: dict[int, int] = {}
@@ -170,11 +186,13 @@ class ClientConnection:
         self._conn_unacked = 0
         self._unacked: dict[int, int] = {}
         self._inbox = bytearray()
-        self._decoder = hpack.Decoder()
+        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
         self._block: tuple[int, bytearray, bool] | None = None  # headers awaiting CONTINUATION
         self._failed: ProtocolError | None = None  # once broken, always (the state is unknown)
-        settings = _SETTING.pack(_ENABLE_PUSH, 0) + _SETTING.pack(
-            _INITIAL_WINDOW_SIZE, receive_window
+        settings = (
+            _SETTING.pack(_ENABLE_PUSH, 0)
+            + _SETTING.pack(_INITIAL_WINDOW_SIZE, receive_window)
+            + _SETTING.pack(_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST)
         )
         self.out += _frame(SETTINGS, 0, 0, settings)
         if receive_window > DEFAULT_WINDOW:
@@ -188,7 +206,8 @@ class ClientConnection:
     # -- sending ------------------------------------------------------------------------
 
     def open_stream(self, block: bytes, *, end_stream: bool = False) -> int:
-        """A new stream with its request headers; returns its id."""
+        """A new stream with its request headers; returns its id. (The caller keeps to
+        `max_streams` and `max_header_list`: the block is sent as it is.)"""
         stream = self.next_stream_id
         if stream > _MAX_WINDOW:
             raise ProtocolError("HTTP/2 stream ids used up")
@@ -353,6 +372,10 @@ class ClientConnection:
         try:
             # Every block is decoded, even for a forgotten stream: it may change the table.
             headers = self._decoder.decode(bytes(block), raw=True)
+        except hpack.OversizedHeaderListError as e:
+            # The table may be half updated: the connection's header state is lost with it.
+            why = f"header list over {MAX_HEADER_LIST} bytes (our SETTINGS_MAX_HEADER_LIST_SIZE)"
+            raise ProtocolError(why) from e
         except hpack.HPACKError as e:
             raise ProtocolError(f"bad header block: {e}") from e
         events.append((HEADERS, stream, headers, end))
@@ -393,5 +416,7 @@ class ClientConnection:
                 self.max_frame = value
             elif key == _MAX_CONCURRENT_STREAMS:
                 self.max_streams = value  # the caller opens no more than that (transport.py)
+            elif key == _MAX_HEADER_LIST_SIZE:
+                self.max_header_list = value  # the caller sends no larger list (transport.py)
             # HEADER_TABLE_SIZE: our blocks never use the server's table. The rest: nothing
             # this client needs to change.

@@ -6,9 +6,12 @@ module is that much of gRPC and no more, for the etcd adapter (fleetd/etcd/clien
 
 - `Connection`: one HTTP/2 connection to one member, many calls at once (one stream each,
   never more open than etcd's SETTINGS_MAX_CONCURRENT_STREAMS: calls beyond it wait, in
-  order, for a stream to end). Unary calls resolve one future and tell etcd their deadline
-  (grpc-timeout); streaming calls (Watch) are read message by message. A received message
-  over MAX_MESSAGE fails its call (RESOURCE_EXHAUSTED), not the connection.
+  order, for a stream to end; none sent whose headers are over etcd's
+  SETTINGS_MAX_HEADER_LIST_SIZE). Unary calls resolve one future and tell etcd their deadline
+  (grpc-timeout); streaming calls are read message by message (Watch) or push each message
+  to a `Listener` as it is read (LeaseKeepAlive, keepalive.py: no task or future per
+  message). A received message over MAX_MESSAGE (or the call's own lower limit) fails its
+  call (RESOURCE_EXHAUSTED), not the connection.
 - `Channel`: the connection to the first member that answers, trying each in order, and a
   new one (from the next member) once that one is lost; requests fail fast, with the last
   reason, while reconnecting is backing off (200 ms doubling to 2 s, as the channel options
@@ -22,7 +25,8 @@ holds fleetd for good, and 1,000 simulated machines in one process make thousand
 
 Liveness: a connection with a long-lived stream open (a watch) pings every `ping_interval` and
 is abandoned when the ping is not answered within the timeout, so a silently dead member is
-noticed and the watch resumed elsewhere. etcd refuses pings more often than every 5 s, or with
+noticed and the watch resumed elsewhere (the keepalive stream's connection has no pings: its
+answers are due within their own timeout). etcd refuses pings more often than every 5 s, or with
 no stream open. A unary call that times out also sends a ping, which must be answered within
 `PROBE_TIMEOUT`: etcd answers pings from its HTTP/2 layer, whatever raft and the disk are doing,
 so a member that cannot answer that in a second is frozen (SIGSTOPped, its VM paused) or gone.
@@ -37,7 +41,6 @@ import asyncio
 import enum
 import errno
 import functools
-import select
 import socket
 import ssl
 import struct
@@ -45,7 +48,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote
 
 from fleetd.etcd import http2
@@ -152,12 +155,17 @@ class RpcError(Exception):
     """A failed call: gRPC's status from etcd, or UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED
     for what happened on the way."""
 
-    def __init__(self, code: StatusCode, details: str, *, unprocessed: bool = False) -> None:
+    def __init__(
+        self, code: StatusCode, details: str, *, unprocessed: bool = False, answered: bool = False
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self._code = code
         self._details = details
         # etcd never saw the call (a GOAWAY said so): safe to send again, even a write.
         self.unprocessed = unprocessed
+        # etcd's own answer (its grpc-status, or an HTTP error status), not what this client
+        # saw go wrong on the way.
+        self.answered = answered
 
     def code(self) -> StatusCode:
         return self._code
@@ -235,6 +243,7 @@ def status_error(headers: Sequence[tuple[bytes, bytes]]) -> RpcError | None:
             return RpcError(
                 StatusCode.UNAVAILABLE,
                 f"etcd answered HTTP {status.decode('ascii', 'replace')}",
+                answered=True,
             )
         return None
     if raw == b"0":
@@ -244,7 +253,7 @@ def status_error(headers: Sequence[tuple[bytes, bytes]]) -> RpcError | None:
     except ValueError:
         code = StatusCode.UNKNOWN
     message = unquote(found.get(b"grpc-message", b"").decode("utf-8", "replace"))
-    return RpcError(code, message)
+    return RpcError(code, message, answered=True)
 
 
 def connect_error(member: Member, e: BaseException) -> RpcError:
@@ -277,11 +286,24 @@ def _tls_reason(e: ssl.SSLError) -> str:
     return str(e.reason or e).lower()
 
 
+class Listener(Protocol):
+    """Where a pushed streaming call delivers (`Connection.start(listener=...)`): called from
+    the connection's own callbacks as its frames are read, with no task or future per
+    message in between. The lease keepalive stream is one (keepalive.py)."""
+
+    def messages(self, found: list[bytes]) -> None:
+        """Whole messages, in order, as they arrive."""
+
+    def ended(self, error: RpcError | None) -> None:
+        """The call is over: `error` None is a clean end (grpc-status 0). Called once."""
+
+
 class Call:
     """One gRPC call: an HTTP/2 stream on a Connection.
 
     A unary call's answer is `result` (a future of the one message). A streaming call's
-    messages are read with `read()`, which returns None at a clean end (grpc-status 0).
+    messages are read with `read()`, which returns None at a clean end (grpc-status 0), or,
+    when it has a `listener`, pushed to that as they arrive (and its end with them).
     """
 
     __slots__ = (
@@ -290,25 +312,39 @@ class Call:
         "_waiter",
         "closed",
         "conn",
+        "drains",
         "end_after_outbox",
         "error",
+        "listener",
         "local_done",
+        "max_message",
         "outbox",
         "remote_done",
         "result",
         "stream_id",
     )
 
-    def __init__(self, conn: Connection, stream_id: int, unary: bool) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        stream_id: int,
+        unary: bool,
+        listener: Listener | None = None,
+        max_message: int = MAX_MESSAGE,
+        drains: bool = True,
+    ) -> None:
         self.conn = conn
         self.stream_id = stream_id
         self.result: asyncio.Future[bytes] | None = (
             asyncio.get_running_loop().create_future() if unary else None
         )
+        self.listener = listener
+        self.max_message = max_message  # the largest message it takes in
+        self.drains = drains  # goes on after a GOAWAY that took it (else fails at once)
         self.error: RpcError | None = None
         self.closed = False  # the stream is over, either way
         self.outbox = bytearray()  # request bytes not yet framed (flow control)
-        self.end_after_outbox = False
+        self.end_after_outbox = False  # the request side ends once the outbox is sent
         self.local_done = False  # our END_STREAM has been framed
         self.remote_done = False  # etcd's END_STREAM or RST_STREAM arrived
         self._inbox = bytearray()
@@ -321,9 +357,18 @@ class Call:
         """Send one message (already serialised); `end` half-closes the request side."""
         if self.closed:
             raise self.error or RpcError(StatusCode.CANCELLED, "the call is over")
+        if self.end_after_outbox:
+            raise RpcError(StatusCode.CANCELLED, "the call's request side is closed")
         self.outbox += PREFIX.pack(0, len(message)) + message
         self.end_after_outbox = end
         self.conn.want_flush(self)
+
+    def end(self) -> None:
+        """Half-close the request side after what was written: etcd answers what it has, then
+        ends the call."""
+        if not self.closed and not self.end_after_outbox:
+            self.end_after_outbox = True
+            self.conn.want_flush(self)
 
     async def read(self) -> bytes | None:
         """The next message of a streaming call; None when etcd ended the call with OK."""
@@ -349,11 +394,15 @@ class Call:
     def data(self, data: bytes) -> None:
         self._inbox += data
         try:
-            found = messages(self._inbox, self.conn.max_message)
+            found = messages(self._inbox, self.max_message)
         except BadMessage as e:
             # The call fails and its stream is reset; the connection and its other calls go
             # on (what etcd still sends on this stream is dropped as it comes, unkept).
-            self._messages.extend(e.found)  # a stream's messages before it are still read
+            if e.found:  # a stream's messages before it are still read
+                if self.listener is not None:
+                    self.listener.messages(e.found)
+                else:
+                    self._messages.extend(e.found)
             if isinstance(e, TooLarge):
                 why = (
                     f"{self.conn.member.authority}: etcd's answer is a message of {e.size}"
@@ -365,10 +414,13 @@ class Call:
             self.conn.reset(self, error)
             return
         if found:
-            self._messages.extend(found)
-            # A unary call's answer counts once the trailers say OK (finish).
-            if self.result is None:
-                self._wake()
+            if self.listener is not None:
+                self.listener.messages(found)
+            else:
+                self._messages.extend(found)
+                # A unary call's answer counts once the trailers say OK (finish).
+                if self.result is None:
+                    self._wake()
 
     def finish(self, error: RpcError | None) -> None:
         """The stream is over: `error` None is a clean end (grpc-status 0)."""
@@ -386,6 +438,8 @@ class Call:
             else:
                 result.set_exception(RpcError(StatusCode.INTERNAL, "etcd sent no answer"))
         self._wake()
+        if self.listener is not None:
+            self.listener.ended(error)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -398,7 +452,16 @@ class Connection(asyncio.Protocol):
 
     max_message = MAX_MESSAGE  # the largest message a call takes in (tests lower it)
 
-    def __init__(self, member: Member, timeout: float, ping_interval: float) -> None:
+    def __init__(
+        self,
+        member: Member,
+        timeout: float,
+        ping_interval: float | None,
+        receive_window: int = _WINDOW,
+    ) -> None:
+        """`timeout`: what a ping has to be answered in; `ping_interval`: how often to ping
+        while a streaming call is open (None: never, for a call that is its own liveness
+        check, as the keepalive stream's answers are)."""
         self.member = member
         self.timeout = timeout
         self.ping_interval = ping_interval
@@ -408,10 +471,13 @@ class Connection(asyncio.Protocol):
         # Calls waiting for a stream (etcd's SETTINGS_MAX_CONCURRENT_STREAMS are all open), in
         # the order made: (call, path, metadata, deadline) to encode its headers when it goes.
         self._queue: deque[tuple[Call, bytes, Sequence[tuple[str, str]], float | None]] = deque()
-        self._h2 = http2.ClientConnection(_WINDOW)
-        # Header blocks by (path, metadata, timeout): encoded once, sent with every such call
-        # (a channel's unary calls all have its one timeout; streams have none).
-        self._blocks: dict[tuple[bytes, tuple[tuple[str, str], ...], float | None], bytes] = {}
+        self._h2 = http2.ClientConnection(receive_window)
+        # Header blocks, with their header list's size, by (path, metadata, timeout): encoded
+        # once, sent with every such call (a channel's unary calls all have its one timeout;
+        # streams have none).
+        self._blocks: dict[
+            tuple[bytes, tuple[tuple[str, str], ...], float | None], tuple[bytes, int]
+        ] = {}
         self.draining = False  # etcd sent GOAWAY: no new calls here
         self._flushed_id = 0  # the highest stream id whose headers have left
         self._last_id = 0  # the highest stream id started
@@ -489,33 +555,62 @@ class Connection(asyncio.Protocol):
         *,
         unary: bool,
         timeout: float | None = None,
+        listener: Listener | None = None,
+        max_message: int | None = None,
+        drains: bool = True,
     ) -> Call:
         """A new call: its request headers are sent (with the next flush); `timeout`, the
-        seconds the caller waits, goes as grpc-timeout so etcd gives up on it too.
+        seconds the caller waits, goes as grpc-timeout so etcd gives up on it too. A
+        streaming call with a `listener` has its messages and its end pushed to it; one
+        that does not `drain` fails as soon as etcd sends GOAWAY, also if etcd took it.
+        `max_message` lowers the largest message it takes in.
 
         While etcd's SETTINGS_MAX_CONCURRENT_STREAMS streams are open the call waits for one
-        to end (in order, behind those already waiting); its stream_id is 0 until then."""
+        to end (in order, behind those already waiting); its stream_id is 0 until then.
+        Headers larger than etcd's SETTINGS_MAX_HEADER_LIST_SIZE are not sent: RpcError
+        INTERNAL, here or (for a call that waited) as the call's error."""
         if self.broken is not None:
             raise self.broken
         if self.draining:
             why = f"{self.member.authority}: etcd is going away (GOAWAY)"
             raise RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True)
-        call = Call(self, 0, unary)
+        key = (path, tuple(metadata), timeout)
+        found = self._blocks.get(key)
+        if found is None:
+            headers = request_headers(self.member, path, metadata, timeout)
+            found = http2.encode_headers(headers), http2.header_list_size(headers)
+            self._blocks[key] = found
+            if len(self._blocks) > 64:  # tokens come and go: keep the recent kinds only
+                del self._blocks[next(iter(self._blocks))]
+        block, size = found
+        if size > self._h2.max_header_list:
+            raise self._headers_too_large(size)
+        call = Call(
+            self,
+            0,
+            unary,
+            listener,
+            self.max_message if max_message is None else max_message,
+            drains,
+        )
         if self._queue or len(self.calls) >= self._h2.max_streams:
             deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
             self._queue.append((call, path, metadata, deadline))
             return call
-        key = (path, tuple(metadata), timeout)
-        block = self._blocks.get(key)
-        if block is None:
-            headers = request_headers(self.member, path, metadata, timeout)
-            block = self._blocks[key] = http2.encode_headers(headers)
-            if len(self._blocks) > 64:  # tokens come and go: keep the recent kinds only
-                del self._blocks[next(iter(self._blocks))]
         if not self._open(call, block):
             assert self.broken is not None
             raise self.broken
         return call
+
+    def _headers_too_large(self, size: int) -> RpcError:
+        """A call's headers over etcd's SETTINGS_MAX_HEADER_LIST_SIZE: refused here rather than
+        sent to be refused there (grpc-go's client does the same, with the same code)."""
+        why = (
+            f"{self.member.authority}: the call's headers are {size} bytes as HTTP/2 counts"
+            f" them, more than the {self._h2.max_header_list} etcd accepts"
+            " (its SETTINGS_MAX_HEADER_LIST_SIZE); not sent"
+        )
+        return RpcError(StatusCode.INTERNAL, why)
 
     def _open(self, call: Call, block: bytes) -> bool:
         """Open `call`'s stream with its header block (False: the connection failed)."""
@@ -527,11 +622,11 @@ class Connection(asyncio.Protocol):
             return False
         self._last_id = call.stream_id = stream_id
         self.calls[stream_id] = call
-        if call.outbox:
+        if call.outbox or call.end_after_outbox:
             self._pending[stream_id] = call  # written while it waited for a stream
         if call.result is None:
             self._streaming += 1
-            if self._ping_timer is None:
+            if self._ping_timer is None and self.ping_interval is not None:
                 self._ping_timer = asyncio.get_running_loop().call_later(
                     self.ping_interval, self._ping
                 )
@@ -548,6 +643,10 @@ class Connection(asyncio.Protocol):
             # The time it has left, not the whole timeout: encoded for this call alone.
             timeout = None if deadline is None else max(0.0, deadline - loop.time())
             headers = request_headers(self.member, path, metadata, timeout)
+            size = http2.header_list_size(headers)
+            if size > self._h2.max_header_list:  # etcd's SETTINGS may have come meanwhile
+                call.finish(self._headers_too_large(size))
+                continue
             if not self._open(call, http2.encode_headers(headers)):
                 why = f"{self.member.authority}: the connection failed before the call was sent"
                 call.finish(RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True))
@@ -590,18 +689,6 @@ class Connection(asyncio.Protocol):
 
     async def wait_closed(self) -> None:
         await self._closed
-
-    def unread(self) -> bool:
-        """Whether bytes (or the end) wait on the socket that the loop has not taken in."""
-        transport = self._transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None:
-            return False
-        try:
-            readable, _, _ = select.select([sock.fileno()], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
 
     # -- internals --------------------------------------------------------------------
 
@@ -721,6 +808,8 @@ class Connection(asyncio.Protocol):
             if call.stream_id > last:
                 call.remote_done = call.local_done = True  # etcd will say nothing of it
                 self._end(call, RpcError(StatusCode.UNAVAILABLE, why, unprocessed=True))
+            elif not call.drains:
+                self.reset(call, RpcError(StatusCode.UNAVAILABLE, why))
         self._fail_queued(RpcError(StatusCode.UNAVAILABLE, why))
         self._close_if_drained()
 
@@ -736,22 +825,27 @@ class Connection(asyncio.Protocol):
         if transport is None or self.broken is not None:
             return
         framer = self._h2
-        for stream_id, call in list(self._pending.items()):
-            outbox = call.outbox
-            while outbox:
-                room = framer.window(stream_id)
-                if room <= 0:
-                    break  # the rest goes when etcd opens the window (WINDOW_UPDATE)
-                if room >= len(outbox):
-                    end = call.end_after_outbox
-                    framer.data(stream_id, bytes(outbox), end_stream=end)
-                    outbox.clear()
-                    call.local_done = end
-                    break
-                framer.data(stream_id, bytes(outbox[:room]))
-                del outbox[:room]
-            if not outbox:
-                del self._pending[stream_id]
+        if self._pending:
+            for stream_id, call in list(self._pending.items()):
+                outbox = call.outbox
+                while outbox:
+                    room = framer.window(stream_id)
+                    if room <= 0:
+                        break  # the rest goes when etcd opens the window (WINDOW_UPDATE)
+                    if room >= len(outbox):
+                        end = call.end_after_outbox
+                        framer.data(stream_id, bytes(outbox), end_stream=end)
+                        outbox.clear()
+                        call.local_done = end
+                        break
+                    framer.data(stream_id, bytes(outbox[:room]))
+                    del outbox[:room]
+                if not outbox:
+                    if call.end_after_outbox and not call.local_done:
+                        # end() with nothing left to send: an empty DATA frame ends it.
+                        framer.data(stream_id, b"", end_stream=True)
+                        call.local_done = True
+                    del self._pending[stream_id]
         data = framer.take()
         if data:
             transport.write(data)
@@ -786,7 +880,7 @@ class Connection(asyncio.Protocol):
 
     def _ping(self) -> None:
         self._ping_timer = None
-        if self.broken is not None or self._streaming <= 0:
+        if self.broken is not None or self._streaming <= 0 or self.ping_interval is None:
             return  # the next streaming call starts the pings again
         self._send_ping()
         self._ping_timer = asyncio.get_running_loop().call_later(self.ping_interval, self._ping)
@@ -940,21 +1034,14 @@ class Channel:
         self._draining: weakref.WeakSet[Connection] = weakref.WeakSet()
 
     async def connection(self) -> Connection:
+        # The connection as the loop last saw it: a close or GOAWAY is taken in as it arrives,
+        # by a loop that runs all along (fleetd, fleetctl). One run only now and then
+        # (run_until_complete between a test's steps) must be kept running meanwhile, in a
+        # thread of its own (tests/functional/fleet_helpers.py), or it calls on what etcd
+        # closed while it did not look.
         conn = self._conn
         if conn is not None and conn.usable:
-            if conn.calls or not conn.unread():
-                return conn
-            # No call in flight, yet something waits on the socket: an event loop that only
-            # runs during calls (run_until_complete) may not have seen etcd close or drain the
-            # connection, and a call sent now would be lost with it. Let the loop take that in
-            # first. (With a call in flight the loop is reading it, so this costs a busy
-            # connection nothing; an idle one, a select per call.)
-            for _ in range(5):
-                await asyncio.sleep(0)
-                if not conn.usable:
-                    break
-            else:
-                return conn
+            return conn
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:

@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -100,16 +101,24 @@ class KeyFacts:
 
 
 class RegistryDriver:
-    """`Driver` through fleetd's Registry on the cluster's etcd (a private event loop)."""
+    """`Driver` through fleetd's Registry on the cluster's etcd (a private event loop).
+
+    The loop runs all along, in a thread of its own, as fleetd's and fleetctl's do: one run
+    only during calls (run_until_complete) would not take in etcd closing an idle connection
+    (a member stopped by a fault) until the next call was already written to it, and lost."""
 
     def __init__(self, endpoint: str, prefix: str = "/fleet/") -> None:
         """`endpoint`: one etcd URL, or several joined by commas (one per member)."""
         self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="registry-driver", daemon=True
+        )
+        self._thread.start()
         self.kv = EtcdKV(EtcdConfig(endpoints=endpoint.split(",")))
         self.registry = Registry(self.kv, prefix)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._loop.run_until_complete(coro)
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _create(self, name: str, body: UnitFile, state: TargetState) -> None:
         validate_options(body)  # as fleetctl and the API do before every create
@@ -160,6 +169,8 @@ class RegistryDriver:
         try:
             self._run(self.kv.close())
         finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
             self._loop.close()
 
 

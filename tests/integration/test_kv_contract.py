@@ -707,7 +707,7 @@ async def test_tls_server_name_is_verified(
 async def test_tls_multi_endpoint_with_dead_first(
     etcd_tls_server: EtcdServer, tls_files: TLSFiles
 ) -> None:
-    # Several endpoints: the certificate is still checked, against the first endpoint's host.
+    # Several endpoints: the certificate is still checked, against each member's own host.
     dead = f"https://127.0.0.1:{free_port()}"
     kv = etcd_kv(
         [dead, *etcd_tls_server.endpoints],
@@ -717,6 +717,25 @@ async def test_tls_multi_endpoint_with_dead_first(
     )
     await kv.txn([], [put("/tls/b", "1")])
     assert await kv.get("/tls/b") is not None
+    assert await kv.keepalive(await kv.grant(5)) >= 1
+    await kv.close()
+
+
+@pytest.mark.integration
+async def test_tls_each_member_is_checked_against_its_own_host(
+    etcd_tls_server: EtcdServer, tls_files: TLSFiles
+) -> None:
+    # The first endpoint names a host the live member's certificate does not (it names
+    # 127.0.0.1 only): that member is still reached, checked against its own 127.0.0.1.
+    dead = f"https://localhost:{free_port()}"
+    kv = etcd_kv(
+        [dead, *etcd_tls_server.endpoints],
+        ca_file=str(tls_files.ca),
+        cert_file=str(tls_files.client_cert),
+        key_file=str(tls_files.client_key),
+    )
+    await kv.txn([], [put("/tls/c", "1")])
+    assert await kv.get("/tls/c") is not None
     assert await kv.keepalive(await kv.grant(5)) >= 1
     await kv.close()
 

@@ -131,3 +131,16 @@ def test_the_rule_is_pure() -> None:
         "urllib.parse",
         "fleetd.errors",
     }
+
+
+def test_each_members_certificate_is_checked_against_its_own_host() -> None:
+    # Not the first endpoint's host for all: each member's certificate names its own machine.
+    config = EtcdConfig(endpoints=["https://etcd-a:2379", "https://10.0.0.2", "https://[::1]:1"])
+    members = _members(config)
+    assert [(m.host, m.server_hostname) for m in members] == [
+        ("etcd-a", "etcd-a"),
+        ("10.0.0.2", "10.0.0.2"),
+        ("::1", "::1"),
+    ]
+    assert all(m.tls is members[0].tls is not None for m in members)  # one context, shared
+    assert _members(EtcdConfig(endpoints=["https://etcd-b"]))[0].server_hostname == "etcd-b"

@@ -24,6 +24,7 @@ from fleetd.etcd.http2 import (
     DATA,
     GOAWAY,
     HEADERS,
+    MAX_HEADER_LIST,
     PING_ACK,
     PREFACE,
     RESET,
@@ -31,6 +32,7 @@ from fleetd.etcd.http2 import (
     ProtocolError,
     encode_headers,
     error_name,
+    header_list_size,
 )
 from tests.unit.http2_frames import Flag, Type, frame
 from tests.unit.memory_transport import h2_server
@@ -993,3 +995,59 @@ def test_a_large_header_block_within_the_bound_is_decoded() -> None:
     for i, piece in enumerate(pieces[1:], 2):
         data += frame(Type.CONTINUATION, Flag.END_HEADERS if i == len(pieces) else 0, stream, piece)
     assert client.receive(data) == [(HEADERS, stream, headers, False)]
+
+
+# -- header list sizes (SETTINGS_MAX_HEADER_LIST_SIZE) ---------------------------------------
+
+
+def test_header_list_size_counts_each_field_and_32_bytes_more() -> None:
+    assert header_list_size([]) == 0
+    assert header_list_size([(b"te", b"trailers")]) == 2 + 8 + 32
+    assert header_list_size(REQUEST) == sum(len(k) + len(v) + 32 for k, v in REQUEST)
+
+
+def test_our_settings_tell_the_server_the_largest_header_list_we_take() -> None:
+    client = ClientConnection(WINDOW)
+    server = h2_server()
+    server.receive_data(client.take())
+    assert server.remote_settings.max_header_list_size == MAX_HEADER_LIST == 65_536
+
+
+def test_the_servers_header_list_limit_is_none_until_its_settings_say() -> None:
+    client = ClientConnection(WINDOW)
+    assert client.max_header_list == 2**32 - 1  # RFC 9113: unlimited until said
+    client.receive(frame(Type.SETTINGS, 0, 0, struct.pack(">HI", 0x4, 1000)))
+    assert client.max_header_list == 2**32 - 1
+    client.receive(frame(Type.SETTINGS, 0, 0, struct.pack(">HI", 0x6, 300)))
+    assert client.max_header_list == 300
+    client.receive(frame(Type.SETTINGS, 0, 0, struct.pack(">HI", 0x3, 5)))
+    assert client.max_header_list == 300  # later SETTINGS without it leave it
+    pair = Pair()
+    pair.server.update_settings({h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 4096})
+    pair.to_client()
+    assert pair.client.max_header_list == 4096
+
+
+def header_block(client: ClientConnection, headers: Headers) -> list[Event]:
+    """`headers` as the server's answer on a new stream of `client`, in frames of 16 KiB."""
+    stream = client.open_stream(b"")
+    block = hpack.Encoder().encode(headers, huffman=False)
+    pieces = [block[i : i + 16_384] for i in range(0, len(block), 16_384)]
+    data = frame(Type.HEADERS, Flag.END_HEADERS if len(pieces) == 1 else 0, stream, pieces[0])
+    for i, piece in enumerate(pieces[1:], 2):
+        data += frame(Type.CONTINUATION, Flag.END_HEADERS if i == len(pieces) else 0, stream, piece)
+    return client.receive(data)
+
+
+def test_a_header_list_of_our_limit_is_taken_and_one_byte_more_fails_the_connection() -> None:
+    # One field of (name, value) filling the list to the byte: 32 + 1 + value.
+    exact = [(b"x", b"v" * (MAX_HEADER_LIST - 33))]
+    assert header_list_size(exact) == MAX_HEADER_LIST
+    client = heard()
+    [(kind, _, headers, _)] = header_block(client, exact)
+    assert (kind, headers) == (HEADERS, exact)
+    over = heard()
+    with pytest.raises(ProtocolError, match="header list over 65536 bytes"):
+        header_block(over, [(b"x", b"v" * (MAX_HEADER_LIST - 32))])
+    with pytest.raises(ProtocolError):  # its header state is lost: so is the connection
+        over.receive(frame(Type.PING, 0, 0, b"12345678"))

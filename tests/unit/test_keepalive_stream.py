@@ -1,6 +1,7 @@
 """The lease keepalive stream (fleetd/etcd/keepalive.py) against an in-memory HTTP/2 peer.
 
-The peer is h2's own server side, driven by the test: it sees exactly the bytes the stream
+The stream is a streaming call on a transport.Connection of its own; the peer is h2's own
+server side on that connection, driven by the test: it sees exactly the bytes the connection
 writes and answers with the frames etcd would send (or would not). Against a real etcd the
 stream is covered by tests/integration/test_kv_contract.py (plain, TLS, auth, outages).
 """
@@ -18,17 +19,18 @@ import h2.settings
 import pytest
 
 from fleetd.errors import RegistryUnavailable
+from fleetd.etcd import keepalive
 from fleetd.etcd.etcdpb import rpc
 from fleetd.etcd.keepalive import PATH, KeepAliveStream, open_stream
-from fleetd.etcd.transport import Member, RpcError, StatusCode
+from fleetd.etcd.transport import Connection, Member, RpcError, StatusCode
 from tests.unit.memory_transport import Transport, h2_server
 
 
 class Peer:
     """etcd's side of the connection: an h2 server the test answers through."""
 
-    def __init__(self, stream: KeepAliveStream, window: int | None = None) -> None:
-        self.stream = stream
+    def __init__(self, conn: Connection, window: int | None = None) -> None:
+        self.client = conn
         self.transport = Transport()
         self.conn = h2_server(window)
         self.stream_id = 0
@@ -36,7 +38,7 @@ class Peer:
         self.requests: list[int] = []
         self.ended = False
         self._inbox = bytearray()
-        stream.connection_made(self.transport)
+        conn.connection_made(self.transport)
         self.pump()
 
     def pump(self) -> None:
@@ -63,10 +65,10 @@ class Peer:
         if not data:
             return
         if chunk <= 0:
-            self.stream.data_received(data)
+            self.client.data_received(data)
             return
         for i in range(0, len(data), chunk):
-            self.stream.data_received(data[i : i + chunk])
+            self.client.data_received(data[i : i + chunk])
 
     def respond_headers(self) -> None:
         self.conn.send_headers(
@@ -79,19 +81,30 @@ class Peer:
         self.deliver(self.conn.data_to_send(), chunk)
 
 
-def make(window: int | None = None, timeout: float = 5.0) -> tuple[KeepAliveStream, Peer]:
-    stream = KeepAliveStream(Member("127.0.0.1", 2379, "127.0.0.1:2379"), "tok", timeout)
-    return stream, Peer(stream, window)
+MEMBER = Member("127.0.0.1", 2379, "127.0.0.1:2379")
+
+
+async def make(
+    window: int | None = None, answer_within: float = 5.0
+) -> tuple[KeepAliveStream, Peer]:
+    """A stream on a connection to the peer, its request headers read by the peer; each
+    answer due within `answer_within` seconds."""
+    conn = keepalive.connection(MEMBER, answer_within)
+    peer = Peer(conn, window)
+    stream = KeepAliveStream(conn, "tok", answer_within)
+    await settle()
+    peer.pump()
+    return stream, peer
 
 
 async def settle() -> None:
-    """Let call_soon callbacks (the stream's batched flush) run."""
+    """Let call_soon callbacks (the connection's batched flush) run."""
     for _ in range(3):
         await asyncio.sleep(0)
 
 
 async def test_request_is_a_grpc_call_with_the_token() -> None:
-    stream, peer = make()
+    stream, peer = await make()
     assert peer.headers[b":path"] == PATH
     assert peer.headers[b":method"] == b"POST"
     assert peer.headers[b"content-type"] == b"application/grpc"
@@ -101,8 +114,17 @@ async def test_request_is_a_grpc_call_with_the_token() -> None:
     assert stream.usable
 
 
+async def test_the_streams_connection_is_its_own_and_never_pings() -> None:
+    # Its answers are its liveness check (the answer timeout); a ping every 10 s on every
+    # machine's keepalive connection would only add traffic to etcd's.
+    stream, peer = await make()
+    assert stream.conn.ping_interval is None
+    assert list(stream.conn.calls) == [peer.stream_id]
+    assert stream.conn._ping_timer is None
+
+
 async def test_answers_matched_by_lease_in_order_even_split_byte_by_byte() -> None:
-    stream, peer = make()
+    stream, peer = await make()
     first = stream.send(7)
     second = stream.send(8)
     again = stream.send(7)
@@ -118,7 +140,7 @@ async def test_answers_matched_by_lease_in_order_even_split_byte_by_byte() -> No
 
 
 async def test_keepalives_of_one_loop_iteration_leave_in_one_write() -> None:
-    stream, peer = make()
+    stream, peer = await make()
     peer.pump()  # the stream's acknowledgement of the peer's settings
     futures = [stream.send(lease) for lease in range(1, 51)]
     assert peer.transport.written == []  # nothing yet: flushed once, after this iteration
@@ -131,7 +153,7 @@ async def test_keepalives_of_one_loop_iteration_leave_in_one_write() -> None:
 
 
 async def test_refused_stream_raises_the_grpc_status_for_etcdkv_to_map() -> None:
-    stream, peer = make()
+    stream, peer = await make()
     pending = stream.send(7)
     await settle()
     peer.pump()
@@ -158,7 +180,7 @@ async def test_refused_stream_raises_the_grpc_status_for_etcdkv_to_map() -> None
 
 
 async def test_stream_ended_by_etcd_fails_the_waiters() -> None:
-    stream, peer = make()
+    stream, peer = await make()
     pending = stream.send(7)
     await settle()
     peer.pump()
@@ -170,7 +192,7 @@ async def test_stream_ended_by_etcd_fails_the_waiters() -> None:
 
 
 async def test_goaway_fails_the_stream_so_the_next_keepalive_opens_another() -> None:
-    stream, peer = make()
+    stream, peer = await make()
     pending = stream.send(7)
     await settle()
     peer.pump()
@@ -184,7 +206,7 @@ async def test_goaway_fails_the_stream_so_the_next_keepalive_opens_another() -> 
 
 
 async def test_an_oversized_answer_fails_the_stream_after_the_answers_before_it() -> None:
-    stream, peer = make()
+    stream, peer = await make()
     first, second = stream.send(7), stream.send(8)
     await settle()
     peer.pump()
@@ -202,7 +224,7 @@ async def test_an_oversized_answer_fails_the_stream_after_the_answers_before_it(
 
 async def test_flow_control_holds_requests_until_the_window_opens() -> None:
     # Each request is 5 bytes of prefix and 2-3 of protobuf: a 20-byte window takes 2.
-    stream, peer = make(window=20)
+    stream, peer = await make(window=20)
     peer.pump()  # the peer's settings reach the stream, which acknowledges them
     peer.pump()
     futures = [stream.send(lease) for lease in (1, 2, 3, 4)]
@@ -218,7 +240,7 @@ async def test_flow_control_holds_requests_until_the_window_opens() -> None:
 
 
 async def test_an_overdue_answer_breaks_the_stream_as_timed_out() -> None:
-    stream, peer = make(timeout=0.05)
+    stream, peer = await make(answer_within=0.05)
     answered = stream.send(7)
     await settle()
     peer.pump()
@@ -235,7 +257,7 @@ async def test_an_overdue_answer_breaks_the_stream_as_timed_out() -> None:
 
 
 async def test_half_close_ends_the_request_stream_after_what_was_queued() -> None:
-    stream, peer = make()
+    stream, peer = await make()
     pending = stream.send(7)
     stream.half_close()
     assert not stream.usable
@@ -249,10 +271,11 @@ async def test_half_close_ends_the_request_stream_after_what_was_queued() -> Non
 
 
 async def test_connection_lost_before_any_answer_hints_at_tls() -> None:
-    stream = KeepAliveStream(Member("127.0.0.1", 2379, "127.0.0.1:2379"), None, 5.0)
-    stream.connection_made(Transport())
+    conn = keepalive.connection(MEMBER, 5.0)
+    conn.connection_made(Transport())
+    stream = KeepAliveStream(conn, None, 5.0)
     pending = stream.send(7)
-    stream.connection_lost(None)
+    conn.connection_lost(None)
     with pytest.raises(RegistryUnavailable, match="does it serve TLS"):
         await pending
 

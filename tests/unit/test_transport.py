@@ -727,6 +727,79 @@ async def test_request_bigger_than_the_connection_window_waits_too() -> None:
     await answer(peer, 1, task, b"done")
 
 
+# -- etcd's limit on header lists -------------------------------------------------------------
+
+
+def header_limited(size: int) -> tuple[Connection, Peer]:
+    """A connection to a peer whose SETTINGS_MAX_HEADER_LIST_SIZE is `size`."""
+    conn, peer = make()
+    peer.conn.update_settings({h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: size})
+    peer.send()
+    peer.receive()
+    return conn, peer
+
+
+def request_size(metadata: list[tuple[str, str]], timeout: float | None = 5.0) -> int:
+    headers = transport_module.request_headers(MEMBER, RANGE, metadata, timeout)
+    return sum(len(name) + len(value) + 32 for name, value in headers)
+
+
+async def test_a_call_whose_headers_are_over_etcds_header_list_limit_is_refused_unsent() -> None:
+    token = [("token", "t" * 200)]
+    size = request_size(token)
+    conn, peer = header_limited(size - 1)
+    with pytest.raises(RpcError) as caught:
+        conn.start(RANGE, token, unary=True, timeout=5.0)
+    error = caught.value
+    assert error.code() == StatusCode.INTERNAL
+    assert error.details() == (
+        f"127.0.0.1:2379: the call's headers are {size} bytes as HTTP/2 counts them, more"
+        f" than the {size - 1} etcd accepts (its SETTINGS_MAX_HEADER_LIST_SIZE); not sent"
+    )
+    assert not error.unprocessed  # sending it again would not change a byte of it
+    await failed(conn.unary(RANGE, b"x", token, 5.0), StatusCode.INTERNAL)
+    await delivered(peer)
+    assert peer.headers == {}  # nothing went
+    assert conn.calls == {}
+    # The connection goes on: a call with smaller headers, the same size as the limit, is sent.
+    fits = [("token", "t" * 199)]
+    assert request_size(fits) == size - 1
+    task = call_with(conn, fits)
+    await delivered(peer)
+    assert peer.header(1)[b"token"] == b"t" * 199
+    await answer(peer, 1, task, b"y")
+    assert conn.usable
+
+
+def call_with(conn: Connection, metadata: list[tuple[str, str]]) -> asyncio.Task[bytes]:
+    return asyncio.create_task(conn.unary(RANGE, b"x", metadata, 5.0))
+
+
+async def test_before_etcds_settings_say_no_header_list_limit_is_assumed() -> None:
+    conn = Connection(MEMBER, 5.0, 10.0)
+    conn.connection_made(Transport())
+    huge = conn.start(RANGE, [("token", "t" * 100_000)], unary=True)
+    assert huge.stream_id == 1  # RFC 9113: unlimited until SETTINGS_MAX_HEADER_LIST_SIZE
+
+
+async def test_a_waiting_call_over_a_header_limit_set_meanwhile_fails_when_its_turn_comes() -> None:
+    conn, peer = limited(1)
+    blocker = call(conn)
+    await settle()
+    big = asyncio.create_task(conn.unary(RANGE, b"big", [("token", "t" * 300)], 5.0))
+    small = call(conn, b"small")
+    await delivered(peer)
+    peer.conn.update_settings({h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 400})
+    peer.send()
+    await answer(peer, 1, blocker, b"done")
+    error = await failed(big, StatusCode.INTERNAL)
+    assert "SETTINGS_MAX_HEADER_LIST_SIZE" in error.details()
+    await delivered(peer)
+    assert sorted(peer.headers) == [1, 3]
+    assert peer.messages(3) == [b"small"]  # the next in line went instead
+    await answer(peer, 3, small, b"small answer")
+
+
 # -- etcd's limit on concurrent streams --------------------------------------------------------
 
 
@@ -1075,6 +1148,119 @@ async def test_connection_lost_after_answering_in_http2_is_no_plaintext_hint() -
     await asyncio.wait_for(conn.wait_closed(), 1)
 
 
+# -- pushed streaming calls (a Listener) and the end of a request side -----------------------
+
+
+async def test_ending_a_streaming_call_after_its_messages_left_sends_an_empty_end() -> None:
+    conn, peer = make()
+    call = conn.start(WATCH, [], unary=False)
+    call.write(b"one")
+    await delivered(peer)
+    assert peer.ended == set()
+    call.end()
+    call.end()  # once is enough
+    await delivered(peer)
+    assert peer.frames == [(1, 8, False), (1, 0, True)]
+    assert peer.messages(1) == [b"one"]
+    assert peer.ended == {1}
+    with pytest.raises(RpcError, match="request side is closed"):
+        call.write(b"late")
+    peer.respond(1, b"answer")
+    assert await asyncio.wait_for(call.read(), 1) == b"answer"
+    assert await call.read() is None
+    assert conn.calls == {}
+
+
+class Recorder:
+    """A transport.Listener that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.found: list[bytes] = []
+        self.ends: list[RpcError | None] = []
+
+    def messages(self, found: list[bytes]) -> None:
+        self.found += found
+
+    def ended(self, error: RpcError | None) -> None:
+        self.ends.append(error)
+
+
+async def test_a_listener_is_pushed_each_message_as_read_and_the_end_once() -> None:
+    conn, peer = make()
+    listener = Recorder()
+    call = conn.start(WATCH, [], unary=False, listener=listener)
+    call.write(b"go")
+    await delivered(peer)
+    peer.conn.send_headers(1, OK_HEADERS)
+    peer.conn.send_data(1, prefixed(b"one") + prefixed(b"two")[:4])
+    peer.send()
+    assert listener.found == [b"one"]  # at once, in the connection's own callback
+    peer.conn.send_data(1, prefixed(b"two")[4:])
+    peer.trailers(1, 0)
+    peer.send()
+    assert listener.found == [b"one", b"two"]
+    assert listener.ends == [None]
+    assert call.closed
+    assert conn.calls == {}
+
+
+async def test_a_listener_gets_the_messages_before_one_over_its_calls_own_limit() -> None:
+    conn, peer = make()
+    listener = Recorder()
+    conn.start(WATCH, [], unary=False, listener=listener, max_message=10)
+    other = conn.start(WATCH, [], unary=False)  # the connection's limit, 64 MiB
+    await delivered(peer)
+    for stream_id in (1, 3):
+        peer.conn.send_headers(stream_id, OK_HEADERS)
+        peer.conn.send_data(stream_id, prefixed(b"small") + prefixed(b"x" * 11))
+    peer.send()
+    assert listener.found == [b"small"]
+    [error] = listener.ends
+    assert error is not None
+    assert error.code() == StatusCode.RESOURCE_EXHAUSTED
+    assert not error.answered  # this client's verdict, not etcd's status
+    assert "11 bytes, larger than the 10 bytes" in error.details()
+    assert [await other.read(), await other.read()] == [b"small", b"x" * 11]
+    assert await resets(peer) == {1: h2.errors.ErrorCodes.CANCEL}
+
+
+async def test_a_call_that_does_not_drain_fails_at_a_goaway_that_took_it() -> None:
+    conn, peer = draining_peer()
+    listener = Recorder()
+    conn.start(WATCH, [], unary=False, listener=listener, drains=False)
+    watch = conn.start(WATCH, [], unary=False)
+    watch.write(b"watch")
+    await delivered(peer)
+    peer.conn.close_connection(last_stream_id=3)  # etcd took both
+    peer.send()
+    [error] = listener.ends
+    assert error is not None
+    assert error.code() == StatusCode.UNAVAILABLE
+    assert "GOAWAY" in error.details()
+    assert not error.unprocessed  # etcd took it: its requests may have been served
+    assert await resets(peer) == {1: h2.errors.ErrorCodes.CANCEL}
+    assert list(conn.calls) == [3]  # the watch drains as before
+    peer.conn.send_headers(3, OK_HEADERS)
+    peer.conn.send_data(3, prefixed(b"event"))
+    peer.send()
+    assert await asyncio.wait_for(watch.read(), 1) == b"event"
+
+
+async def test_etcds_own_status_is_marked_answered() -> None:
+    conn, peer = make()
+    listener = Recorder()
+    conn.start(WATCH, [("token", "stale")], unary=False, listener=listener)
+    await delivered(peer)
+    peer.conn.send_headers(
+        1, [*OK_HEADERS, (b"grpc-status", b"16"), (b"grpc-message", b"no")], end_stream=True
+    )
+    peer.send()
+    [error] = listener.ends
+    assert error is not None
+    assert error.code() == StatusCode.UNAUTHENTICATED
+    assert error.answered
+
+
 # -- Channel, on real loopback sockets -------------------------------------------------------
 
 
@@ -1396,17 +1582,20 @@ async def test_member_mute_is_not_a_host_that_does_not_answer_the_connect(
     assert asyncio.get_running_loop().time() - start < 0.5
 
 
-async def test_channel_takes_in_a_close_it_has_not_seen_before_calling_again(a_b: OverAB) -> None:
-    # A loop that runs only during calls (run_until_complete, as a test harness does) has not
-    # seen etcd close an idle connection, even right after its last answer: the next call must
-    # not be written to it.
+async def test_channel_calls_elsewhere_once_the_loop_took_in_etcd_closing_an_idle_connection(
+    a_b: OverAB,
+) -> None:
+    # etcd closes a connection with no call on it (a member stopping): the loop, running all
+    # along, takes the FIN in as it arrives, and the next call goes to the next member. (The
+    # channel does not look at the socket itself before each call: a loop run only during
+    # calls is its driver's to keep running, tests/functional/fleet_helpers.py.)
     async with a_b() as (channel, a, _b):
         assert await channel.unary(RANGE, b"1", []) == b"A:1"
         conn = await channel.connection()
-        a.fin_now()  # etcd's FIN is in our socket; the loop has not read it
-        assert conn.usable
-        assert await channel.unary(RANGE, b"2", []) == b"B:2"
+        a.fin_now()
+        await asyncio.wait_for(conn.wait_closed(), 1)
         assert not conn.usable
+        assert await channel.unary(RANGE, b"2", []) == b"B:2"
 
 
 async def test_closed_channel_refuses_calls(sites: Callable[[bytes], Site]) -> None:
@@ -1437,6 +1626,40 @@ async def test_channel_refused_on_a_name_with_two_addresses_says_connection_refu
     channel = Channel([Member("etcd.local", port, f"etcd.local:{port}")], 1.0)
     error = await failed(channel.unary(RANGE, b"x", []), StatusCode.UNAVAILABLE)
     assert "connection refused" in error.details()
+
+
+async def test_each_member_is_connected_to_with_its_own_tls_server_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What the certificate is checked against, member by member; plaintext has none.
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[str, Any, Any]] = []
+
+    async def create_connection(_: Any, host: str, port: int, **kw: Any) -> Any:
+        seen.append((host, kw["ssl"] is not None, kw["server_hostname"]))
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+
+    monkeypatch.setattr(loop, "create_connection", create_connection)
+    tls = ssl.create_default_context()
+    members = [Member(h, 2379, f"{h}:2379", tls, h) for h in ("etcd-a", "etcd-b", "10.0.0.3")]
+    await failed(
+        transport_module.connect_first(members, 1, noop_protocol, 1.0), StatusCode.UNAVAILABLE
+    )
+    assert seen == [
+        ("etcd-b", True, "etcd-b"),
+        ("10.0.0.3", True, "10.0.0.3"),
+        ("etcd-a", True, "etcd-a"),
+    ]
+    seen.clear()
+    plain = Member("etcd-a", 2379, "etcd-a:2379", None, "etcd-a")
+    await failed(
+        transport_module.connect_first([plain], 0, noop_protocol, 1.0), StatusCode.UNAVAILABLE
+    )
+    assert seen == [("etcd-a", False, None)]
+
+
+def noop_protocol(_: Member) -> asyncio.Protocol:
+    return asyncio.Protocol()
 
 
 # -- connect_error, status_error -------------------------------------------------------------
