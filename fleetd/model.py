@@ -125,6 +125,22 @@ class Placement:
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Cordon:
+    """A machine taken out of placement: it keeps its units but gets no new ones.
+
+    With `drain` the engine also moves its non-global units elsewhere, each started on its new
+    machine before its old copy stops (PartitionPolicy=stop units: stopped first). `deadline`
+    (unix time, 0 for none) is when `fleetctl drain` gives up waiting; the engine goes on.
+    """
+
+    machine_id: str
+    reason: str = ""
+    since: float = 0.0
+    drain: bool = False
+    deadline: float = 0.0
+
+
 class PartitionPolicy(StrEnum):
     """What an agent does with a unit when it loses the registry (beyond fleet).
 

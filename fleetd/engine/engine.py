@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 
 from fleetd.engine import plan as engineplan
-from fleetd.engine.plan import EngineView, Write
+from fleetd.engine.plan import RUNNING_STATES, EngineView, Write
 from fleetd.errors import (
     Compacted,
     ConfigError,
@@ -41,12 +41,13 @@ from fleetd.errors import (
     NotLeader,
     RegistryUnavailable,
 )
-from fleetd.model import Unit
+from fleetd.model import PartitionPolicy, Placement, ScheduledUnit, Unit
 from fleetd.registry import gc
 from fleetd.registry.kv import EventType, Op, WatchEvent
 from fleetd.registry.migrations import SCHEMA_VERSION, SchemaTooNew, migrate
 from fleetd.registry.mirror import (
     Change,
+    CordonChange,
     LeaderChange,
     MachineChange,
     MetaChange,
@@ -63,6 +64,9 @@ log = structlog.get_logger("fleetd.engine")
 # every unit, so under a stream of submissions (10,000 units arriving over seconds) planning
 # then costs at most about half the engine's time instead of one full plan per few events.
 BATCH_WINDOW = 0.005
+# While a drain moves units, how often the engine looks whether their new copies are active
+# (it does not watch states/): the old copy stops about this long after the new one is up.
+HANDOFF_POLL = 0.5
 MAX_BATCH_WINDOW = 0.25
 
 
@@ -94,7 +98,8 @@ class Engine:
         # metadata, and the leader key (to stop at once when the lead is lost). Its own
         # projections (schedule, globals, placements) it reads when it takes the lead.
         self.mirror = registry.mirror(
-            [Topic.UNITS, Topic.MACHINES, Topic.META, Topic.LEADER], check_names=True
+            [Topic.UNITS, Topic.MACHINES, Topic.META, Topic.CORDONS, Topic.LEADER],
+            check_names=True,
         )
         self.machine_id = machine_id
         self._lease = lease  # waits for, then returns, the machine's current lease
@@ -108,6 +113,10 @@ class Engine:
         # Set by watch events, resolved (with etcd reads) just before the next plan.
         self._needs_body: set[str] = set()
         self._machines_dirty = False
+        # Drains: PartitionPolicy=stop units waiting for their old copy to stop (engine/plan.py),
+        # and schedule entries a new leader found beyond a handoff's two (deleted at once).
+        self._stop_waits = False
+        self._extra: list[ScheduledUnit] = []
         # Whether the view changed since the last plan. Planning is pure and idempotent on the
         # applied result, so re-planning an unchanged view can write nothing: the idle safety
         # pass skips it (a full plan of 10,000 units on 1,000 machines costs ~1 s of CPU).
@@ -209,7 +218,8 @@ class Engine:
             nonlocal schema
             if self._changed and schema < SCHEMA_VERSION:
                 schema = await migrate(self.registry, schema)
-            if self._changed or (self._holding and not self._in_grace()):
+            moving = bool(self.view.handoffs) or self._stop_waits
+            if self._changed or moving or (self._holding and not self._in_grace()):
                 await self._plan_and_apply(token)
             await self._sweep_bodies()
 
@@ -271,6 +281,9 @@ class Engine:
     def _idle_interval(self) -> float:
         """The safety pass's period; shorter to end a grace or run a body sweep on time."""
         wait = self.safety_interval
+        if self.view.handoffs or self._stop_waits:
+            # A drain in progress: its new copies publish states the engine does not watch.
+            wait = min(wait, HANDOFF_POLL)
         now = self.clock()
         sweep = self._sweep_at()
         if sweep is not None:
@@ -322,6 +335,8 @@ class Engine:
                 self._body_churn()
             if unit is not None:
                 self._needs_body.add(change.name)
+        elif isinstance(change, CordonChange):
+            pass  # the mirror's cordons are the view's
         elif isinstance(change, MachineChange | MetaChange):
             # Merged into the view's machines (with their metadata) before the next plan.
             self._machines_dirty = True
@@ -333,11 +348,17 @@ class Engine:
         units = self.mirror.units  # kept current by the mirror's watch from here on
         view = EngineView(units=units)
         view.machines = self.mirror.machines_with_metadata()
-        view.schedule = {s.name: s for s in await registry.full_schedule()}
+        view.cordons = self.mirror.cordons
+        view.placements = await registry.placements()
+        extra = view.adopt_schedule(await registry.full_schedule())
+        if extra:
+            log.warning(
+                "engine_extra_schedule_entries", entries=[(e.name, e.machine_id) for e in extra]
+            )
+            self._extra = extra
         view.globals = {
             s.name: Unit(s.name, s.hash, s.target_state) for s in (await registry.global_units())[0]
         }
-        view.placements = await registry.placements()
         self.view = view
         self._planned_machines = frozenset(view.machines)
         # A new leader sweeps at once: orphans left before it led (or by 0.1.x) are its too.
@@ -406,7 +427,24 @@ class Engine:
             self._holding = held
         if held:
             self.stats.grace_holds += 1
+        if view.handoffs:
+            view.states = await self.registry.states_of(engineplan.handoff_pairs(view))
+        plannable.handoffs, plannable.states, plannable.cordons = (
+            view.handoffs,
+            view.states,
+            view.cordons,
+        )
         writes, reasons = engineplan.plan(plannable, held)
+        writes = await self._hold_stop_policy_starts(plannable, writes)
+        if self._extra:
+            writes = [
+                *(
+                    engineplan.DeleteSchedule(e.name, e.machine_id, "extra entry")
+                    for e in self._extra
+                ),
+                *writes,
+            ]
+            self._extra = []
         self.stats.plans += 1
         self.stats.last_plan_seconds = time.perf_counter() - started
         for observe in self.plan_observers:
@@ -425,22 +463,69 @@ class Engine:
         for w in writes:
             _log_write(w, reasons)
 
+    async def _hold_stop_policy_starts(self, view: EngineView, writes: list[Write]) -> list[Write]:
+        """Drop the new placement of a PartitionPolicy=stop unit while a copy of it still
+        runs on another machine (a drain stops it first): at most one copy, ever."""
+        starting = [
+            w
+            for w in writes
+            if isinstance(w, engineplan.SetSchedule)
+            and (reqs := view.requirements.get(w.unit.name)) is not None
+            and reqs.partition_policy == PartitionPolicy.STOP
+            and ((now := view.schedule.get(w.unit.name)) is None or now.machine_id != w.machine_id)
+        ]
+        self._stop_waits = False
+        if not starting:
+            return writes
+        held: dict[str, str] = {}
+        for w in starting:
+            for state in await self.registry.list_states(unit=w.unit.name):
+                if state.machine_id != w.machine_id and state.active_state in RUNNING_STATES:
+                    held[w.unit.name] = state.machine_id
+                    break
+        if not held:
+            return writes
+        self._stop_waits = True
+        kept: list[Write] = []
+        for write in writes:
+            if isinstance(write, engineplan.SetSchedule):
+                name: str | None = write.unit.name
+            elif isinstance(write, engineplan.SetPlacement):
+                name = write.name
+            else:
+                name = None
+            if name not in held:
+                kept.append(write)
+        for name, machine_id in sorted(held.items()):
+            why = f"waiting for its copy on {machine_id} to stop (PartitionPolicy=stop)"
+            if view.placements.get(name) != Placement(name, None, why):
+                kept.append(engineplan.SetPlacement(name, None, why))
+        return kept
+
     def _ops(self, writes: list[Write]) -> tuple[list[Op], list[Op]]:
         """The writes' etcd ops in two groups: global units and unscheduling, which must land
         first (the planner orders them first too), then the rest."""
         r = self.registry
         first: list[Op] = []
         ops: list[Op] = []
+        scheduled = {w.unit.name for w in writes if isinstance(w, engineplan.SetSchedule)}
+        # A placement on a machine is written together with its schedule key, with its reason.
+        stuck = {
+            w.name: w.reason
+            for w in writes
+            if isinstance(w, engineplan.SetPlacement) and w.machine_id is not None and w.reason
+        }
         for w in writes:
             match w:
                 case engineplan.SetSchedule(unit, machine_id):
-                    ops += r.op_schedule(unit, machine_id)
+                    ops += r.op_schedule(unit, machine_id, stuck.get(unit.name, ""))
                 case engineplan.DeleteSchedule(name, machine_id, _):
                     first += r.op_unschedule(name, machine_id)
                 case engineplan.SetPlacement(name, machine_id, reason):
                     if machine_id is None:
                         ops += r.op_unplaced(name, reason)
-                    # A placement on a machine is written together with its schedule key.
+                    elif name not in scheduled:
+                        ops += r.op_placed(name, machine_id, reason)
                 case engineplan.DeletePlacement(name):
                     ops += r.op_forget_placement(name)
                 case engineplan.SetGlobal(unit):
@@ -464,6 +549,10 @@ def _log_write(w: Write, reasons: dict[str, str]) -> None:
             log.info("unit_unscheduled", unit=name, machine=machine_id, reason=reason)
         case engineplan.SetPlacement(name, None, reason):
             log.warning("unit_unplaceable", unit=name, reason=reason)
+        case engineplan.BeginHandoff(name, old):
+            log.info("unit_handoff_started", unit=name, old_machine=old)
+        case engineplan.EndHandoff(name):
+            log.info("unit_handoff_done", unit=name)
         case _:
             pass
 

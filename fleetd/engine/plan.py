@@ -3,15 +3,32 @@
 The scheduler decides where non-global units go; this module turns that decision, plus the
 global units, into the smallest set of engine-owned writes (schedule, placement and global keys)
 that makes etcd say it. Planning again on the applied result yields nothing.
+
+A unit leaving a draining machine is moved make-before-break: it is scheduled on its new
+machine while its old schedule entry stays (a *handoff*), and the old entry is deleted only once
+the new machine publishes the unit `active`. The two entries are all there is to it in etcd,
+so a new engine leader finds the handoff again (`EngineView.adopt_schedule`). A
+PartitionPolicy=stop unit is never run twice: it leaves its old machine first, and the engine
+places it again only once no machine shows a running copy (engine.py holds that write back).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from fleetd.engine.scheduler import plan_schedule
-from fleetd.model import Machine, Placement, Requirements, ScheduledUnit, TargetState, Unit
+from fleetd.model import (
+    Cordon,
+    Machine,
+    PartitionPolicy,
+    Placement,
+    Requirements,
+    ScheduledUnit,
+    TargetState,
+    Unit,
+    UnitState,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +66,34 @@ class DeleteGlobal:
     name: str
 
 
-Write = SetSchedule | DeleteSchedule | SetPlacement | DeletePlacement | SetGlobal | DeleteGlobal
+@dataclass(frozen=True, slots=True)
+class BeginHandoff:
+    """No etcd write: the unit's entry on `old` stays until its new copy is active."""
+
+    name: str
+    old: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndHandoff:
+    """No etcd write by itself: goes with the DeleteSchedule of the old entry (if any)."""
+
+    name: str
+
+
+Write = (
+    SetSchedule
+    | DeleteSchedule
+    | SetPlacement
+    | DeletePlacement
+    | SetGlobal
+    | DeleteGlobal
+    | BeginHandoff
+    | EndHandoff
+)
+
+# systemd active states of a copy that may still be running (for PartitionPolicy=stop units).
+RUNNING_STATES = frozenset({"active", "activating", "deactivating", "reloading"})
 
 
 @dataclass
@@ -62,6 +106,45 @@ class EngineView:
     schedule: dict[str, ScheduledUnit] = field(default_factory=dict)  # non-global units
     globals: dict[str, Unit] = field(default_factory=dict)  # as written under global/
     placements: dict[str, Placement] = field(default_factory=dict)
+    cordons: dict[str, Cordon] = field(default_factory=dict)
+    # unit -> the draining machine whose copy still runs until the new one is active
+    handoffs: dict[str, str] = field(default_factory=dict)
+    # published states the engine read for this plan: the new copies of handoffs
+    states: dict[tuple[str, str], UnitState] = field(default_factory=dict)
+
+    @property
+    def cordoned(self) -> frozenset[str]:
+        return frozenset(self.cordons)
+
+    @property
+    def draining(self) -> frozenset[str]:
+        return frozenset(m for m, c in self.cordons.items() if c.drain)
+
+    def adopt_schedule(self, entries: Iterable[ScheduledUnit]) -> list[ScheduledUnit]:
+        """Take the stored schedule (a new leader's read); return entries to delete.
+
+        A unit scheduled on two machines is a handoff: the copy its placement names is the
+        new one, the other the old (normally on a draining machine). An entry beyond two
+        (no engine writes that) is returned for deletion.
+        """
+        by_unit: dict[str, list[ScheduledUnit]] = {}
+        for entry in entries:
+            by_unit.setdefault(entry.name, []).append(entry)
+        self.schedule, self.handoffs = {}, {}
+        extra: list[ScheduledUnit] = []
+        for name, found in by_unit.items():
+            if len(found) == 1:
+                self.schedule[name] = found[0]
+                continue
+            placed = self.placements.get(name)
+            new = next((e for e in found if placed and e.machine_id == placed.machine_id), None)
+            if new is None:  # no placement to tell: keep the copy off a draining machine
+                new = next((e for e in found if e.machine_id not in self.draining), found[0])
+            others = [e for e in found if e is not new]
+            self.schedule[name] = new
+            self.handoffs[name] = others[0].machine_id
+            extra.extend(others[1:])
+        return extra
 
     def apply(self, writes: list[Write]) -> None:
         """Record writes that etcd accepted, so the next plan starts from them."""
@@ -83,6 +166,10 @@ class EngineView:
                     self.globals[unit.name] = unit
                 case DeleteGlobal(name):
                     self.globals.pop(name, None)
+                case BeginHandoff(name, old):
+                    self.handoffs[name] = old
+                case EndHandoff(name):
+                    self.handoffs.pop(name, None)
 
 
 def held_machines(view: EngineView) -> frozenset[str]:
@@ -113,7 +200,16 @@ def plan(
     frozen = {n for n, s in view.schedule.items() if s.machine_id in held} if held else set()
     local = {n: u for n, u in view.units.items() if not is_global[n] and n not in frozen}
     current = {n: s.machine_id for n, s in view.schedule.items() if n not in frozen}
-    decided = plan_schedule(local, view.requirements, view.machines, current)
+    draining = view.draining
+    decided = plan_schedule(
+        local,
+        view.requirements,
+        view.machines,
+        current,
+        cordoned=view.cordoned,
+        draining=draining,
+    )
+    _end_handoffs(view, local, decided.assignments, writes)
 
     reasons: dict[str, str] = {}
     for name, scheduled in view.schedule.items():
@@ -122,8 +218,18 @@ def plan(
         target = decided.assignments.get(name)
         if target != scheduled.machine_id:
             why = decided.reasons.get(name, "") or _why_gone(name, view, target)
-            writes.append(DeleteSchedule(name, scheduled.machine_id, why))
             reasons[name] = why
+            if (
+                target is not None
+                and scheduled.machine_id in draining
+                and scheduled.machine_id in view.machines
+                and name not in view.handoffs
+                and not _stop_policy(view, name)
+            ):
+                # Make-before-break: the old copy runs until the new one is active.
+                writes.append(BeginHandoff(name, scheduled.machine_id))
+                continue
+            writes.append(DeleteSchedule(name, scheduled.machine_id, why))
 
     for name, machine_id in sorted(decided.assignments.items()):
         unit = local[name]
@@ -136,10 +242,13 @@ def plan(
         ):
             writes.append(SetSchedule(unit, machine_id))
         placed = view.placements.get(name)
-        # Field by field: the same as comparing with Placement(name, machine_id, ""), without
-        # building 10,000 objects per plan.
-        if placed is None or placed.machine_id != machine_id or placed.reason:
-            writes.append(SetPlacement(name, machine_id))
+        # A unit that cannot leave a draining machine says why on its placement (fleetctl
+        # drain shows it); any other placed unit carries no reason.
+        stuck = decided.stuck.get(name, "")
+        # Field by field: the same as comparing with Placement(name, machine_id, stuck),
+        # without building 10,000 objects per plan.
+        if placed is None or placed.machine_id != machine_id or placed.reason != stuck:
+            writes.append(SetPlacement(name, machine_id, stuck))
 
     for name, reason in sorted(decided.unplaced.items()):
         if view.placements.get(name) != Placement(name, None, reason):
@@ -150,6 +259,47 @@ def plan(
         if name not in placed_or_explained and name not in frozen:
             writes.append(DeletePlacement(name))
     return writes, reasons
+
+
+def _stop_policy(view: EngineView, name: str) -> bool:
+    reqs = view.requirements.get(name)
+    return reqs is not None and reqs.partition_policy == PartitionPolicy.STOP
+
+
+def _end_handoffs(
+    view: EngineView,
+    local: Mapping[str, Unit],
+    assignments: Mapping[str, str],
+    writes: list[Write],
+) -> None:
+    """Delete the old entry of each handoff whose new copy is active (or that is moot)."""
+    for name, old in sorted(view.handoffs.items()):
+        new = view.schedule.get(name)
+        unit = local.get(name)
+        target = assignments.get(name)
+        if new is not None and new.machine_id == old:
+            writes.append(EndHandoff(name))  # it came back: one entry, nothing to delete
+            continue
+        state = view.states.get((name, target)) if target is not None else None
+        if unit is None or unit.target_state == TargetState.INACTIVE:
+            why = "unit destroyed" if unit is None else "target state inactive"
+        elif state is not None and state.active_state == "active" and state.hash == unit.hash:
+            why = f"drained: active on {target}"
+        elif old not in view.machines:
+            why = f"machine {old} went away"
+        else:
+            continue  # its new copy is not active yet: the old one keeps running
+        writes.append(DeleteSchedule(name, old, why))
+        writes.append(EndHandoff(name))
+
+
+def handoff_pairs(view: EngineView) -> list[tuple[str, str]]:
+    """(unit, machine) of each handoff's new copy: the states the next plan needs."""
+    return [
+        (name, scheduled.machine_id)
+        for name in view.handoffs
+        if (scheduled := view.schedule.get(name)) is not None
+    ]
 
 
 def _plan_globals(view: EngineView, is_global: Mapping[str, bool], writes: list[Write]) -> None:

@@ -17,6 +17,10 @@ safer where fleet could churn or break a constraint:
   new unit takes it and the replaced unit moves away. Safer than fleet: the replaced unit moves
   only to a machine that can run it (fleet did not check), and a machine whose replaced unit
   cannot move is passed over. Planning again on the result changes nothing.
+* Cordoned machines (beyond fleet) keep their units and take no new one; the reason a unit
+  cannot be placed names them. The non-global units of a draining machine (cordoned, with
+  drain) are placed again elsewhere; one that no other machine can take stays where it is,
+  and its reason says why (`SchedulePlan.stuck`).
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ class SchedulePlan:
     moves: dict[str, tuple[str, str]] = field(default_factory=dict)
     # unit -> why it leaves its current machine, for every unit the engine unschedules
     reasons: dict[str, str] = field(default_factory=dict)
+    # unit on a draining machine that no other machine can take -> why (it stays there)
+    stuck: dict[str, str] = field(default_factory=dict)
 
 
 def plan_schedule(
@@ -66,14 +72,18 @@ def plan_schedule(
     requirements: Mapping[str, Requirements],
     machines: Mapping[str, Machine],
     current: Mapping[str, str],
+    *,
+    cordoned: frozenset[str] = frozenset(),
+    draining: frozenset[str] = frozenset(),
 ) -> SchedulePlan:
     """Plan where every non-global unit runs.
 
     `units` are all units (global ones included); `requirements` their parsed [X-Fleet] sections
     (a missing entry means no constraint); `machines` the registered machines by id; `current`
-    maps each scheduled non-global unit to the machine it is scheduled on now.
+    maps each scheduled non-global unit to the machine it is scheduled on now. `cordoned`
+    machines take no new unit; the units of `draining` ones (a subset) move where they can.
     """
-    return _Planner(units, requirements, machines, current).run()
+    return _Planner(units, requirements, machines, current, cordoned | draining, draining).run()
 
 
 # --- why a machine cannot take a unit ---------------------------------------------------------
@@ -86,6 +96,7 @@ _PHRASES: dict[str, tuple[str, str]] = {
     "conflict": ("runs a conflicting unit ({})", "run a conflicting unit ({})"),
     "replaced": ("runs a unit that replaces it ({})", "run a unit that replaces it ({})"),
     "displace": ("would have to move {}", "would have to move {}"),
+    "cordoned": ("is cordoned", "are cordoned"),
 }
 _KIND_ORDER = list(_PHRASES)
 
@@ -111,10 +122,13 @@ class _Tally:
 
     def __init__(self) -> None:
         self.kinds: dict[str, tuple[int, str, _Rejection]] = {}
+        self.cordoned: list[str] = []  # named in the summary: the operator may uncordon one
 
     def add(self, machine_id: str, rejection: _Rejection, count: int = 1) -> None:
         seen, first_machine, first = self.kinds.get(rejection.kind, (0, machine_id, rejection))
         self.kinds[rejection.kind] = (seen + count, first_machine, first)
+        if rejection.kind == "cordoned":
+            self.cordoned.append(machine_id)
 
     def summary(self, unit: str) -> str:
         """One line for fleetctl, e.g. "3 machines: 2 fail MachineMetadata region=east, ..."."""
@@ -125,13 +139,21 @@ class _Tally:
         parts = []
         for kind in kinds:
             count, _, rejection = self.kinds[kind]
-            parts.append(f"{count} {rejection.phrase(unit, count)}")
+            parts.append(f"{count} {rejection.phrase(unit, count)}{self._cordoned_list(kind)}")
         return f"no machine can run it ({total} machines): {', '.join(parts)}"
 
-    @staticmethod
-    def _single(unit: str, count: int, machine_id: str, rejection: _Rejection) -> str:
+    def _cordoned_list(self, kind: str) -> str:
+        if kind != "cordoned" or len(self.cordoned) < 2:
+            return ""
+        shown = ", ".join(sorted(self.cordoned)[:5])
+        more = f" and {len(self.cordoned) - 5} more" if len(self.cordoned) > 5 else ""
+        return f" ({shown}{more})"
+
+    def _single(self, unit: str, count: int, machine_id: str, rejection: _Rejection) -> str:
         if count == 1:
             return f"machine {machine_id} {rejection.phrase(unit)}"
+        if rejection.kind == "cordoned":
+            return f"all {count} candidate machines are cordoned{self._cordoned_list('cordoned')}"
         if rejection.kind == "metadata":
             return f"no machine has metadata {rejection.detail} (machines: {count})"
         if rejection.kind == "conflict":
@@ -188,9 +210,15 @@ class _Planner:
         requirements: Mapping[str, Requirements],
         machines: Mapping[str, Machine],
         current: Mapping[str, str],
+        cordoned: frozenset[str] = frozenset(),
+        draining: frozenset[str] = frozenset(),
     ) -> None:
         self.units = units
         self.current = current
+        self.cordoned = cordoned
+        self.draining = draining
+        self.drained_from: dict[str, str] = {}  # unit -> the draining machine it is leaving
+        self.stuck: dict[str, str] = {}
         self.machines = {machine_id: machines[machine_id] for machine_id in sorted(machines)}
         self.requirements = {
             name: _without_self_peer(name, requirements.get(name, _NO_REQUIREMENTS))
@@ -241,6 +269,7 @@ class _Planner:
         self._place_globals()
         self._keep_current()
         self._place_pending()
+        self._keep_the_stuck()
         return self._result()
 
     # -- phase 0: global units ------------------------------------------------------------------
@@ -259,7 +288,10 @@ class _Planner:
         for name in sorted(self.current):
             machine_id = self.current[name]
             reason = self._keep_failure(name, machine_id)
-            if reason is None:
+            if reason is None and machine_id in self.draining:
+                self.drained_from[name] = machine_id
+                self.left[name] = f"machine {machine_id} is draining"
+            elif reason is None:
                 self._assign(name, machine_id)
             else:
                 self.left[name] = reason
@@ -335,6 +367,19 @@ class _Planner:
                 other, rejection = found
                 detail = rejection.text(name)
                 self.left[name] = f"constraint no longer holds: conflicts with {other} ({detail})"
+
+    # -- phase 3: a draining machine keeps what no other machine can take ------------------------
+
+    def _keep_the_stuck(self) -> None:
+        for name in sorted(self.drained_from):
+            if name in self.assignment:
+                continue
+            origin = self.drained_from[name]
+            why = self.unplaced.pop(name, "no other machine can run it")
+            # It ran there until now, and a cordoned machine took no new unit meanwhile.
+            self._assign(name, origin)
+            self.left.pop(name, None)
+            self.stuck[name] = why
 
     # -- phase 2: place everything else ---------------------------------------------------------
 
@@ -548,6 +593,8 @@ class _Planner:
         static = self._static_rejection(req, machine_id)
         if static is not None:
             return static
+        if machine_id in self.cordoned:
+            return _Rejection("cordoned", machine_id)
         here = self.units_on[machine_id]
         for peer in req.machine_of:
             if peer not in here:
@@ -717,4 +764,5 @@ class _Planner:
             unplaced=dict(sorted(self.unplaced.items())),
             moves=moves,
             reasons=reasons,
+            stuck=dict(sorted(self.stuck.items())),
         )

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from fleetd.errors import FleetError
-from fleetd.model import Machine, TargetState, UnitState
+from fleetd.model import Cordon, Machine, TargetState, UnitState
 
 
 class CorruptValue(FleetError):
@@ -54,6 +54,38 @@ def encode_desired(hash_: str, target_state: TargetState) -> str:
 def decode_desired(text: str) -> tuple[str, TargetState]:
     obj = _load(text)
     return _str(obj, "hash"), _state(obj, "target_state")
+
+
+def encode_cordon(cordon: Cordon) -> str:
+    return _dump(
+        {
+            "reason": cordon.reason,
+            "since": cordon.since,
+            "drain": cordon.drain,
+            "deadline": cordon.deadline,
+        }
+    )
+
+
+def _number(obj: dict[str, Any], name: str) -> float:
+    value = obj.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CorruptValue(f"field {name!r} is not a number")
+    return float(value)
+
+
+def decode_cordon(machine_id: str, text: str) -> Cordon:
+    obj = _load(text)
+    drain = obj.get("drain", False)
+    if not isinstance(drain, bool):
+        raise CorruptValue("field 'drain' is not a boolean")
+    return Cordon(
+        machine_id,
+        reason=_str(obj, "reason", ""),
+        since=_number(obj, "since"),
+        drain=drain,
+        deadline=_number(obj, "deadline"),
+    )
 
 
 def encode_machine(machine: Machine) -> str:
@@ -118,8 +150,12 @@ def decode_state(name: str, machine_id: str, text: str) -> UnitState:
 
 
 def encode_placement(machine_id: str | None, reason: str = "") -> str:
+    """{"machine"} for a placed unit, {"reason"} for one that cannot be placed; both for a
+    unit kept on a draining machine because no other can take it (why it stays)."""
     if machine_id is not None:
-        return _dump({"machine": machine_id})
+        return _dump(
+            {"machine": machine_id, "reason": reason} if reason else {"machine": machine_id}
+        )
     return _dump({"reason": reason})
 
 

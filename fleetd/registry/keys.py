@@ -10,6 +10,7 @@ Layout under the prefix (default `/fleet/`):
     placements/<unit>               engine-owned: {"machine": id} or {"reason": why unplaced}
     machines/<machine>              presence, on the machine's lease
     machine-meta/<machine>/<key>    dynamic metadata (API PATCH), no lease
+    cordons/<machine>               cordoned (or draining) machines, no lease: {"reason", ...}
     states/<unit>/<machine>         systemd state published by the agent, on the machine's lease
     engine/leader                   the engine leader's machine id, on its lease
 
@@ -99,6 +100,13 @@ class Keys:
 
     def machine_meta_key(self, machine_id: str, key: str) -> str:
         return f"{self.machine_meta}{machine_id}/{key}"
+
+    @property
+    def cordons(self) -> str:
+        return f"{self.prefix}cordons/"
+
+    def cordon(self, machine_id: str) -> str:
+        return f"{self.cordons}{machine_id}"
 
     # published states
     @property

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from fleetd.errors import InvalidUnitName, UnitFileError
-from fleetd.model import Machine, Placement, ScheduledUnit, Unit, UnitState
+from fleetd.model import Cordon, Machine, Placement, ScheduledUnit, Unit, UnitState
 from fleetd.registry import codec
 from fleetd.registry.codec import CorruptValue
 from fleetd.registry.kv import EventType, WatchEvent
@@ -59,6 +59,7 @@ class Topic(enum.Enum):
     META = "meta"  # dynamic metadata (one machine's, or every machine's)
     STATES = "states"  # systemd states the agents publish
     LEADER = "leader"  # the engine leader key
+    CORDONS = "cordons"  # cordoned and draining machines
 
 
 # ---- changes: one record, decoded (None: the record is gone, or reads as gone) ------------
@@ -117,6 +118,12 @@ class LeaderChange:
     machine_id: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class CordonChange:
+    machine_id: str
+    cordon: Cordon | None
+
+
 Change = (
     UnitChange
     | BodyChange
@@ -126,6 +133,7 @@ Change = (
     | MetaChange
     | StateChange
     | LeaderChange
+    | CordonChange
 )
 
 
@@ -161,6 +169,7 @@ class Mirror:
         self.meta: dict[str, dict[str, str]] = {}
         self.states: dict[tuple[str, str], UnitState] = {}
         self.leader: str | None = None  # the engine leader's machine id
+        self.cordons: dict[str, Cordon] = {}
         keys = registry.keys
         # (prefix, topic) in the order an event's key is matched against them.
         self._routes: list[tuple[str, Topic]] = []
@@ -182,6 +191,7 @@ class Mirror:
             Topic.META: keys.machine_meta if mid is None else keys.machine_meta_of(mid),
             Topic.STATES: keys.states,
             Topic.LEADER: keys.leader,
+            Topic.CORDONS: keys.cordons,
         }[topic]
 
     @property
@@ -238,6 +248,8 @@ class Mirror:
             self.states = {}
         elif topic is Topic.LEADER:
             self.leader = None
+        elif topic is Topic.CORDONS:
+            self.cordons = {}
 
     # ---- applying -----------------------------------------------------------------------
 
@@ -298,6 +310,10 @@ class Mirror:
                 published = codec.decode_state(unit_name, machine_id, value)
                 self.states[(unit_name, machine_id)] = published
                 return StateChange(unit_name, machine_id, published)
+            if topic is Topic.CORDONS:
+                cordon = codec.decode_cordon(tail, value)
+                self.cordons[tail] = cordon
+                return CordonChange(tail, cordon)
             if topic is Topic.BODIES:
                 if tail not in registry.bodies:
                     registry.bodies.put(tail, parse_unit(value))
@@ -335,6 +351,9 @@ class Mirror:
             unit_name, _, machine_id = tail.rpartition("/")
             self.states.pop((unit_name, machine_id), None)
             return StateChange(unit_name, machine_id, None)
+        if topic is Topic.CORDONS:
+            self.cordons.pop(tail, None)
+            return CordonChange(tail, None)
         if topic is Topic.BODIES:
             self.registry.bodies.discard([tail])
             return BodyChange(tail, False)

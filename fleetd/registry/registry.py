@@ -19,6 +19,7 @@ from fleetd.errors import (
     UnitFileError,
 )
 from fleetd.model import (
+    Cordon,
     Machine,
     Placement,
     Requirements,
@@ -494,6 +495,32 @@ class Registry:
         op: Op = Delete(meta_key) if value is None else Put(meta_key, value)
         await self.kv.txn([], [op])
 
+    # ---- cordons (maintenance) ----------------------------------------------------------------
+
+    async def cordon(self, cordon: Cordon) -> None:
+        """Cordon (or, with `cordon.drain`, drain) a machine; a second call replaces the first."""
+        await self.kv.txn(
+            [], [Put(self.keys.cordon(cordon.machine_id), codec.encode_cordon(cordon))]
+        )
+
+    async def uncordon(self, machine_id: str) -> bool:
+        """Make a machine schedulable again (ends a drain too); False if it was not cordoned."""
+        key = self.keys.cordon(machine_id)
+        result = await self.kv.txn([Compare(key, "version", ">", 0)], [Delete(key)])
+        return result.succeeded
+
+    async def cordons(self) -> dict[str, Cordon]:
+        """Cordoned machines by id (registered or not: a cordon outlives a reboot)."""
+        kvs, _ = await self.kv.range(self.keys.cordons)
+        out = {}
+        for kv in kvs:
+            machine_id = kv.key[len(self.keys.cordons) :]
+            try:
+                out[machine_id] = codec.decode_cordon(machine_id, kv.value)
+            except CorruptValue as e:
+                self.skip_corrupt(kv.key, kv.mod_revision, str(e))
+        return out
+
     # ---- published unit states -------------------------------------------------------------
 
     async def publish_state(self, state: UnitState, lease: int) -> None:
@@ -507,6 +534,22 @@ class Registry:
         ]
         for start in range(0, len(ops), MAX_TXN_OPS):
             await self.kv.txn([], ops[start : start + MAX_TXN_OPS])
+
+    async def states_of(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], UnitState]:
+        """The published states of these (unit, machine) pairs that exist, in few round trips."""
+        wanted = sorted(set(pairs))
+        keys = [self.keys.state(unit, machine_id) for unit, machine_id in wanted]
+        found = await self.kv.get_many(keys) if keys else {}
+        out = {}
+        for (unit, machine_id), key in zip(wanted, keys, strict=True):
+            kv = found.get(key)
+            if kv is None:
+                continue
+            try:
+                out[(unit, machine_id)] = codec.decode_state(unit, machine_id, kv.value)
+            except CorruptValue as e:
+                self.skip_corrupt(kv.key, kv.mod_revision, str(e))
+        return out
 
     async def remove_state(self, unit: str, machine_id: str) -> None:
         await self.kv.txn([], [Delete(self.keys.state(unit, machine_id))])
@@ -694,12 +737,15 @@ class Registry:
             raise NotLeader(f"engine leadership of {token.machine_id} was lost")
 
     # engine write helpers: build ops, apply them with `fenced`
-    def op_schedule(self, unit: Unit, machine_id: str) -> list[Op]:
+    def op_schedule(self, unit: Unit, machine_id: str, reason: str = "") -> list[Op]:
         value = codec.encode_desired(unit.hash, unit.target_state)
         return [
             Put(self.keys.scheduled(machine_id, unit.name), value),
-            Put(self.keys.placement(unit.name), codec.encode_placement(machine_id)),
+            Put(self.keys.placement(unit.name), codec.encode_placement(machine_id, reason)),
         ]
+
+    def op_placed(self, name: str, machine_id: str, reason: str) -> list[Op]:
+        return [Put(self.keys.placement(name), codec.encode_placement(machine_id, reason))]
 
     def op_unschedule(self, name: str, machine_id: str) -> list[Op]:
         return [Delete(self.keys.scheduled(machine_id, name))]
