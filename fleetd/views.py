@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleetd.errors import InvalidInput, UnitFileError
-from fleetd.model import Machine, Placement, TargetState, Unit, UnitState
+from fleetd.model import Cordon, Machine, Placement, TargetState, Unit, UnitState
 from fleetd.registry.registry import Registry
 from fleetd.unit.file import XFLEET_SECTION, UnitFile, UnitOption
 from fleetd.unit.xfleet import requirements
@@ -58,11 +58,16 @@ class UnitView:
 
 @dataclass(frozen=True, slots=True)
 class MachineView:
-    """fleet's API `Machine`."""
+    """fleet's API `Machine`, plus whether it takes new units (beyond fleet: cordon, drain)."""
 
     id: str
     primary_ip: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    cordon: Cordon | None = None  # set while the machine is cordoned (or draining)
+
+    @property
+    def schedulable(self) -> bool:
+        return self.cordon is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +157,8 @@ def build_unit_views(
     return views
 
 
-def machine_view(machine: Machine) -> MachineView:
-    return MachineView(machine.id, machine.public_ip, machine.metadata_dict)
+def machine_view(machine: Machine, cordon: Cordon | None = None) -> MachineView:
+    return MachineView(machine.id, machine.public_ip, machine.metadata_dict, cordon)
 
 
 def state_view(state: UnitState) -> StateView:
@@ -210,8 +215,8 @@ async def load_unit_view(registry: Registry, name: str) -> UnitView | None:
 
 async def load_machine_views(registry: Registry) -> list[MachineView]:
     """Registered machines, sorted by id."""
-    machines = await registry.list_machines()
-    return [machine_view(m) for m in sorted(machines, key=lambda m: m.id)]
+    machines, cordons = await asyncio.gather(registry.list_machines(), registry.cordons())
+    return [machine_view(m, cordons.get(m.id)) for m in sorted(machines, key=lambda m: m.id)]
 
 
 async def load_state_views(
@@ -262,10 +267,48 @@ def state_to_api(view: StateView) -> dict[str, str]:
     )
 
 
+def cordon_to_api(cordon: Cordon) -> dict[str, Any]:
+    return {
+        "deadline": cordon.deadline,
+        "drain": cordon.drain,
+        "reason": cordon.reason,
+        "since": cordon.since,
+    }
+
+
+def cordon_from_api(machine_id: str, obj: Any) -> Cordon:
+    """A cordon from an API body: {"reason", "drain", "deadline"} (each optional)."""
+    obj = _object(obj, "Cordon")
+    unknown = sorted(set(obj) - {"reason", "drain", "deadline", "since"})
+    if unknown:
+        raise InvalidInput(f"Cordon: unknown field {unknown[0]!r}")
+    drain = obj.get("drain", False)
+    if not isinstance(drain, bool):
+        raise InvalidInput(f"Cordon: field 'drain' must be a boolean, got {drain!r}")
+    numbers = {}
+    for name in ("deadline", "since"):
+        value = obj.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise InvalidInput(f"Cordon: field {name!r} must be a number >= 0, got {value!r}")
+        numbers[name] = float(value)
+    return Cordon(
+        machine_id,
+        reason=_field(obj, "reason", "Cordon"),
+        since=numbers["since"],
+        drain=drain,
+        deadline=numbers["deadline"],
+    )
+
+
 def machine_to_api(view: MachineView) -> dict[str, Any]:
-    return _omit_empty(
+    obj = _omit_empty(
         {"id": view.id, "metadata": dict(view.metadata), "primaryIP": view.primary_ip}
     )
+    if view.cordon is not None:
+        # Beyond fleet, and only when cordoned: a fleet client sees the Machine it knows.
+        obj["cordon"] = cordon_to_api(view.cordon)
+        obj["schedulable"] = False
+    return obj
 
 
 def _field(obj: Mapping[str, Any], name: str, entity: str) -> str:
@@ -356,8 +399,11 @@ def machine_from_api(obj: Any) -> MachineView:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise InvalidInput(f"Machine: field 'metadata' must map strings to strings: {metadata!r}")
+    machine_id = _field(obj, "id", "Machine")
+    cordon = obj.get("cordon")
     return MachineView(
-        id=_field(obj, "id", "Machine"),
+        id=machine_id,
         primary_ip=_field(obj, "primaryIP", "Machine"),
         metadata=dict(metadata),
+        cordon=None if cordon is None else cordon_from_api(machine_id, cordon),
     )

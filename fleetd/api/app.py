@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from fleetd.api import discovery, machines, openapi, state, units
+from fleetd.api import cordons, discovery, machines, openapi, state, units
 from fleetd.api.context import ApiContext
 from fleetd.api.errors import ApiError, error_response, json_bytes, method_not_allowed
 from fleetd.errors import QuotaExceeded, RegistryUnavailable
@@ -100,14 +100,20 @@ MACHINES = Resource(
     {"GET": machines.list_machines, "PATCH": machines.patch_machines},
     "only GET and PATCH supported against this resource",
 )
+CORDONS = Resource("cordons", {"GET": cordons.list_cordons}, _ONLY_GET)
+CORDON = Resource(
+    "cordon",
+    {"PUT": cordons.put_cordon, "DELETE": cordons.delete_cordon},
+    "only PUT and DELETE supported against this resource",
+)
 ROOT = Resource("root", {}, "method not allowed: the fleet API is under /fleet/v1/")
 METRICS = Resource(
     "metrics", {"GET": _metrics, "HEAD": _metrics}, "only GET supported", gated=False
 )
 HEALTH = Resource("health", {"GET": _health, "HEAD": _health}, "only GET supported", gated=False)
 
-_COLLECTIONS = {"units": UNITS, "state": STATES, "machines": MACHINES}
-_ITEMS = {"units": UNIT, "state": STATE}
+_COLLECTIONS = {"units": UNITS, "state": STATES, "machines": MACHINES, "cordons": CORDONS}
+_ITEMS = {"units": UNIT, "state": STATE, "cordons": CORDON}
 _FIXED = {
     "discovery": DISCOVERY,
     "discovery.json": DISCOVERY,

@@ -38,6 +38,7 @@ from fleetd.api.errors import json_bytes
 from fleetd.registry.mirror import (
     BodyChange,
     Change,
+    CordonChange,
     MachineChange,
     MetaChange,
     PlacementChange,
@@ -134,6 +135,7 @@ class LiveListings:
                 Topic.STATES,
                 Topic.MACHINES,
                 Topic.META,
+                Topic.CORDONS,
             ],
             one_watch=True,  # one revision tells how far every collection has got
         )
@@ -234,7 +236,9 @@ class LiveListings:
             return None if state is None else state_to_api(state_view(state))
         assert isinstance(key, str)
         machine = mirror.machine(key)
-        return None if machine is None else machine_to_api(machine_view(machine))
+        if machine is None:
+            return None
+        return machine_to_api(machine_view(machine, mirror.cordons.get(key)))
 
     # ---- loading -----------------------------------------------------------------------
 
@@ -299,7 +303,7 @@ class LiveListings:
         elif isinstance(change, StateChange):
             listings["states"].dirty.add((change.unit, change.machine_id))
             listings["units"].dirty.add(change.unit)
-        elif isinstance(change, MachineChange | MetaChange):
+        elif isinstance(change, MachineChange | MetaChange | CordonChange):
             listings["machines"].dirty.add(change.machine_id)
         elif isinstance(change, BodyChange) and change.present:
             # A new unit's body is written in the same transaction as its record, just
