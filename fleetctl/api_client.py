@@ -23,7 +23,7 @@ import aiohttp
 
 from fleetd import __version__
 from fleetd.errors import FleetError, InvalidInput, NotFound, RegistryUnavailable
-from fleetd.model import TargetState
+from fleetd.model import Cordon, Placement, TargetState
 from fleetd.unit.file import UnitFile
 from fleetd.views import (
     MachineView,
@@ -250,6 +250,25 @@ class ApiClient:
         status, _ = await self._request("PATCH", "machines", body=[op])
         if status == 404:
             raise NotFound(f"machine {machine_id} does not exist")
+
+    async def cordon(self, cordon: Cordon) -> None:
+        body = {"reason": cordon.reason, "drain": cordon.drain, "deadline": cordon.deadline}
+        status, _ = await self._request("PUT", f"cordons/{cordon.machine_id}", body=body)
+        if status == 404:
+            raise NotFound(f"machine {cordon.machine_id} is not registered")
+
+    async def uncordon(self, machine_id: str) -> bool:
+        status, _ = await self._request("DELETE", f"cordons/{machine_id}")
+        return status != 404
+
+    async def placements(self) -> dict[str, Placement]:
+        # The API's units carry their machine and the placement's reason (unplaced, or kept
+        # on a draining machine).
+        return {
+            u.name: Placement(u.name, u.machine_id, u.reason)
+            for u in await self.units()
+            if not u.is_global
+        }
 
 
 def _unit_path(name: str) -> str:

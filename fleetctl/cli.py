@@ -20,6 +20,7 @@ import click
 from fleetctl.cat import cat
 from fleetctl.command import interspersed, normalize_bool_flags, takes_value
 from fleetctl.lists import list_machines, list_unit_files, list_units
+from fleetctl.maintenance import cordon, drain, uncordon
 from fleetctl.migrate import migrate_from_fleet
 from fleetctl.remote import fd_forward, journal, ssh, status
 from fleetctl.settings import DEFAULT_KNOWN_HOSTS, Settings
@@ -285,7 +286,9 @@ def help_command(ctx: click.Context, command: tuple[str, ...]) -> None:
 
 for _command in (
     cat,
+    cordon,
     destroy,
+    drain,
     fd_forward,
     journal,
     list_machines,
@@ -299,6 +302,7 @@ for _command in (
     status,
     stop,
     submit,
+    uncordon,
     unload,
     verify,
     version,

@@ -26,8 +26,8 @@ from fleetctl import transport
 from fleetctl.errors import CommandFailed
 from fleetctl.settings import Driver, Settings, Target, select_target
 from fleetd import __version__
-from fleetd.errors import FleetError, InvalidInput
-from fleetd.model import TargetState
+from fleetd.errors import FleetError, InvalidInput, NotFound
+from fleetd.model import Cordon, Placement, TargetState
 from fleetd.registry.instrumented import InstrumentedKV
 from fleetd.registry.kv import KV
 from fleetd.registry.migrations import version_key
@@ -98,6 +98,18 @@ class ClusterClient(Protocol):
         (the etcd driver's; the API server skips them on its side and logs them)."""
         ...
 
+    async def cordon(self, cordon: Cordon) -> None:
+        """Cordon (or drain) a registered machine; NotFound if it is not registered."""
+        ...
+
+    async def uncordon(self, machine_id: str) -> bool:
+        """Make a machine schedulable again; False if it was not cordoned."""
+        ...
+
+    async def placements(self) -> dict[str, Placement]:
+        """Where each non-global unit is placed, or why not (a drain shows why units stay)."""
+        ...
+
 
 def check_activation(name: str, state: TargetState) -> None:
     """fleet's API refuses to load or start a template (reference §2.4); both drivers do."""
@@ -153,6 +165,17 @@ class RegistryClient:
 
     async def set_machine_metadata(self, machine_id: str, key: str, value: str | None) -> None:
         await self.registry.set_machine_metadata(machine_id, key, value)
+
+    async def cordon(self, cordon: Cordon) -> None:
+        if cordon.machine_id not in {m.id for m in await self.registry.list_machines()}:
+            raise NotFound(f"machine {cordon.machine_id} is not registered")
+        await self.registry.cordon(cordon)
+
+    async def uncordon(self, machine_id: str) -> bool:
+        return await self.registry.uncordon(machine_id)
+
+    async def placements(self) -> dict[str, Placement]:
+        return await self.registry.placements()
 
     def corrupt_values(self) -> dict[str, str]:
         out = {}

@@ -33,7 +33,7 @@ from fleetctl.output import (
     render_table,
 )
 from fleetd.errors import FleetError
-from fleetd.views import MachineView, StateView, UnitView
+from fleetd.views import MachineView, StateView, UnitView, cordon_to_api
 
 T = TypeVar("T")
 
@@ -204,7 +204,21 @@ MACHINE_FIELDS: dict[str, Field[MachineView, Shown]] = {
     "machine": Field(lambda m, c: machine_id_legend(m.id, c.full), lambda m, _: m.id),
     "ip": Field(lambda m, _: m.primary_ip, lambda m, _: m.primary_ip or None),
     "metadata": Field(lambda m, _: _metadata(m), lambda m, _: dict(sorted(m.metadata.items()))),
+    # Beyond fleet: not among the default columns, so fleet's table stays as it was.
+    "schedulable": Field(
+        lambda m, _: "true" if m.schedulable else ("draining" if _draining(m) else "cordoned"),
+        lambda m, _: m.schedulable,
+    ),
+    "cordon": Field(
+        lambda m, _: m.cordon.reason if m.cordon is not None else "",
+        lambda m, _: None if m.cordon is None else cordon_to_api(m.cordon),
+    ),
 }
+
+
+def _draining(machine: MachineView) -> bool:
+    return machine.cordon is not None and machine.cordon.drain
+
 
 MACHINES_UNREACHABLE = """\
 Error retrieving list of active machines from fleet API ({error})
@@ -215,7 +229,7 @@ Possible issues:
 
 @click.command("list-machines", cls=FleetCommand, short_help="Enumerate the current hosts.")
 @full_option
-@list_options("machine,ip,metadata", "machine,ip,metadata")
+@list_options("machine,ip,metadata", "machine,ip,metadata,schedulable,cordon")
 def list_machines(full: bool, no_legend: bool, fields: str, output_format: str) -> None:
     """List the machines registered in the cluster, with their IP and metadata."""
     chosen = parse_fields(fields, MACHINE_FIELDS)

@@ -126,8 +126,8 @@ def build_unit_view(
         machine_id: str | None = None
     else:
         current, machine_id = current_state(unit, placement, states)
-    # A placement that names a machine carries no reason; only an unplaced unit has one.
-    reason = placement.reason if placement is not None and placement.machine_id is None else ""
+    # An unplaced unit says why; a placed one only when a drain cannot move it (why it stays).
+    reason = placement.reason if placement is not None else ""
     return UnitView(
         name=unit.name,
         options=body.options,
