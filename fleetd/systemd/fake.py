@@ -73,6 +73,7 @@ class FakeUnitManager:
         "latency",
         "record",
         "reloads",
+        "stop_latency",
         "units_dir",
     )
 
@@ -100,6 +101,9 @@ class FakeUnitManager:
         self.fail_reload = fail_reload
         self.hang_start = set(hang_start)
         self.latency = latency  # seconds each call takes; 0 = does not yield at all
+        # Extra seconds a stop takes, the unit still active meanwhile (a service's ExecStop):
+        # a test of "never two copies" needs a stop that is not instant.
+        self.stop_latency = 0.0
         self.record = record
         self.calls: list[tuple[str, str]] = []  # (method, unit name) when `record`
         self.reloads = 0
@@ -129,6 +133,8 @@ class FakeUnitManager:
     async def unload(self, name: str) -> None:
         await self._enter("unload", name)
         if name in self._states:
+            if self.stop_latency:
+                await asyncio.sleep(self.stop_latency)
             result = self._stop(name)
             if result != JOB_DONE:
                 raise UnitManagerError(f"could not stop {name} (job {result}); it stays loaded")
@@ -165,6 +171,8 @@ class FakeUnitManager:
 
     async def stop(self, name: str) -> str:
         await self._enter("stop", name)
+        if name in self._states and self.stop_latency:
+            await asyncio.sleep(self.stop_latency)
         if name not in self._states:
             raise NoSuchUnitError(f"systemd StopUnit({name!r}): Unit {name} not loaded.")
         return self._stop(name)
