@@ -11,6 +11,8 @@ Layout under the prefix (default `/fleet/`):
     machines/<machine>              presence, on the machine's lease
     machine-meta/<machine>/<key>    dynamic metadata (API PATCH), no lease
     cordons/<machine>               cordoned (or draining) machines, no lease: {"reason", ...}
+    maintenance/<slot>              a draining machine's id: at most maintenance-limit at once
+    settings/maintenance-limit      how many machines may drain at once (absent: 1)
     states/<unit>/<machine>         systemd state published by the agent, on the machine's lease
     engine/leader                   the engine leader's machine id, on its lease
 
@@ -107,6 +109,17 @@ class Keys:
 
     def cordon(self, machine_id: str) -> str:
         return f"{self.cordons}{machine_id}"
+
+    @property
+    def maintenance(self) -> str:
+        return f"{self.prefix}maintenance/"
+
+    def maintenance_slot(self, slot: int) -> str:
+        return f"{self.maintenance}{slot}"
+
+    @property
+    def maintenance_limit(self) -> str:
+        return f"{self.prefix}settings/maintenance-limit"
 
     # published states
     @property

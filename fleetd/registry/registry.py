@@ -14,6 +14,7 @@ import structlog
 
 from fleetd.errors import (
     Conflict,
+    InvalidInput,
     NotFound,
     NotLeader,
     UnitFileError,
@@ -504,10 +505,59 @@ class Registry:
         )
 
     async def uncordon(self, machine_id: str) -> bool:
-        """Make a machine schedulable again (ends a drain too); False if it was not cordoned."""
+        """Make a machine schedulable again (ends a drain too, and frees its maintenance
+        slot); False if it was not cordoned."""
         key = self.keys.cordon(machine_id)
         result = await self.kv.txn([Compare(key, "version", ">", 0)], [Delete(key)])
+        slots, _ = await self.kv.range(self.keys.maintenance)
+        for slot in slots:
+            if slot.value == machine_id:
+                await self.kv.txn(
+                    [Compare(slot.key, "value", "==", machine_id)], [Delete(slot.key)]
+                )
         return result.succeeded
+
+    async def maintenance_limit(self) -> int:
+        """How many machines may drain at once (settings/maintenance-limit; 1 when unset)."""
+        kv = await self.kv.get(self.keys.maintenance_limit)
+        if kv is None:
+            return 1
+        if not kv.value.isdecimal() or int(kv.value) < 1:
+            raise InvalidInput(
+                f"{kv.key} is {kv.value!r}: it must be a whole number of machines, 1 or more"
+            )
+        return int(kv.value)
+
+    async def drain(self, cordon: Cordon) -> str | None:
+        """Start (or go on with) a drain, if a maintenance slot is free; None once it is
+        recorded, else why not (naming the machines that hold the slots).
+
+        The slot and the cordon are written in one transaction that requires the slot to be
+        free, so two drains started at once cannot both take the last one.
+        """
+        machine_id = cordon.machine_id
+        limit = await self.maintenance_limit()
+        slots, _ = await self.kv.range(self.keys.maintenance)
+        held = {kv.key: kv.value for kv in slots}
+        put_cordon = Put(self.keys.cordon(machine_id), codec.encode_cordon(cordon))
+        if machine_id in held.values():  # draining already: this is its slot
+            await self.kv.txn([], [put_cordon])
+            return None
+        for slot in range(limit):
+            key = self.keys.maintenance_slot(slot)
+            if key in held:
+                continue
+            result = await self.kv.txn(
+                [Compare(key, "version", "==", 0)], [Put(key, machine_id), put_cordon]
+            )
+            if result.succeeded:
+                return None
+        others = sorted(v for k, v in held.items() if k < self.keys.maintenance_slot(limit))
+        return (
+            f"{len(others) or limit} machine(s) already in maintenance, the limit is {limit} "
+            f"({', '.join(others) or 'slots taken meanwhile'}): uncordon one when it is done, "
+            f"or raise {self.keys.maintenance_limit}"
+        )
 
     async def cordons(self) -> dict[str, Cordon]:
         """Cordoned machines by id (registered or not: a cordon outlives a reboot)."""

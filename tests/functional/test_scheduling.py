@@ -14,15 +14,22 @@ kill-to-active, graceful handover) are printed and appended to fleet_helpers.MET
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fleet_cluster import Cluster, MachineState
 from fleet_helpers import Fleet, eventually, fleet_on, holds_for, report, summary
 
-from fleetd.model import TargetState
+from fleetd.model import Cordon, TargetState
 from fleetd.unit.file import parse_unit
+
+FLEETCTL = str(Path(sys.prefix) / "bin" / "fleetctl")
 
 AGENT_TTL = 3.0
 METADATA = {
@@ -58,6 +65,8 @@ def fleet_module(cluster: Cluster) -> Iterator[Fleet]:
 def restore(fleet: Fleet) -> None:
     """The three original machines up with fleetd and registered; any extra one stopped."""
     cluster = fleet.cluster
+    for machine_id in fleet.driver._run(fleet.driver.registry.cordons()):
+        fleet.driver._run(fleet.driver.registry.uncordon(machine_id))
     home = {m.name for m in fleet.home}
     for m in cluster.machines:
         if m.name not in home and m.running:
@@ -329,6 +338,124 @@ def spread_units(fleet: Fleet, count: int) -> dict[str, MachineState]:
     for name in names:
         fleet.start(name, unit())
     return {name: fleet.wait_running(name) for name in names}
+
+
+# -- day 2: cordon and drain ----------------------------------------------------------------
+
+
+def fleetctl(fleet: Fleet, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The installed fleetctl, through etcd, as an operator on the host runs it."""
+    state = fleet.cluster.state
+    assert state is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETCTL_")}
+    env["FLEETCTL_ETCD_KEY_PREFIX"] = state.etcd_key_prefix
+    argv = [FLEETCTL, "--driver", "etcd", "--endpoint", fleet.cluster.etcd_endpoint, *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class ActiveCopies:
+    """Active copies of units as etcd's published states say, sampled every 0.1 s."""
+
+    def __init__(self, fleet: Fleet, names: list[str]) -> None:
+        self.fleet = fleet
+        self.samples: dict[str, list[int]] = {n: [] for n in names}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            states = self.fleet.driver.states()
+            for name, seen in self.samples.items():
+                seen.append(sum(s.name == name and s.active_state == "active" for s in states))
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> ActiveCopies:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def on_one_machine(fleet: Fleet, names_and_texts: list[tuple[str, str]]) -> MachineState:
+    """Start the units on the first machine (the others cordoned meanwhile)."""
+    home, *others = fleet.home
+    for m in others:
+        fleet.driver._run(fleet.driver.registry.cordon(Cordon(m.machine_id)))
+    for name, text in names_and_texts:
+        fleet.start(name, text)
+    for name, _ in names_and_texts:
+        assert fleet.wait_running(name) is home
+    for m in others:
+        fleet.driver._run(fleet.driver.registry.uncordon(m.machine_id))
+    return home
+
+
+def test_drain_moves_units_without_downtime_and_names_what_stays(fleet: Fleet) -> None:
+    stop_policy = unit("PartitionPolicy=stop")
+    home = on_one_machine(
+        fleet,
+        [
+            ("single.service", unit()),
+            ("fenced.service", stop_policy),
+            ("pinned.service", unit(f"MachineID={home_id(fleet)}")),
+        ],
+    )
+    with ActiveCopies(fleet, ["single.service", "fenced.service"]) as copies:
+        # The pinned unit cannot leave: the drain ends at its deadline, naming it.
+        first = fleetctl(fleet, "drain", home.machine_id[:12], "--deadline", "15s")
+        assert first.returncode == 1, first
+        assert "pinned.service" in first.stderr, first.stderr
+        assert "MachineID" in first.stderr, first.stderr
+        eventually(
+            lambda: not {"single.service", "fenced.service"} & set(fleet.unit_files(home)),
+            20.0,
+            "single and fenced to leave the drained machine",
+        )
+        fleet.destroy(["pinned.service"])
+        second = fleetctl(fleet, "drain", home.machine_id, "--deadline", "30s")
+        assert second.returncode == 0, second
+    report(
+        f"drain: single.service active copies min {min(copies.samples['single.service'])}, "
+        f"fenced.service max {max(copies.samples['fenced.service'])} "
+        f"({len(copies.samples['single.service'])} samples at 0.1 s)"
+    )
+    assert min(copies.samples["single.service"]) >= 1, "the singleton had no active copy"
+    assert max(copies.samples["fenced.service"]) <= 1, "the stop-policy unit ran twice"
+    for name in ("single.service", "fenced.service"):
+        assert fleet.wait_running(name) is not home
+    fleet.assert_not_loaded("single.service", [home])
+    # list-machines keeps fleet's columns; --fields shows the cordon.
+    listed = fleetctl(fleet, "list-machines", "--fields", "machine,schedulable", "--full")
+    assert f"{home.machine_id}\tdraining" in listed.stdout, listed.stdout
+    assert fleetctl(fleet, "uncordon", home.machine_id[:8]).returncode == 0
+    fleet.start("after-uncordon.service", unit(f"MachineID={home.machine_id}"))
+    assert fleet.wait_running("after-uncordon.service") is home
+
+
+def home_id(fleet: Fleet) -> str:
+    return fleet.home[0].machine_id
+
+
+def test_drain_completes_across_an_engine_failover(fleet: Fleet) -> None:
+    leader_id = fleet.driver.leader()
+    leader = next(m for m in fleet.home if m.machine_id == leader_id)
+    target = next(m for m in fleet.home if m is not leader)
+    names = [f"move-{i}.service" for i in range(3)]
+    for name in names:
+        fleet.start(name, unit())
+    where = {name: fleet.wait_running(name) for name in names}
+    on_target = [n for n, m in where.items() if m is target]
+    assert on_target, f"least-loaded placement put nothing on {target.name}: {where}"
+    started = fleetctl(fleet, "drain", target.machine_id, "--no-wait")
+    assert started.returncode == 0, started
+    # The engine leader's fleetd is killed as the drain begins; `drain` again shows the rest.
+    fleet.cluster.exec(leader, ["systemctl", "kill", "-s", "KILL", "fleet"], check=True)
+    again = fleetctl(fleet, "drain", target.machine_id, "--deadline", "60s")
+    assert again.returncode == 0, again
+    for name in on_target:
+        assert fleet.wait_running(name) is not target
 
 
 def test_fleetd_restart_keeps_units_running(fleet: Fleet) -> None:
