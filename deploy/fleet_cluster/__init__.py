@@ -8,7 +8,8 @@ See `fleet-cluster --help` for the command line.
 
 from __future__ import annotations
 
-from .cluster import Cluster, Progress, parse_machine_metadata
+from .cluster import Cluster
+from .context import Progress
 from .errors import (
     ClusterError,
     ClusterExists,
@@ -19,6 +20,7 @@ from .errors import (
     TeardownIncomplete,
 )
 from .fleet_service import FleetdStatus, fleetd_state, start_fleetd, stop_fleetd
+from .options import parse_machine_metadata
 from .state import MachineState
 
 __all__ = [

@@ -15,9 +15,10 @@ import click
 
 from . import machine as machine_ops
 from . import prereqs, signals, ssh
-from .cluster import Cluster, parse_machine_metadata
+from .cluster import Cluster
 from .errors import ClusterError
 from .fleet_service import parse_metadata
+from .options import parse_machine_metadata
 from .state import STATE_ROOT, Layout, locked
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -21,9 +21,9 @@ from fleet_cluster import (
     install,
     prereqs,
 )
-from fleet_cluster.cluster import parse_machine_metadata
 from fleet_cluster.fleet_service import fleet_conf, parse_metadata
 from fleet_cluster.network import bridge_address, bridge_mac, machine_address, parse_subnet
+from fleet_cluster.options import parse_machine_metadata
 from fleet_cluster.ssh import known_hosts_line
 from fleet_cluster.state import ClusterState, EtcdState, MachineState
 

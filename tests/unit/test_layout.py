@@ -179,6 +179,14 @@ def test_the_agent_parts_do_not_import_the_agent_loop() -> None:
     assert not bad, "; ".join(bad)
 
 
+def test_only_the_cluster_tools_front_doors_import_its_facade() -> None:
+    # fleet_cluster.cluster composes the parts (etcd members, provisioning, lifecycle, fleet,
+    # partitions, status: issue 17) over their shared context; a part that reached back for
+    # the facade would be one job calling into all of them.
+    users = sorted(n for n, found in IMPORTS.items() if "fleet_cluster.cluster" in found)
+    assert users == ["fleet_cluster", "fleet_cluster.cli"]
+
+
 def test_every_package_says_what_its_room_is_for() -> None:
     missing = [
         name
