@@ -7,6 +7,7 @@ Scenarios (see docs/scaling.md for what each measures and the targets):
   idle      1,000 machines and 10,000 units, nothing changing (runs after place)
   costs     etcd CPU of each request kind a placed unit needs, in raw txns (runs after place)
   failover  crash 100 of the 1,000 machines; time until their units run elsewhere
+  drain     4 simulated machines, 100 units on one: drain it (make-before-break), time to empty
   latency   real 3-machine nspawn cluster: fleetctl start to active; machine kill to moved
   kill      real 3-machine nspawn cluster: machine kill to moved, 20 runs, with the breakdown
   agent     real nspawn machine: 1,000 units started by one fleetd; idle CPU and D-Bus rate
@@ -33,7 +34,7 @@ from benchmarks.report import ScenarioResult, say, table
 
 SIM = ["place", "list", "idle", "costs", "failover"]
 CLUSTER = ["latency", "kill", "agent", "footprint"]
-ALL = [*SIM, *CLUSTER]
+ALL = [*SIM, "drain", *CLUSTER]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +63,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--idle-seconds", type=float, default=60.0)
     p.add_argument("--kill", type=int, default=100, help="machines crashed by failover")
+    p.add_argument("--drain-units", type=int, default=100, help="units on the drained machine")
     p.add_argument(
         "--raw-txns", type=int, default=5000, help="place's raw rate, and costs, per request kind"
     )
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         sim = [s for s in wanted if s in SIM]
         if sim:
             results += run_simulator(args, sim)
+        if "drain" in wanted:
+            results.append(run_drain(args))
         cluster = [s for s in wanted if s in CLUSTER]
         if cluster:
             from benchmarks.cluster import ClusterOptions, run_cluster
@@ -156,6 +160,14 @@ def run_simulator(args: argparse.Namespace, wanted: list[str]) -> list[ScenarioR
             return await list_scenario(bench, args.list_runs)
 
         return asyncio.run(run_sim(etcd, opts, wanted, {"list": listing}))
+
+
+def run_drain(args: argparse.Namespace) -> ScenarioResult:
+    from benchmarks.drain import drain_scenario
+    from benchmarks.etcd import bench_etcd
+
+    with bench_etcd() as etcd:
+        return asyncio.run(drain_scenario(etcd, args.drain_units))
 
 
 if __name__ == "__main__":
