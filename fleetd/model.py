@@ -165,3 +165,6 @@ class Requirements:
     is_global: bool = False
     replaces: tuple[str, ...] = ()  # glob patterns
     partition_policy: PartitionPolicy = PartitionPolicy.KEEP
+    # MinAvailable (beyond fleet): instances of this unit's template that stay active while
+    # a drain moves them; 0 is no budget.
+    min_available: int = 0

@@ -218,7 +218,7 @@ class Engine:
             nonlocal schema
             if self._changed and schema < SCHEMA_VERSION:
                 schema = await migrate(self.registry, schema)
-            moving = bool(self.view.handoffs) or self._stop_waits
+            moving = self._drain_moving()
             if self._changed or moving or (self._holding and not self._in_grace()):
                 await self._plan_and_apply(token)
             await self._sweep_bodies()
@@ -281,7 +281,7 @@ class Engine:
     def _idle_interval(self) -> float:
         """The safety pass's period; shorter to end a grace or run a body sweep on time."""
         wait = self.safety_interval
-        if self.view.handoffs or self._stop_waits:
+        if self._drain_moving():
             # A drain in progress: its new copies publish states the engine does not watch.
             wait = min(wait, HANDOFF_POLL)
         now = self.clock()
@@ -429,11 +429,13 @@ class Engine:
             self.stats.grace_holds += 1
         if view.handoffs:
             view.states = await self.registry.states_of(engineplan.handoff_pairs(view))
+        view.active_instances = await self._budgets(view)
         plannable.handoffs, plannable.states, plannable.cordons = (
             view.handoffs,
             view.states,
             view.cordons,
         )
+        plannable.active_instances = view.active_instances
         writes, reasons = engineplan.plan(plannable, held)
         writes = await self._hold_stop_policy_starts(plannable, writes)
         if self._extra:
@@ -462,6 +464,36 @@ class Engine:
         self.stats.writes += len(writes)
         for w in writes:
             _log_write(w, reasons)
+
+    def _drain_moving(self) -> bool:
+        """A drain in progress waits on states the engine does not watch: new copies to be
+        active, old copies of PartitionPolicy=stop units to stop, a budget to allow a stop."""
+        view = self.view
+        return bool(view.handoffs or view.active_instances) or self._stop_waits
+
+    async def _budgets(self, view: EngineView) -> dict[str, int]:
+        """Active instances of each template whose MinAvailable a drain must keep: read only
+        while a draining machine runs a budgeted PartitionPolicy=stop instance (they stop
+        before starting elsewhere; other units move make-before-break, so never lower it)."""
+        draining = view.draining
+        if not draining:
+            return {}
+        templates = {
+            template
+            for name, s in view.schedule.items()
+            if s.machine_id in draining
+            and (template := engineplan.budget_template(view, name)) is not None
+            and (reqs := view.requirements.get(name)) is not None
+            and reqs.partition_policy == PartitionPolicy.STOP
+        }
+        if not templates:
+            return {}
+        counts = dict.fromkeys(templates, 0)
+        for state in await self.registry.list_states():
+            template = engineplan.budget_template(view, state.name)
+            if template in counts and state.active_state == "active":
+                counts[template] += 1
+        return counts
 
     async def _hold_stop_policy_starts(self, view: EngineView, writes: list[Write]) -> list[Write]:
         """Drop the new placement of a PartitionPolicy=stop unit while a copy of it still

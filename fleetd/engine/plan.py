@@ -29,6 +29,7 @@ from fleetd.model import (
     Unit,
     UnitState,
 )
+from fleetd.unit.names import UnitNameInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,8 @@ class EngineView:
     handoffs: dict[str, str] = field(default_factory=dict)
     # published states the engine read for this plan: the new copies of handoffs
     states: dict[tuple[str, str], UnitState] = field(default_factory=dict)
+    # template -> its instances active now, read when a drain must stop one (MinAvailable)
+    active_instances: dict[str, int] = field(default_factory=dict)
 
     @property
     def cordoned(self) -> frozenset[str]:
@@ -212,26 +215,40 @@ def plan(
     _end_handoffs(view, local, decided.assignments, writes)
 
     reasons: dict[str, str] = {}
-    for name, scheduled in view.schedule.items():
+    budgets = dict(view.active_instances)  # stops each template's budget still allows
+    kept_for_budget: dict[str, str] = {}
+    for name, scheduled in sorted(view.schedule.items()):
         if name in frozen:
             continue
         target = decided.assignments.get(name)
         if target != scheduled.machine_id:
             why = decided.reasons.get(name, "") or _why_gone(name, view, target)
-            reasons[name] = why
-            if (
+            leaving_drain = (
                 target is not None
                 and scheduled.machine_id in draining
                 and scheduled.machine_id in view.machines
-                and name not in view.handoffs
-                and not _stop_policy(view, name)
-            ):
+            )
+            if leaving_drain and name not in view.handoffs and not _stop_policy(view, name):
                 # Make-before-break: the old copy runs until the new one is active.
+                reasons[name] = why
                 writes.append(BeginHandoff(name, scheduled.machine_id))
                 continue
+            if leaving_drain and _stop_policy(view, name):
+                wait = _budget_wait(view, name, budgets)
+                if wait:  # stopping it now would break its template's MinAvailable
+                    kept_for_budget[name] = wait
+                    continue
+            reasons[name] = why
             writes.append(DeleteSchedule(name, scheduled.machine_id, why))
 
+    for name, wait in kept_for_budget.items():
+        machine_id = view.schedule[name].machine_id
+        placed = view.placements.get(name)
+        if placed is None or placed.machine_id != machine_id or placed.reason != wait:
+            writes.append(SetPlacement(name, machine_id, wait))
     for name, machine_id in sorted(decided.assignments.items()):
+        if name in kept_for_budget:
+            continue
         unit = local[name]
         now = view.schedule.get(name)
         if (
@@ -259,6 +276,29 @@ def plan(
         if name not in placed_or_explained and name not in frozen:
             writes.append(DeletePlacement(name))
     return writes, reasons
+
+
+def budget_template(view: EngineView, name: str) -> str | None:
+    """The template whose MinAvailable governs `name`, if it has a budget."""
+    reqs = view.requirements.get(name)
+    if reqs is None or reqs.min_available <= 0:
+        return None
+    info = UnitNameInfo.parse(name)
+    return info.template if info is not None and info.is_instance else None
+
+
+def _budget_wait(view: EngineView, name: str, budgets: dict[str, int]) -> str:
+    """ "" if stopping `name` keeps its template's MinAvailable (and counts the stop), else
+    why it waits."""
+    template = budget_template(view, name)
+    if template is None:
+        return ""
+    need = view.requirements[name].min_available
+    active = budgets.get(template, 0)
+    if active - 1 >= need:
+        budgets[template] = active - 1
+        return ""
+    return f"waiting for the disruption budget: MinAvailable={need} for {template}, {active} active"
 
 
 def _stop_policy(view: EngineView, name: str) -> bool:

@@ -24,6 +24,7 @@ _CONFLICTS_KEYS = ("X-Conflicts", "Conflicts")
 _GLOBAL_KEY = "Global"
 _REPLACES_KEY = "Replaces"
 _PARTITION_POLICY_KEY = "PartitionPolicy"  # beyond fleet
+_MIN_AVAILABLE_KEY = "MinAvailable"  # beyond fleet: a template's disruption budget
 _KNOWN_XFLEET_KEYS = frozenset(
     {
         *_MACHINE_ID_KEYS,
@@ -33,6 +34,7 @@ _KNOWN_XFLEET_KEYS = frozenset(
         _GLOBAL_KEY,
         _REPLACES_KEY,
         _PARTITION_POLICY_KEY,
+        _MIN_AVAILABLE_KEY,
     }
 )
 _TRUTHY = frozenset({"true", "yes", "1", "on", "t"})
@@ -127,12 +129,29 @@ def _partition_policy(values: Mapping[str, list[str]]) -> PartitionPolicy:
     return policy
 
 
+def _min_available(values: Mapping[str, list[str]]) -> int:
+    """Beyond fleet: `MinAvailable=N` (a template's): at least N of its instances stay active
+    during a drain. Last value wins; empty resets to 0 (no budget)."""
+    budget = 0
+    for value in values.get(_MIN_AVAILABLE_KEY, []):
+        if value == "":
+            budget = 0
+        elif value.isdecimal() and value.isascii() and len(value) <= 6:
+            budget = int(value)
+        else:
+            raise UnitFileError(
+                f"invalid value {go_quote(value)} for {_MIN_AVAILABLE_KEY} in [X-Fleet]"
+                " section: must be a whole number of instances (0 or more)"
+            )
+    return budget
+
+
 def requirements(unit: UnitFile, unit_name: str) -> Requirements:
     """The scheduling requirements of `unit` submitted as `unit_name`, specifiers expanded.
 
-    Raises UnitFileError only for an invalid PartitionPolicy (fleet's own options never fail:
-    malformed ones are ignored, as fleet does). Lenient on purpose: this reads stored bodies,
-    which may predate the input checks of `check_requirements`.
+    Raises UnitFileError only for an invalid PartitionPolicy or MinAvailable (fleet's own
+    options never fail: malformed ones are ignored, as fleet does). Lenient on purpose: this
+    reads stored bodies, which may predate the input checks of `check_requirements`.
     """
     values = _xfleet(unit, unit_name)
     return Requirements(
@@ -143,6 +162,7 @@ def requirements(unit: UnitFile, unit_name: str) -> Requirements:
         is_global=_is_global(values),
         replaces=_replaces(values),
         partition_policy=_partition_policy(values),
+        min_available=_min_available(values),
     )
 
 
@@ -331,3 +351,4 @@ def validate_options(unit: UnitFile, *, strict: bool = True) -> None:
     _check_peers(_peers(values), _conflicts(values), _replaces(values))
     _check_combinations(values)
     _partition_policy(values)
+    _min_available(values)

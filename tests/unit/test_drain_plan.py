@@ -9,6 +9,8 @@ its reason on the placement. A new leader reading the two entries finds the hand
 
 from __future__ import annotations
 
+import pytest
+
 from fleetd.engine.plan import (
     BeginHandoff,
     DeleteSchedule,
@@ -19,6 +21,7 @@ from fleetd.engine.plan import (
     plan,
 )
 from fleetd.engine.scheduler import plan_schedule
+from fleetd.errors import UnitFileError
 from fleetd.model import (
     Cordon,
     Machine,
@@ -30,6 +33,8 @@ from fleetd.model import (
     Unit,
     UnitState,
 )
+from fleetd.unit.file import parse_unit
+from fleetd.unit.xfleet import requirements, validate_options
 
 L = TargetState.LAUNCHED
 H1 = "1" * 40
@@ -151,3 +156,32 @@ def test_a_destroyed_unit_ends_its_handoff() -> None:
     assert DeleteSchedule("a.service", "m1", "unit destroyed") in writes
     assert DeleteSchedule("a.service", "m2", "unit no longer exists") in writes
     assert v.handoffs == {}
+
+
+def test_a_budget_lets_stop_policy_instances_leave_one_at_a_time() -> None:
+    budgeted = Requirements(partition_policy=PartitionPolicy.STOP, min_available=2)
+    names = ["web@1.service", "web@2.service", "web@3.service"]
+    v = view(dict.fromkeys(names, budgeted), ["m1", "m2"])
+    for name in names:  # all three on m1
+        v.schedule[name] = ScheduledUnit(name, "m1", H1, L)
+        v.placements[name] = Placement(name, "m1")
+    v.cordons["m1"] = Cordon("m1", drain=True)
+    v.active_instances = {"web@.service": 3}
+    writes = settle(v)
+    stopped = [w for w in writes if isinstance(w, DeleteSchedule)]
+    assert stopped == [DeleteSchedule("web@1.service", "m1", "machine m1 is draining")]
+    for name in names[1:]:
+        assert v.schedule[name].machine_id == "m1"
+        assert v.placements[name].reason == (
+            "waiting for the disruption budget: MinAvailable=2 for web@.service, 2 active"
+        )
+    v.active_instances = {"web@.service": 2}  # web@1 stopped, not yet active elsewhere
+    assert not [w for w in settle(v) if isinstance(w, DeleteSchedule)]
+
+
+def test_min_available_is_read_and_bad_values_are_refused_by_name() -> None:
+    body = parse_unit("[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nMinAvailable=2\n")
+    assert requirements(body, "web@1.service").min_available == 2
+    bad = parse_unit("[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nMinAvailable=two\n")
+    with pytest.raises(UnitFileError, match="MinAvailable"):
+        validate_options(bad)
