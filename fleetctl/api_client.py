@@ -22,7 +22,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aiohttp
 
 from fleetd import __version__
-from fleetd.errors import FleetError, InvalidInput, NotFound, RegistryUnavailable
+from fleetd.errors import Conflict, FleetError, InvalidInput, NotFound, RegistryUnavailable
 from fleetd.model import Cordon, Placement, TargetState
 from fleetd.unit.file import UnitFile
 from fleetd.views import (
@@ -54,6 +54,7 @@ class ApiError(FleetError):
         detail = message or "(no message)"
         super().__init__(f"API error {status}: {detail}")
         self.status = status
+        self.message = detail
 
 
 def base_url(endpoint: str, unix_socket: str | None) -> str:
@@ -253,7 +254,12 @@ class ApiClient:
 
     async def cordon(self, cordon: Cordon) -> None:
         body = {"reason": cordon.reason, "drain": cordon.drain, "deadline": cordon.deadline}
-        status, _ = await self._request("PUT", f"cordons/{cordon.machine_id}", body=body)
+        try:
+            status, _ = await self._request("PUT", f"cordons/{cordon.machine_id}", body=body)
+        except ApiError as e:
+            if e.status == 409:
+                raise Conflict(e.message) from None
+            raise
         if status == 404:
             raise NotFound(f"machine {cordon.machine_id} is not registered")
 

@@ -26,7 +26,7 @@ from fleetctl import transport
 from fleetctl.errors import CommandFailed
 from fleetctl.settings import Driver, Settings, Target, select_target
 from fleetd import __version__
-from fleetd.errors import FleetError, InvalidInput, NotFound
+from fleetd.errors import Conflict, FleetError, InvalidInput, NotFound
 from fleetd.model import Cordon, Placement, TargetState
 from fleetd.registry.instrumented import InstrumentedKV
 from fleetd.registry.kv import KV
@@ -99,7 +99,8 @@ class ClusterClient(Protocol):
         ...
 
     async def cordon(self, cordon: Cordon) -> None:
-        """Cordon (or drain) a registered machine; NotFound if it is not registered."""
+        """Cordon (or drain) a registered machine; NotFound if it is not registered, Conflict
+        if a drain finds no free maintenance slot (the reason names who holds them)."""
         ...
 
     async def uncordon(self, machine_id: str) -> bool:
@@ -169,7 +170,12 @@ class RegistryClient:
     async def cordon(self, cordon: Cordon) -> None:
         if cordon.machine_id not in {m.id for m in await self.registry.list_machines()}:
             raise NotFound(f"machine {cordon.machine_id} is not registered")
-        await self.registry.cordon(cordon)
+        if not cordon.drain:
+            await self.registry.cordon(cordon)
+            return
+        refused = await self.registry.drain(cordon)
+        if refused is not None:
+            raise Conflict(f"cannot drain {cordon.machine_id}: {refused}")
 
     async def uncordon(self, machine_id: str) -> bool:
         return await self.registry.uncordon(machine_id)

@@ -115,7 +115,7 @@ def _deadline(text: str) -> float:
     try:
         return parse_positive_duration(text)
     except ConfigError as e:
-        raise click.BadParameter(str(e)) from None
+        raise click.BadParameter(str(e), param_hint="'--deadline'") from None
 
 
 @click.command("cordon", cls=FleetCommand, short_help="Give a machine no new units.")

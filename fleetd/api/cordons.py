@@ -45,7 +45,12 @@ async def put_cordon(ctx: ApiContext, request: web.Request, item: str) -> web.St
         raise ApiError(404, f"machine {item} is not registered")
     if not cordon.since:
         cordon = replace(cordon, since=time.time())
-    await ctx.registry.cordon(cordon)
+    if not cordon.drain:
+        await ctx.registry.cordon(cordon)
+        return web.Response(status=204)
+    refused = await ctx.registry.drain(cordon)
+    if refused is not None:
+        raise ApiError(409, f"cannot drain {item}: {refused}")
     return web.Response(status=204)
 
 

@@ -394,15 +394,23 @@ def on_one_machine(fleet: Fleet, names_and_texts: list[tuple[str, str]]) -> Mach
 
 def test_drain_moves_units_without_downtime_and_names_what_stays(fleet: Fleet) -> None:
     stop_policy = unit("PartitionPolicy=stop")
+    web = unit("MinAvailable=1")
     home = on_one_machine(
         fleet,
         [
             ("single.service", unit()),
             ("fenced.service", stop_policy),
+            ("web@1.service", web),
+            ("web@2.service", web),
             ("pinned.service", unit(f"MachineID={home_id(fleet)}")),
         ],
     )
-    with ActiveCopies(fleet, ["single.service", "fenced.service"]) as copies:
+    fleet.start("everywhere.service", unit("Global=true"))
+    eventually(
+        lambda: home.machine_id in fleet.running_on("everywhere.service"), 20.0, "global unit"
+    )
+    watched = ["single.service", "fenced.service", "web@1.service", "web@2.service"]
+    with ActiveCopies(fleet, watched) as copies:
         # The pinned unit cannot leave: the drain ends at its deadline, naming it.
         first = fleetctl(fleet, "drain", home.machine_id[:12], "--deadline", "15s")
         assert first.returncode == 1, first
@@ -423,8 +431,16 @@ def test_drain_moves_units_without_downtime_and_names_what_stays(fleet: Fleet) -
     )
     assert min(copies.samples["single.service"]) >= 1, "the singleton had no active copy"
     assert max(copies.samples["fenced.service"]) <= 1, "the stop-policy unit ran twice"
-    for name in ("single.service", "fenced.service"):
+    web_active = [
+        a + b
+        for a, b in zip(
+            copies.samples["web@1.service"], copies.samples["web@2.service"], strict=True
+        )
+    ]
+    assert min(web_active) >= 1, "MinAvailable=1 of web@.service was broken"
+    for name in ("single.service", "fenced.service", "web@1.service", "web@2.service"):
         assert fleet.wait_running(name) is not home
+    assert home.machine_id in fleet.running_on("everywhere.service"), "the global unit left"
     fleet.assert_not_loaded("single.service", [home])
     # list-machines keeps fleet's columns; --fields shows the cordon.
     listed = fleetctl(fleet, "list-machines", "--fields", "machine,schedulable", "--full")
