@@ -163,7 +163,8 @@ async def wait_for_states(
             ):
                 say(await _arrival(view, machines))
                 continue
-            if view.reason and reasons.get(name) != view.reason:
+            # A placed unit's reason is why a drain leaves it where it is, not a failure.
+            if view.reason and view.machine_id is None and reasons.get(name) != view.reason:
                 reasons[name] = view.reason
                 warn(f"Unit {name} cannot be placed: {view.reason}")
             still.append(name)

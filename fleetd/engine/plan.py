@@ -217,7 +217,9 @@ def plan(
     reasons: dict[str, str] = {}
     budgets = dict(view.active_instances)  # stops each template's budget still allows
     kept_for_budget: dict[str, str] = {}
-    for name, scheduled in sorted(view.schedule.items()):
+    # In name order while a budget is spent, so which instance stops first is deterministic.
+    scheduled_units = sorted(view.schedule.items()) if budgets else view.schedule.items()
+    for name, scheduled in scheduled_units:
         if name in frozen:
             continue
         target = decided.assignments.get(name)
