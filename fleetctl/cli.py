@@ -25,6 +25,7 @@ from fleetctl.remote import fd_forward, journal, ssh, status
 from fleetctl.settings import DEFAULT_KNOWN_HOSTS, Settings
 from fleetctl.units import destroy, load, restart, start, stop, submit, unload
 from fleetctl.verify import verify, version, version_line
+from fleetctl.whatif import plan, why
 from fleetd import __version__
 from fleetd.registry.keys import DEFAULT_PREFIX
 
@@ -293,6 +294,7 @@ for _command in (
     list_units,
     load,
     migrate_from_fleet,
+    plan,
     restart,
     ssh,
     start,
@@ -302,5 +304,6 @@ for _command in (
     unload,
     verify,
     version,
+    why,
 ):
     cli.add_command(_command)
