@@ -81,10 +81,12 @@ def summary(p: Prediction, machines: Mapping[str, MachineView], full: bool) -> s
         (Action.PLACE, "would be placed"),
         (Action.UNPLACED, "would not be placed"),
         (Action.UNSCHEDULE, "would be unscheduled"),
-        (Action.STAY, "would stay as they are"),
+        (Action.STAY, "would stay where they are"),
     ):
         count = p.count(action)
         if count:
+            if count == 1:
+                words = words.replace("they are", "it is")
             parts.append(f"{_plural(count, 'unit')} {words}")
     starts = sum(1 for g in p.globals if g.action == "start")
     stops = sum(1 for g in p.globals if g.action == "stop")

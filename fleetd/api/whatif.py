@@ -101,8 +101,10 @@ def parse_plan_request(data: bytes, max_unit_bytes: int) -> PlanRequest:
         obj = {}
     if not isinstance(obj, Mapping):
         raise ApiError(400, f"unable to decode body: expected an object, got {json_type(obj)}")
-    units = field(obj, "units") or []
-    kill = field(obj, "kill") or []
+    units = field(obj, "units")
+    kill = field(obj, "kill")
+    units = [] if units is None else units
+    kill = [] if kill is None else kill
     if not isinstance(units, list):
         raise ApiError(400, "field 'units' must be an array of Unit objects")
     if not isinstance(kill, list) or not all(isinstance(k, str) for k in kill):
