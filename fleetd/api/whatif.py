@@ -8,7 +8,8 @@ machine by machine, why a unit is placed where it is or not at all. Neither writ
 A Unit in `units` is checked as a PUT's would be (name, size, options, [X-Fleet]); without
 options it names a unit already stored, whose body is used. `desiredState` defaults to
 `launched` (what `fleetctl start` sets). The planning runs in the executor: at 10,000 units it
-costs about a second of CPU, which must not stall the agent and engine sharing this loop.
+costs a few hundred milliseconds of CPU, which must not stall the agent and engine sharing this
+loop.
 """
 
 from __future__ import annotations
