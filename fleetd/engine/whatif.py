@@ -312,8 +312,8 @@ def _global_unit_outcome(view: EngineView, name: str, hosts: Sequence[str]) -> U
     if view.units[name].target_state == TargetState.INACTIVE:
         return UnitOutcome(name, Action.GLOBAL, reason="global unit, desired state inactive")
     if hosts:
-        total = len(view.machines)
-        return UnitOutcome(name, Action.GLOBAL, reason=f"global unit: {len(hosts)} of {total}")
+        on = f"global unit: on {len(hosts)} of {len(view.machines)} machines"
+        return UnitOutcome(name, Action.GLOBAL, reason=on)
     return UnitOutcome(name, Action.UNPLACED, reason=_why_no_global_host(view, name))
 
 
