@@ -13,6 +13,7 @@ Scenarios (see docs/scaling.md for what each measures and the targets):
   agent     real nspawn machine: 1,000 units started by one fleetd; idle CPU and D-Bus rate
   footprint real nspawn machine: fleetd RSS and idle CPU at 20 and 1,000 units
   scheduler the pure scheduler alone (benchmarks/bench_scheduler.py)
+  plan      `fleetctl plan --kill` on 10,000 units / 1,000 machines (benchmarks/bench_plan.py)
 
 The simulator scenarios (place, list, idle, costs, failover) share one cluster on one etcd that the
 command starts and always tears down. latency, agent and footprint need root and
@@ -43,7 +44,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("scenarios", nargs="+", choices=[*ALL, "scheduler", "all", "sim", "cluster"])
+    p.add_argument(
+        "scenarios", nargs="+", choices=[*ALL, "scheduler", "plan", "all", "sim", "cluster"]
+    )
     p.add_argument("--machines", type=int, default=1000, help="simulated machines")
     p.add_argument("--units", type=int, default=10_000, help="units (simulator scenarios)")
     p.add_argument("--templates", type=int, default=1000, help="of --units, template instances")
@@ -94,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks import bench_scheduler
 
             bench_scheduler.main([])
+        if "plan" in wanted:
+            from benchmarks import bench_plan
+
+            results.append(bench_plan.scenario(args.units, args.machines))
         sim = [s for s in wanted if s in SIM]
         if sim:
             results += run_simulator(args, sim)

@@ -22,6 +22,13 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aiohttp
 
 from fleetd import __version__
+from fleetd.engine.whatif import (
+    Explanation,
+    Prediction,
+    Start,
+    explanation_from_api,
+    prediction_from_api,
+)
 from fleetd.errors import Conflict, FleetError, InvalidInput, NotFound, RegistryUnavailable
 from fleetd.model import Cordon, Placement, TargetState
 from fleetd.unit.file import UnitFile
@@ -242,6 +249,33 @@ class ApiClient:
 
     def corrupt_values(self) -> dict[str, str]:
         return {}  # the API server skips corrupt values on its side (and logs them)
+
+    async def plan(self, starts: Sequence[Start], kill: Sequence[str]) -> Prediction:
+        units = []
+        for start in starts:
+            unit: dict[str, Any] = {"name": start.name, "desiredState": start.state.value}
+            if start.body is not None:
+                unit["options"] = [option_to_api(o) for o in start.body.options]
+            units.append(unit)
+        try:
+            status, answer = await self._request(
+                "POST", "plan", body={"units": units, "kill": list(kill)}
+            )
+        except ApiError as e:
+            if e.status == 400:
+                raise InvalidInput(str(e)) from e
+            raise
+        if status == 404:
+            raise ApiError(404, "this fleetd has no plan endpoint (it predates fleet-py 0.2.0)")
+        return prediction_from_api(answer)
+
+    async def why(self, name: str) -> Explanation | None:
+        status, answer = await self._request("GET", "why/" + quote(name, safe="@:"))
+        if status == 404:
+            if _error_message(answer, "") == "not found":  # the router's: no such endpoint
+                raise ApiError(404, "this fleetd has no why endpoint (it predates fleet-py 0.2.0)")
+            return None
+        return explanation_from_api(answer)
 
     async def set_machine_metadata(self, machine_id: str, key: str, value: str | None) -> None:
         path = f"/{machine_id}/metadata/{key}"

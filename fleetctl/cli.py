@@ -26,6 +26,7 @@ from fleetctl.remote import fd_forward, journal, ssh, status
 from fleetctl.settings import DEFAULT_KNOWN_HOSTS, Settings
 from fleetctl.units import destroy, load, restart, start, stop, submit, unload
 from fleetctl.verify import verify, version, version_line
+from fleetctl.whatif import plan, why
 from fleetd import __version__
 from fleetd.registry.keys import DEFAULT_PREFIX
 
@@ -296,6 +297,7 @@ for _command in (
     list_units,
     load,
     migrate_from_fleet,
+    plan,
     restart,
     ssh,
     start,
@@ -306,5 +308,6 @@ for _command in (
     unload,
     verify,
     version,
+    why,
 ):
     cli.add_command(_command)

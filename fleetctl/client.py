@@ -25,7 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 from fleetctl import transport
 from fleetctl.errors import CommandFailed
 from fleetctl.settings import Driver, Settings, Target, select_target
-from fleetd import __version__
+from fleetd import __version__, whatif_load
+from fleetd.engine.whatif import Explanation, Prediction, Start
 from fleetd.errors import Conflict, FleetError, InvalidInput, NotFound
 from fleetd.model import Cordon, Placement, TargetState
 from fleetd.registry.instrumented import InstrumentedKV
@@ -111,6 +112,16 @@ class ClusterClient(Protocol):
         """Where each non-global unit is placed, or why not (a drain shows why units stay)."""
         ...
 
+    async def plan(self, starts: Sequence[Start], kill: Sequence[str]) -> Prediction:
+        """What the engine would do if `starts` were started and the machines `kill` names
+        went away (fleetd/engine/whatif.py), computed where the driver reads the cluster:
+        here through etcd, in fleetd through the API. Writes nothing."""
+        ...
+
+    async def why(self, name: str) -> Explanation | None:
+        """Why unit `name` is placed where it is, or not at all; None if it does not exist."""
+        ...
+
 
 def check_activation(name: str, state: TargetState) -> None:
     """fleet's API refuses to load or start a template (reference §2.4); both drivers do."""
@@ -182,6 +193,12 @@ class RegistryClient:
 
     async def placements(self) -> dict[str, Placement]:
         return await self.registry.placements()
+
+    async def plan(self, starts: Sequence[Start], kill: Sequence[str]) -> Prediction:
+        return await whatif_load.predict(self.registry, starts, kill)
+
+    async def why(self, name: str) -> Explanation | None:
+        return await whatif_load.explain(self.registry, name)
 
     def corrupt_values(self) -> dict[str, str]:
         out = {}

@@ -1,11 +1,12 @@
-"""Shell completion of unit arguments.
+"""Shell completion of unit and machine arguments.
 
 click provides the completion scripts: `eval "$(_FLEETCTL_COMPLETE=bash_source fleetctl)"`
 (or zsh_source, fish_source).
 
 Commands that take local unit files complete file names; commands on existing units complete
-the cluster's unit names. Completion must never hang or print errors into the shell, so the
-cluster is asked with a short deadline and any failure completes nothing.
+the cluster's unit names; `plan --kill` completes machine ids. Completion must never hang or
+print errors into the shell, so the cluster is asked with a short deadline and any failure
+completes nothing.
 """
 
 from __future__ import annotations
@@ -45,3 +46,18 @@ def complete_units(ctx: click.Context, param: click.Parameter, incomplete: str) 
     except Exception:  # completion must never fail noisily, whatever went wrong
         return []
     return [CompletionItem(n) for n in names if n.startswith(incomplete)]
+
+
+async def _machine_ids(settings: Settings) -> list[str]:
+    async with client_module.make_client(settings, warn=warn) as client:
+        return [m.id for m in await client.machines()]
+
+
+def complete_machines(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Machine ids (`plan --kill`); the part after the last comma of a list is completed."""
+    head, comma, tail = incomplete.rpartition(",")
+    try:
+        ids = asyncio.run(asyncio.wait_for(_machine_ids(_settings(ctx)), DEADLINE))
+    except Exception:  # completion must never fail noisily, whatever went wrong
+        return []
+    return [CompletionItem(head + comma + i) for i in ids if i.startswith(tail)]

@@ -19,6 +19,7 @@ __all__ = [
     "global_units_for",
     "is_literal",
     "matches_any",
+    "metadata_misses",
     "metadata_ok",
 ]
 
@@ -33,6 +34,18 @@ def metadata_ok(required: MetadataRequirement, have: Mapping[str, str]) -> bool:
     """Whether a machine with metadata `have` satisfies a MachineMetadata requirement: each
     key present with one of its values."""
     return all(have.get(key) in values for key, values in required)
+
+
+def metadata_misses(
+    required: MetadataRequirement, have: Mapping[str, str]
+) -> list[tuple[str, frozenset[str], str | None]]:
+    """The keys of a MachineMetadata requirement a machine with metadata `have` fails, in key
+    order: (key, the values any of which fits, the machine's value or None)."""
+    return [
+        (key, values, have.get(key))
+        for key, values in sorted(required)
+        if have.get(key) not in values
+    ]
 
 
 def describe_metadata(metadata: MetadataRequirement) -> str:

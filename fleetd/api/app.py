@@ -16,6 +16,8 @@ than to coax out of a router. Resources are mounted under `/fleet/v1` and `/v1-a
 | `/state` | GET | 405 |
 | `/state/<name>` | GET | 405 |
 | `/machines` | GET PATCH | 405 |
+| `/plan` (ours: what-if, fleetd/api/whatif.py) | POST | 405 |
+| `/why/<name>` (ours) | GET | 405 |
 | `/metrics` (as fleet), `/health` (ours): top level, also before registering | GET HEAD | 405 |
 | anything else | | 404 |
 """
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from fleetd.api import cordons, discovery, machines, openapi, state, units
+from fleetd.api import cordons, discovery, machines, openapi, state, units, whatif
 from fleetd.api.context import ApiContext
 from fleetd.api.errors import ApiError, error_response, json_bytes, method_not_allowed
 from fleetd.errors import QuotaExceeded, RegistryUnavailable
@@ -106,6 +108,8 @@ CORDON = Resource(
     {"PUT": cordons.put_cordon, "DELETE": cordons.delete_cordon},
     "only PUT and DELETE supported against this resource",
 )
+PLAN = Resource("plan", {"POST": whatif.post_plan}, "only POST supported against this resource")
+WHY = Resource("why", {"GET": whatif.get_why}, _ONLY_GET)
 ROOT = Resource("root", {}, "method not allowed: the fleet API is under /fleet/v1/")
 METRICS = Resource(
     "metrics", {"GET": _metrics, "HEAD": _metrics}, "only GET supported", gated=False
@@ -113,11 +117,12 @@ METRICS = Resource(
 HEALTH = Resource("health", {"GET": _health, "HEAD": _health}, "only GET supported", gated=False)
 
 _COLLECTIONS = {"units": UNITS, "state": STATES, "machines": MACHINES, "cordons": CORDONS}
-_ITEMS = {"units": UNIT, "state": STATE, "cordons": CORDON}
+_ITEMS = {"units": UNIT, "state": STATE, "why": WHY, "cordons": CORDON}
 _FIXED = {
     "discovery": DISCOVERY,
     "discovery.json": DISCOVERY,
     "openapi.json": OPENAPI,
+    "plan": PLAN,
 } | _COLLECTIONS
 _TOP = {"/": ROOT, "/metrics": METRICS, "/health": HEALTH}
 

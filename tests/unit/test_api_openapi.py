@@ -271,6 +271,7 @@ async def test_every_documented_operation_is_routed(api: Api) -> None:
     bodies = {
         (unit_path, "put"): request_example(unit_path, "put", "stop"),
         (f"{V1}/machines", "patch"): request_example(f"{V1}/machines", "patch"),
+        (f"{V1}/plan", "post"): request_example(f"{V1}/plan", "post", "start"),
     }
     for path, item in DOC["paths"].items():
         for method in sorted(set(item) & METHODS, key=lambda m: m == "delete"):

@@ -40,6 +40,8 @@ async def api() -> AsyncIterator[Api]:
         ("/fleet/v1/state", "states", ""),
         ("/fleet/v1/state/hello.service", "state", "hello.service"),
         ("/fleet/v1/machines", "machines", ""),
+        ("/fleet/v1/plan", "plan", ""),
+        ("/fleet/v1/why/hello.service", "why", "hello.service"),
         ("/metrics", "metrics", ""),
         ("/health", "health", ""),
         # fleet's 404s: trailing slashes, deeper paths, machines items, unknown names
@@ -52,6 +54,8 @@ async def api() -> AsyncIterator[Api]:
         ("/fleet/v1/machines/m1", None, ""),
         ("/fleet/v1/discovery/", None, ""),
         ("/fleet/v1/unknown", None, ""),
+        ("/fleet/v1/why", None, ""),
+        ("/fleet/v1/plan/x", None, ""),
         ("/fleet/v2/units", None, ""),
         ("/fleet/v1units", None, ""),
         ("/metrics/", None, ""),

@@ -79,3 +79,12 @@ def test_simulator_scenarios_at_toy_scale(tmp_path: Path) -> None:
     assert place["placement rate"]["value"] > 0
     costs = {f["name"]: f for f in results["costs"]["figures"]}
     assert costs["a placed unit costs etcd"]["value"] > 0
+
+
+def test_the_plan_benchmark_at_toy_scale(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import bench_plan
+
+    result = bench_plan.scenario(units=300, machine_count=12, runs=1)
+    figures = {f.name: f.value for f in result.figures}
+    assert figures["fleetctl plan --kill end to end (etcd driver, FakeKV)"] is not None
+    assert "predict: kill the busiest machine (pure)" in capsys.readouterr().out

@@ -84,6 +84,7 @@ def imports_of(room: str, others: list[str]) -> list[str]:
 PURE = [
     "fleetd.engine.plan",
     "fleetd.engine.scheduler",
+    "fleetd.engine.whatif",
     "fleetd.agent.plan",
     "fleetd.feasibility",
     "fleetd.unit",
@@ -125,11 +126,18 @@ FORBIDDEN = [
     ("fleetd.etcd", ["fleetd.engine", "fleetd.agent", "fleetd.api", "fleetd.server"], "a client"),
     ("fleetd.agent", ["fleetd.engine"], "the agent follows etcd, not the engine's code"),
     ("fleetd.engine", ["fleetd.agent"], "the engine writes etcd, not the agent's code"),
-    ("fleetd.api", ["fleetd.engine", "fleetd.agent"], "the API reads etcd and probes, not them"),
+    ("fleetd.api", ["fleetd.agent"], "the API reads etcd and probes, not the agent"),
     ("fleetd.systemd", ["fleetd.registry", "fleetd.etcd", "fleetd.engine"], "the machine only"),
     ("fleetd", ["fleetctl", "fleet_cluster"], "the daemon needs no client or cluster tool"),
-    ("fleetctl", ["fleetd.engine", "fleetd.agent", "fleetd.server"], "a client of the cluster"),
+    ("fleetctl", ["fleetd.agent", "fleetd.server"], "a client of the cluster"),
 ]
+
+# The engine's pure planners: what the API and fleetctl may use of the engine, to ask it "what
+# if?" (plan, why: fleetd/engine/whatif.py) on a snapshot they read. Never its loop
+# (fleetd.engine.engine): election, watches and fenced writes are the leader's alone.
+PLANNERS = ["fleetd.engine.plan", "fleetd.engine.scheduler", "fleetd.engine.whatif"]
+# Rooms that may import those planners and nothing else of the engine.
+PLANNER_USERS = ["fleetd.api", "fleetctl", "fleetd.whatif_load"]
 
 
 @pytest.mark.parametrize("planner", PURE)
@@ -143,6 +151,24 @@ def test_planners_import_no_io(planner: str) -> None:
 def test_rooms_do_not_import_what_they_must_not(room: str, others: list[str], why: str) -> None:
     bad = imports_of(room, others)
     assert not bad, f"{why}: " + "; ".join(bad)
+
+
+@pytest.mark.parametrize("room", PLANNER_USERS)
+def test_clients_of_the_engine_use_only_its_pure_planners(room: str) -> None:
+    # `from fleetd.engine import whatif` names the package too: its __init__ imports nothing.
+    allowed = {"fleetd.engine", *PLANNERS}
+    bad = [i for i in imports_of(room, ["fleetd.engine"]) if i.split(" imports ")[1] not in allowed]
+    assert not bad, "only the engine's pure planners, never its loop: " + "; ".join(bad)
+
+
+def test_the_planners_others_may_use_stay_pure_and_apart_from_the_loop() -> None:
+    assert "fleetd.whatif_load" in MODULES, "the what-if loader moved: update the rule"
+    assert "fleetd.engine.whatif" in IMPORTS["fleetd.whatif_load"], "update the rule"
+    for planner in PLANNERS:
+        assert planner in PURE, f"{planner} is used outside the engine: it must be pure"
+        engine = [i for i in IMPORTS[planner] if within(i, "fleetd.engine")]
+        assert set(engine) <= {"fleetd.engine", *PLANNERS}, f"{planner} imports {engine}"
+    assert not [i for i in IMPORTS["fleetd.engine"] if within(i, "fleetd.engine.engine")]
 
 
 def test_only_fleetctl_ssh_imports_paramiko() -> None:
