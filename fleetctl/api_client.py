@@ -250,7 +250,9 @@ class ApiClient:
     def corrupt_values(self) -> dict[str, str]:
         return {}  # the API server skips corrupt values on its side (and logs them)
 
-    async def plan(self, starts: Sequence[Start], kill: Sequence[str]) -> Prediction:
+    async def plan(
+        self, starts: Sequence[Start], kill: Sequence[str], drain: Sequence[str] = ()
+    ) -> Prediction:
         units = []
         for start in starts:
             unit: dict[str, Any] = {"name": start.name, "desiredState": start.state.value}
@@ -259,7 +261,7 @@ class ApiClient:
             units.append(unit)
         try:
             status, answer = await self._request(
-                "POST", "plan", body={"units": units, "kill": list(kill)}
+                "POST", "plan", body={"units": units, "kill": list(kill), "drain": list(drain)}
             )
         except ApiError as e:
             if e.status == 400:

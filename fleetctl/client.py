@@ -112,10 +112,13 @@ class ClusterClient(Protocol):
         """Where each non-global unit is placed, or why not (a drain shows why units stay)."""
         ...
 
-    async def plan(self, starts: Sequence[Start], kill: Sequence[str]) -> Prediction:
-        """What the engine would do if `starts` were started and the machines `kill` names
-        went away (fleetd/engine/whatif.py), computed where the driver reads the cluster:
-        here through etcd, in fleetd through the API. Writes nothing."""
+    async def plan(
+        self, starts: Sequence[Start], kill: Sequence[str], drain: Sequence[str] = ()
+    ) -> Prediction:
+        """What the engine would do if `starts` were started, the machines `kill` names
+        went away and those `drain` names were drained (fleetd/engine/whatif.py), computed
+        where the driver reads the cluster: here through etcd, in fleetd through the API.
+        Writes nothing."""
         ...
 
     async def why(self, name: str) -> Explanation | None:
@@ -194,8 +197,10 @@ class RegistryClient:
     async def placements(self) -> dict[str, Placement]:
         return await self.registry.placements()
 
-    async def plan(self, starts: Sequence[Start], kill: Sequence[str]) -> Prediction:
-        return await whatif_load.predict(self.registry, starts, kill)
+    async def plan(
+        self, starts: Sequence[Start], kill: Sequence[str], drain: Sequence[str] = ()
+    ) -> Prediction:
+        return await whatif_load.predict(self.registry, starts, kill, drain=drain)
 
     async def why(self, name: str) -> Explanation | None:
         return await whatif_load.explain(self.registry, name)

@@ -81,6 +81,7 @@ def summary(p: Prediction, machines: Mapping[str, MachineView], full: bool) -> s
         (Action.PLACE, "would be placed"),
         (Action.UNPLACED, "would not be placed"),
         (Action.UNSCHEDULE, "would be unscheduled"),
+        (Action.STUCK, "could not leave"),
         (Action.STAY, "would stay where they are"),
     ):
         count = p.count(action)
@@ -95,9 +96,12 @@ def summary(p: Prediction, machines: Mapping[str, MachineView], full: bool) -> s
     if stops:
         parts.append(f"{_plural(stops, 'global unit instance')} would stop")
     what = ", ".join(parts) if parts else "nothing would change"
-    if p.kill:
+    if p.kill or p.drain:
         gone = ", ".join(_legend(m, machines, full) for m in p.kill)
-        return f"Without {gone}: {what}."
+        drained = ", ".join(_legend(m, machines, full) for m in p.drain)
+        parts = [f"Without {gone}" if gone else "", f"Draining {drained}" if drained else ""]
+        scope = " and ".join(part for part in parts if part)
+        return f"{scope}: {what}."
     return what[0].upper() + what[1:] + "."
 
 
@@ -149,8 +153,15 @@ def _planning_error(e: CommandFailed) -> CommandFailed:
     help="Plan as if this machine went away (an ID or unique ID prefix); repeat it, or give"
     " several separated by commas.",
 )
-# --drain MACHINE (issue 18, not implemented yet): plan as if the machine were drained (its
-# units moved off while it stays registered), through scheduler.plan_schedule's `draining`.
+@click.option(
+    "--drain",
+    "drain",
+    multiple=True,
+    metavar="MACHINE",
+    shell_complete=complete_machines,
+    help="Plan as if this machine were drained (its units moved off, the machine kept);"
+    " repeat it, or give several separated by commas.",
+)
 @replace_options
 @allow_unknown_option
 @full_option
@@ -159,6 +170,7 @@ def _planning_error(e: CommandFailed) -> CommandFailed:
 def plan(
     units: tuple[str, ...],
     kill: tuple[str, ...],
+    drain: tuple[str, ...],
     replace: bool,
     sign: bool,
     allow_unknown: bool,
@@ -170,10 +182,13 @@ def plan(
 
     UNIT is what `start` takes (a unit file, an instance of a template, a unit in the
     cluster). --kill MACHINE runs the engine's planner without that machine: is it safe to
-    reboot it? Exit status 3 when a unit concerned would run nowhere, 0 otherwise.
+    reboot it? --drain MACHINE runs it with the machine drained: which units would move where,
+    which could not leave. Exit status 3 when a unit concerned would run nowhere (or could not
+    leave a drained machine), 0 otherwise.
     """
     killed = _kill_arguments(kill)
-    if not units and not killed:
+    drained = _kill_arguments(drain)
+    if not units and not killed and not drained:
         raise click.UsageError("No units or machines given")
     try:
         check_names(units, activate=True)
@@ -188,6 +203,7 @@ def plan(
         machines = {m.id: m for m in listed}
         try:
             ids = sorted(resolve_machines(killed, machines))
+            drain_ids = sorted(resolve_machines(drained, machines))
         except InvalidInput as e:
             raise CommandFailed(f"Error planning: {e}") from e
         try:
@@ -201,7 +217,7 @@ def plan(
                 warn(step.warning)
         starts = [Start(s.name, s.body, TargetState.LAUNCHED) for s in steps.steps if not s.skipped]
         try:
-            prediction = await client.plan(starts, ids)
+            prediction = await client.plan(starts, ids, drain_ids)
         except InvalidInput as e:
             raise CommandFailed(f"Error planning: {e}") from e
         if output_format.lower() == "json":

@@ -41,8 +41,9 @@ class Snapshot:
 async def load_snapshot(registry: Registry) -> Snapshot:
     """Read the engine's view of the cluster, once (a handful of range reads)."""
     # What the engine follows (engine.py): units, machines and their metadata, names checked.
-    # The cordon/drain state the engine's view will carry (issue 18) is to be read here too.
-    mirror = registry.mirror([Topic.UNITS, Topic.MACHINES, Topic.META], check_names=True)
+    mirror = registry.mirror(
+        [Topic.UNITS, Topic.MACHINES, Topic.META, Topic.CORDONS], check_names=True
+    )
     revision, schedule, (global_units, _), placements = await asyncio.gather(
         mirror.load(), registry.full_schedule(), registry.global_units(), registry.placements()
     )
@@ -63,10 +64,11 @@ async def load_snapshot(registry: Registry) -> Snapshot:
         units={n: u for n, u in units.items() if n in requirements},
         requirements=requirements,
         machines=mirror.machines_with_metadata(),
-        schedule={s.name: s for s in schedule},
         globals={s.name: Unit(s.name, s.hash, s.target_state) for s in global_units},
         placements=placements,
+        cordons=dict(mirror.cordons),
     )
+    view.adopt_schedule(schedule)  # a drain in progress: its handoffs, as the engine reads them
     return Snapshot(view, revision, unplanned)
 
 
@@ -79,17 +81,19 @@ async def predict(
     starts: Sequence[whatif.Start],
     kill: Sequence[str],
     *,
+    drain: Sequence[str] = (),
     offload: Offload = _inline,
 ) -> whatif.Prediction:
-    """What the engine would do if `starts` were started and the machines `kill` names (ids
-    or unique prefixes) went away. InvalidInput for a bad unit or an unknown machine."""
+    """What the engine would do if `starts` were started, the machines `kill` names (ids
+    or unique prefixes) went away and those `drain` names were drained. InvalidInput for a
+    bad unit or an unknown machine."""
     snapshot = await load_snapshot(registry)
     for start in starts:
         if start.body is None and start.name in snapshot.unplanned:
             raise InvalidInput(
                 f"unit {start.name}: its stored unit file cannot be read; give the file"
             )
-    change = whatif.hypothesis(snapshot.view, starts, kill)
+    change = whatif.hypothesis(snapshot.view, starts, kill, drain)
     prediction: whatif.Prediction = await offload(
         _predict, snapshot.view, change, snapshot.revision
     )

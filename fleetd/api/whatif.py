@@ -42,6 +42,7 @@ from fleetd.unit.names import validate_name
 class PlanRequest:
     starts: tuple[Start, ...]
     kill: tuple[str, ...]
+    drain: tuple[str, ...] = ()
 
 
 def _string(obj: Mapping[str, Any], name: str, entity: str) -> str:
@@ -104,14 +105,18 @@ def parse_plan_request(data: bytes, max_unit_bytes: int) -> PlanRequest:
         raise ApiError(400, f"unable to decode body: expected an object, got {json_type(obj)}")
     units = field(obj, "units")
     kill = field(obj, "kill")
+    drain = field(obj, "drain")
     units = [] if units is None else units
     kill = [] if kill is None else kill
+    drain = [] if drain is None else drain
     if not isinstance(units, list):
         raise ApiError(400, "field 'units' must be an array of Unit objects")
     if not isinstance(kill, list) or not all(isinstance(k, str) for k in kill):
         raise ApiError(400, "field 'kill' must be an array of machine IDs")
+    if not isinstance(drain, list) or not all(isinstance(k, str) for k in drain):
+        raise ApiError(400, "field 'drain' must be an array of machine IDs")
     starts = tuple(_start(u, i, max_unit_bytes) for i, u in enumerate(units))
-    return PlanRequest(starts, tuple(kill))
+    return PlanRequest(starts, tuple(kill), tuple(drain))
 
 
 async def post_plan(ctx: ApiContext, request: web.Request, item: str) -> web.StreamResponse:
@@ -121,7 +126,11 @@ async def post_plan(ctx: ApiContext, request: web.Request, item: str) -> web.Str
     plan_request = await ctx.offload(parse_plan_request, data, ctx.max_unit_bytes)
     try:
         prediction = await whatif_load.predict(
-            ctx.registry, plan_request.starts, plan_request.kill, offload=ctx.offload
+            ctx.registry,
+            plan_request.starts,
+            plan_request.kill,
+            drain=plan_request.drain,
+            offload=ctx.offload,
         )
     except InvalidInput as e:  # an unknown machine or unit, bad [X-Fleet] options
         raise ApiError(400, str(e)) from None

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from fleetd.engine.plan import EngineView, plan
+from fleetd.engine.plan import EngineView, budget_template, plan
 from fleetd.errors import InvalidInput, NotFound
 from fleetd.feasibility import (
     conflict_between,
@@ -40,7 +40,7 @@ from fleetd.feasibility import (
     matches_any,
     metadata_misses,
 )
-from fleetd.model import Machine, Requirements, TargetState, Unit
+from fleetd.model import Cordon, Machine, Requirements, TargetState, Unit
 from fleetd.unit.file import UnitFile
 from fleetd.unit.names import UnitNameInfo
 from fleetd.unit.xfleet import requirements as parse_requirements
@@ -145,9 +145,8 @@ class Hypothesis:
     # unit name -> the unit as it would be stored, and its requirements
     units: Mapping[str, tuple[Unit, Requirements]] = field(default_factory=dict)
     kill: frozenset[str] = frozenset()  # machine ids, as if their leases expired
-    # --drain (issue 18, not implemented yet): machines whose units leave while the machines
-    # stay registered, through scheduler.plan_schedule's `draining` (and `cordoned`) once the
-    # engine's view carries them. It belongs here beside `kill`, applied in `predict`.
+    # machine ids, as if drained: their non-global units leave, they stay registered
+    drain: frozenset[str] = frozenset()
 
 
 def resolve_machines(prefixes: Iterable[str], machine_ids: Iterable[str]) -> frozenset[str]:
@@ -174,10 +173,16 @@ def resolve_machines(prefixes: Iterable[str], machine_ids: Iterable[str]) -> fro
     return frozenset(chosen)
 
 
-def hypothesis(view: EngineView, starts: Sequence[Start], kill: Iterable[str] = ()) -> Hypothesis:
-    """The hypothesis of starting `starts` and killing the machines `kill` names (ids or
-    unique prefixes); InvalidInput for a unit given twice, a template to activate, a unit
-    without a body that does not exist, bad [X-Fleet] options, or an unknown machine."""
+def hypothesis(
+    view: EngineView,
+    starts: Sequence[Start],
+    kill: Iterable[str] = (),
+    drain: Iterable[str] = (),
+) -> Hypothesis:
+    """The hypothesis of starting `starts`, killing the machines `kill` names and draining
+    those `drain` names (ids or unique prefixes); InvalidInput for a unit given twice, a
+    template to activate, a unit without a body that does not exist, bad [X-Fleet] options,
+    an unknown machine, or one both killed and drained."""
     units: dict[str, tuple[Unit, Requirements]] = {}
     for start in starts:
         name = start.name
@@ -195,7 +200,12 @@ def hypothesis(view: EngineView, starts: Sequence[Start], kill: Iterable[str] = 
         else:
             reqs = parse_requirements(start.body, name)
             units[name] = (Unit(name, start.body.hash, start.state), reqs)
-    return Hypothesis(units, resolve_machines(kill, view.machines))
+    killed = resolve_machines(kill, view.machines)
+    drained = resolve_machines(drain, view.machines)
+    both = sorted(killed & drained)
+    if both:
+        raise InvalidInput(f"machine {both[0]} is both killed and drained: choose one")
+    return Hypothesis(units, killed, drained)
 
 
 # ---- predict --------------------------------------------------------------------------------
@@ -209,6 +219,7 @@ class Action(StrEnum):
     PLACE = "place"  # placed on a machine, not being on one now
     UNPLACED = "unplaced"  # on no machine: the scheduler cannot place it (reason says why)
     UNSCHEDULE = "unschedule"  # taken off its machine for another reason (e.g. inactive)
+    STUCK = "stuck"  # cannot leave a draining machine: it stays there (reason says why)
     GLOBAL = "global"  # a global unit the plan names (its machines: the global outcomes)
 
 
@@ -234,6 +245,7 @@ class GlobalOutcome:
 @dataclass(frozen=True, slots=True)
 class Prediction:
     kill: tuple[str, ...] = ()  # the machines removed, by id
+    drain: tuple[str, ...] = ()  # the machines drained, by id
     units: tuple[UnitOutcome, ...] = ()  # by name
     globals: tuple[GlobalOutcome, ...] = ()  # by (name, machine)
     # Writes the engine still had to make before any change (0: it had done everything; more:
@@ -247,8 +259,9 @@ class Prediction:
 
     @property
     def unplaced(self) -> list[UnitOutcome]:
-        """The outcomes of units that would run nowhere: what makes a plan unsafe."""
-        return [u for u in self.units if u.action is Action.UNPLACED]
+        """The outcomes of units that would run nowhere, or could not leave a machine being
+        drained: what makes a plan unsafe."""
+        return [u for u in self.units if u.action in (Action.UNPLACED, Action.STUCK)]
 
 
 def predict(view: EngineView, change: Hypothesis, *, revision: int = 0) -> Prediction:
@@ -263,11 +276,21 @@ def predict(view: EngineView, change: Hypothesis, *, revision: int = 0) -> Predi
         after.requirements[name] = reqs
     for machine_id in change.kill:
         del after.machines[machine_id]
-    # --drain (not implemented yet): the draining machines would be handed to the planner here.
+    for machine_id in change.drain:
+        after.cordons[machine_id] = Cordon(machine_id, drain=True)
+    if change.drain:
+        # A disruption budget only paces a drain (each stop waits for the instances moved
+        # before it to be active); the prediction is where the units end up.
+        after.active_instances = {
+            template: len(after.units)
+            for name in after.units
+            if (template := budget_template(after, name)) is not None
+        }
     writes, reasons = plan(after)
     after.apply(writes)
     return Prediction(
         kill=tuple(sorted(change.kill)),
+        drain=tuple(sorted(change.drain)),
         units=tuple(_unit_outcomes(base, after, reasons, change)),
         globals=tuple(_global_outcomes(base, after, change.kill)),
         pending=pending,
@@ -283,9 +306,17 @@ def _unit_outcomes(
     unplaced = {n: p.reason for n, p in after.placements.items() if p.machine_id is None}
     hosts = _global_hosts(after) if any(_is_global(after, n) for n in change.units) else {}
     out = []
+    stuck = {
+        n: p.reason
+        for n, p in after.placements.items()
+        if p.machine_id is not None and p.machine_id in change.drain and p.reason
+    }
     for name in sorted(before.keys() | now.keys() | change.units.keys()):
         old, new = before.get(name), now.get(name)
         named = name in change.units
+        if name in stuck and new is not None and new == old:
+            out.append(UnitOutcome(name, Action.STUCK, old, new, stuck[name]))
+            continue
         if old == new and not named:
             continue
         if named and _is_global(after, name) and old is None:
@@ -814,6 +845,7 @@ def prediction_to_api(p: Prediction) -> dict[str, Any]:
     return _omit(
         {
             "kill": list(p.kill),
+            "drain": list(p.drain),
             "units": [
                 _omit(
                     {
@@ -962,9 +994,11 @@ def prediction_from_api(obj: Any) -> Prediction:
             )
         )
     kill = [k for k in r.array(top, "kill") if isinstance(k, str)]
+    drain = [k for k in r.array(top, "drain") if isinstance(k, str)]
     unplanned = [n for n in r.array(top, "unplanned") if isinstance(n, str)]
     return Prediction(
         kill=tuple(kill),
+        drain=tuple(drain),
         units=tuple(units),
         globals=tuple(globals_),
         pending=r.integer(top, "pending"),

@@ -21,7 +21,8 @@ from fleetd.engine.plan import (
     plan,
 )
 from fleetd.engine.scheduler import plan_schedule
-from fleetd.errors import UnitFileError
+from fleetd.engine.whatif import Action, hypothesis, predict
+from fleetd.errors import InvalidInput, UnitFileError
 from fleetd.model import (
     Cordon,
     Machine,
@@ -185,3 +186,29 @@ def test_min_available_is_read_and_bad_values_are_refused_by_name() -> None:
     bad = parse_unit("[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nMinAvailable=two\n")
     with pytest.raises(UnitFileError, match="MinAvailable"):
         validate_options(bad)
+
+
+def test_plan_drain_predicts_the_moves_and_names_what_cannot_leave() -> None:
+    v = view(
+        {
+            "a.service": Requirements(),
+            "s.service": Requirements(partition_policy=PartitionPolicy.STOP),
+            "p.service": Requirements(machine_id="m1"),
+        },
+        ["m1", "m2"],
+    )
+    v.cordons["m2"] = Cordon("m2")  # all three go to m1 ...
+    settle(v)
+    del v.cordons["m2"]  # ... and m2 takes new units again
+    assert {s.machine_id for s in v.schedule.values()} == {"m1"}
+    prediction = predict(v, hypothesis(v, [], drain=["m1"]))
+    outcomes = {u.name: u for u in prediction.units}
+    assert outcomes["a.service"].action is Action.MOVE
+    assert outcomes["a.service"].after == "m2"
+    assert outcomes["s.service"].action is Action.MOVE
+    assert outcomes["p.service"].action is Action.STUCK
+    assert "MachineID=m1" in outcomes["p.service"].reason
+    assert [u.name for u in prediction.unplaced] == ["p.service"]
+    assert prediction.drain == ("m1",)
+    with pytest.raises(InvalidInput, match="both killed and drained"):
+        hypothesis(v, [], kill=["m1"], drain=["m1"])
