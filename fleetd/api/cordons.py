@@ -48,7 +48,10 @@ async def put_cordon(ctx: ApiContext, request: web.Request, item: str) -> web.St
     if not cordon.drain:
         await ctx.registry.cordon(cordon)
         return web.Response(status=204)
-    refused = await ctx.registry.drain(cordon)
+    try:
+        refused = await ctx.registry.drain(cordon)
+    except InvalidInput as e:  # the cluster's maintenance-limit setting is unreadable
+        raise ApiError(409, f"cannot drain {item}: {e}") from None
     if refused is not None:
         raise ApiError(409, f"cannot drain {item}: {refused}")
     return web.Response(status=204)

@@ -41,7 +41,7 @@ from fleetd.errors import (
     NotLeader,
     RegistryUnavailable,
 )
-from fleetd.model import PartitionPolicy, Placement, ScheduledUnit, Unit
+from fleetd.model import PartitionPolicy, Placement, ScheduledUnit, Unit, UnitState
 from fleetd.registry import gc
 from fleetd.registry.kv import EventType, Op, WatchEvent
 from fleetd.registry.migrations import SCHEMA_VERSION, SchemaTooNew, migrate
@@ -67,6 +67,9 @@ BATCH_WINDOW = 0.005
 # While a drain moves units, how often the engine looks whether their new copies are active
 # (it does not watch states/): the old copy stops about this long after the new one is up.
 HANDOFF_POLL = 0.5
+# Above this many PartitionPolicy=stop units to check before placing them elsewhere, one range
+# of states/ replaces a read per unit.
+STATE_READS_PER_UNIT = 8
 MAX_BATCH_WINDOW = 0.25
 
 
@@ -116,6 +119,8 @@ class Engine:
         # Drains: PartitionPolicy=stop units waiting for their old copy to stop (engine/plan.py),
         # and schedule entries a new leader found beyond a handoff's two (deleted at once).
         self._stop_waits = False
+        self._held_stop: set[str] = set()  # those units, by name
+        self._drain_seen: object = None  # what a drain waited on at the last poll
         self._extra: list[ScheduledUnit] = []
         # Whether the view changed since the last plan. Planning is pure and idempotent on the
         # applied result, so re-planning an unchanged view can write nothing: the idle safety
@@ -218,8 +223,15 @@ class Engine:
             nonlocal schema
             if self._changed and schema < SCHEMA_VERSION:
                 schema = await migrate(self.registry, schema)
-            moving = self._drain_moving()
-            if self._changed or moving or (self._holding and not self._in_grace()):
+            # While a drain waits (on states the engine does not watch), each poll plans only
+            # when one of them changed since the last plan: a full plan of 10,000 units costs
+            # about a second, and a drain may wait long (a new copy that fails to start).
+            # The look is taken before the plan reads them, so a change after it shows.
+            polled = False
+            if self._drain_moving():
+                seen = await self._drain_snapshot()
+                polled, self._drain_seen = seen != self._drain_seen, seen
+            if self._changed or polled or (self._holding and not self._in_grace()):
                 await self._plan_and_apply(token)
             await self._sweep_bodies()
 
@@ -465,6 +477,22 @@ class Engine:
         for w in writes:
             _log_write(w, reasons)
 
+    async def _drain_snapshot(self) -> object:
+        """What a drain in progress waits on, read cheaply: the handoffs' new copies, the
+        budgeted templates' counts, the held stop-policy units' copies."""
+        view = self.view
+        pairs = engineplan.handoff_pairs(view)
+        states = await self.registry.states_of(pairs) if pairs else {}
+        held = []
+        for name in sorted(self._held_stop):
+            copies = await self.registry.list_states(unit=name)
+            held.append((name, sorted((s.machine_id, s.active_state) for s in copies)))
+        return (
+            sorted((k, s.active_state, s.hash) for k, s in states.items()),
+            sorted((await self._budgets(view)).items()),
+            held,
+        )
+
     def _drain_moving(self) -> bool:
         """A drain in progress waits on states the engine does not watch: new copies to be
         active, old copies of PartitionPolicy=stop units to stop, a budget to allow a stop."""
@@ -491,33 +519,49 @@ class Engine:
         counts = dict.fromkeys(templates, 0)
         for state in await self.registry.list_states():
             template = engineplan.budget_template(view, state.name)
-            if template in counts and state.active_state == "active":
+            entry = view.schedule.get(state.name)
+            # A copy counts where its schedule entry is: one just unscheduled from the draining
+            # machine may still be active there, but it is on its way down.
+            if (
+                template in counts
+                and state.active_state == "active"
+                and entry is not None
+                and entry.machine_id == state.machine_id
+            ):
                 counts[template] += 1
         return counts
 
     async def _hold_stop_policy_starts(self, view: EngineView, writes: list[Write]) -> list[Write]:
         """Drop the new placement of a PartitionPolicy=stop unit while a copy of it still
         runs on another machine (a drain stops it first): at most one copy, ever."""
-        starting = [
-            w
+        starting = {
+            w.unit.name: w.machine_id
             for w in writes
             if isinstance(w, engineplan.SetSchedule)
             and (reqs := view.requirements.get(w.unit.name)) is not None
             and reqs.partition_policy == PartitionPolicy.STOP
-            and ((now := view.schedule.get(w.unit.name)) is None or now.machine_id != w.machine_id)
-        ]
+            and _may_run_elsewhere(view, w.unit.name, w.machine_id)
+        }
         self._stop_waits = False
+        self._held_stop = set()
         if not starting:
             return writes
+        if len(starting) > STATE_READS_PER_UNIT:
+            by_unit: dict[str, list[UnitState]] = {}
+            for state in await self.registry.list_states():
+                by_unit.setdefault(state.name, []).append(state)
+        else:
+            by_unit = {n: await self.registry.list_states(unit=n) for n in starting}
         held: dict[str, str] = {}
-        for w in starting:
-            for state in await self.registry.list_states(unit=w.unit.name):
-                if state.machine_id != w.machine_id and state.active_state in RUNNING_STATES:
-                    held[w.unit.name] = state.machine_id
+        for unit_name, target in starting.items():
+            for state in by_unit.get(unit_name, ()):
+                if state.machine_id != target and state.active_state in RUNNING_STATES:
+                    held[unit_name] = state.machine_id
                     break
         if not held:
             return writes
         self._stop_waits = True
+        self._held_stop = set(held)
         kept: list[Write] = []
         for write in writes:
             if isinstance(write, engineplan.SetSchedule):
@@ -565,6 +609,20 @@ class Engine:
                 case engineplan.DeleteGlobal(name):
                     first += r.op_unglobal(name)
         return first, ops
+
+
+def _may_run_elsewhere(view: EngineView, name: str, target: str) -> bool:
+    """Whether a copy of `name` may still run off `target`: it is scheduled elsewhere, or its
+    placement names another machine or a wait. A unit never scheduled has no copy."""
+    now = view.schedule.get(name)
+    if now is not None:
+        return now.machine_id != target
+    placed = view.placements.get(name)
+    if placed is None:
+        return False
+    if placed.machine_id is not None:
+        return placed.machine_id != target
+    return placed.reason.startswith("waiting for its copy")
 
 
 def _seconds_left(ends: float | None, now: float) -> float | None:

@@ -139,10 +139,15 @@ class EngineView:
             if len(found) == 1:
                 self.schedule[name] = found[0]
                 continue
+            # The engine only adds a second entry off a draining machine, so that one is new;
+            # the placement breaks a tie (its write may not have landed with the schedule's).
             placed = self.placements.get(name)
-            new = next((e for e in found if placed and e.machine_id == placed.machine_id), None)
-            if new is None:  # no placement to tell: keep the copy off a draining machine
-                new = next((e for e in found if e.machine_id not in self.draining), found[0])
+            off_drain = [e for e in found if e.machine_id not in self.draining]
+            candidates = off_drain or found
+            new = next(
+                (e for e in candidates if placed and e.machine_id == placed.machine_id),
+                candidates[0],
+            )
             others = [e for e in found if e is not new]
             self.schedule[name] = new
             self.handoffs[name] = others[0].machine_id
@@ -230,7 +235,15 @@ def plan(
                 and scheduled.machine_id in draining
                 and scheduled.machine_id in view.machines
             )
-            if leaving_drain and name not in view.handoffs and not _stop_policy(view, name):
+            running = (
+                unit := local.get(name)
+            ) is not None and unit.target_state == TargetState.LAUNCHED
+            if (
+                leaving_drain
+                and running
+                and name not in view.handoffs
+                and not _stop_policy(view, name)
+            ):
                 # Make-before-break: the old copy runs until the new one is active.
                 reasons[name] = why
                 writes.append(BeginHandoff(name, scheduled.machine_id))
@@ -323,8 +336,9 @@ def _end_handoffs(
             writes.append(EndHandoff(name))  # it came back: one entry, nothing to delete
             continue
         state = view.states.get((name, target)) if target is not None else None
-        if unit is None or unit.target_state == TargetState.INACTIVE:
-            why = "unit destroyed" if unit is None else "target state inactive"
+        if unit is None or unit.target_state != TargetState.LAUNCHED:
+            # Nothing to keep running (destroyed, or stopped meanwhile): the old copy goes.
+            why = "unit destroyed" if unit is None else f"target state {unit.target_state.value}"
         elif state is not None and state.active_state == "active" and state.hash == unit.hash:
             why = f"drained: active on {target}"
         elif old not in view.machines:

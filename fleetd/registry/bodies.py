@@ -71,7 +71,10 @@ class BodyCache:
 
     def requirements(self, name: str, hash_: str) -> Requirements | None:
         by_name = self._requirements.get(hash_)
-        return None if by_name is None else by_name.get(name)
+        found = None if by_name is None else by_name.get(name)
+        if found is not None:
+            self._bodies.move_to_end(hash_)  # a use of the body: the engine's usual one
+        return found
 
     def put_requirements(self, name: str, hash_: str, reqs: Requirements) -> None:
         # Only beside a cached body, so that evicting the body takes these along.

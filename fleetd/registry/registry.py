@@ -499,23 +499,31 @@ class Registry:
     # ---- cordons (maintenance) ----------------------------------------------------------------
 
     async def cordon(self, cordon: Cordon) -> None:
-        """Cordon (or, with `cordon.drain`, drain) a machine; a second call replaces the first."""
-        await self.kv.txn(
-            [], [Put(self.keys.cordon(cordon.machine_id), codec.encode_cordon(cordon))]
-        )
+        """Cordon (or, with `cordon.drain`, see `drain`) a machine; a second call replaces the
+        first. A plain cordon over a drain gives its maintenance slot back, in the same
+        transaction."""
+        put = Put(self.keys.cordon(cordon.machine_id), codec.encode_cordon(cordon))
+        await self._with_slots_freed(cordon.machine_id, [put])
 
     async def uncordon(self, machine_id: str) -> bool:
         """Make a machine schedulable again (ends a drain too, and frees its maintenance
-        slot); False if it was not cordoned."""
+        slot in the same transaction); False if it was not cordoned."""
         key = self.keys.cordon(machine_id)
-        result = await self.kv.txn([Compare(key, "version", ">", 0)], [Delete(key)])
-        slots, _ = await self.kv.range(self.keys.maintenance)
-        for slot in slots:
-            if slot.value == machine_id:
-                await self.kv.txn(
-                    [Compare(slot.key, "value", "==", machine_id)], [Delete(slot.key)]
-                )
-        return result.succeeded
+        was = await self.kv.get(key)
+        await self._with_slots_freed(machine_id, [Delete(key)])
+        return was is not None
+
+    async def _with_slots_freed(self, machine_id: str, ops: list[Op]) -> None:
+        """`ops`, and the deletion of the slots `machine_id` holds, in one transaction (each
+        slot guarded on still naming it; retried if another drain took one meanwhile)."""
+        for _ in range(3):
+            slots, _ = await self.kv.range(self.keys.maintenance)
+            mine = [kv.key for kv in slots if kv.value == machine_id]
+            guards = [Compare(key, "value", "==", machine_id) for key in mine]
+            result = await self.kv.txn(guards, [*ops, *(Delete(key) for key in mine)])
+            if result.succeeded:
+                return
+        await self.kv.txn([], ops)  # the slots kept changing: at least do what was asked
 
     async def maintenance_limit(self) -> int:
         """How many machines may drain at once (settings/maintenance-limit; 1 when unset)."""
@@ -552,7 +560,12 @@ class Registry:
             )
             if result.succeeded:
                 return None
-        others = sorted(v for k, v in held.items() if k < self.keys.maintenance_slot(limit))
+        prefix = self.keys.maintenance
+        others = sorted(
+            v
+            for k, v in held.items()
+            if k[len(prefix) :].isdecimal() and int(k[len(prefix) :]) < limit
+        )
         return (
             f"{len(others) or limit} machine(s) already in maintenance, the limit is {limit} "
             f"({', '.join(others) or 'slots taken meanwhile'}): uncordon one when it is done, "

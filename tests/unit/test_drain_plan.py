@@ -212,3 +212,25 @@ def test_plan_drain_predicts_the_moves_and_names_what_cannot_leave() -> None:
     assert prediction.drain == ("m1",)
     with pytest.raises(InvalidInput, match="both killed and drained"):
         hypothesis(v, [], kill=["m1"], drain=["m1"])
+
+
+def test_a_unit_that_is_not_running_moves_without_a_handoff() -> None:
+    v = view({"l.service": Requirements()}, ["m1", "m2"])
+    v.units["l.service"] = Unit("l.service", H1, TargetState.LOADED)
+    settle(v)
+    v.cordons["m1"] = Cordon("m1", drain=True)
+    writes = settle(v)
+    assert DeleteSchedule("l.service", "m1", "machine m1 is draining") in writes
+    assert v.handoffs == {}
+
+
+def test_a_unit_stopped_during_its_handoff_ends_it() -> None:
+    v = view({"a.service": Requirements()}, ["m1", "m2"])
+    settle(v)
+    v.cordons["m1"] = Cordon("m1", drain=True)
+    settle(v)
+    assert v.handoffs == {"a.service": "m1"}
+    v.units["a.service"] = Unit("a.service", H1, TargetState.LOADED)  # fleetctl stop
+    writes = settle(v)
+    assert DeleteSchedule("a.service", "m1", "target state loaded") in writes
+    assert v.handoffs == {}

@@ -135,3 +135,12 @@ def test_drain_no_wait_records_the_drain(harness: Cluster) -> None:
     result = harness.invoke("drain", M2[:4], "--no-wait")
     assert result.exit_code == 0, result.output
     assert run(harness.registry.cordons())[M2].drain
+
+
+async def test_a_plain_cordon_over_a_drain_gives_the_slot_back() -> None:
+    _, registry, client = await cluster()
+    await client.cordon(Cordon(M1, drain=True))
+    await client.cordon(Cordon(M1))  # cordoned, no longer draining
+    await client.cordon(Cordon(M2, drain=True))  # the slot is free again
+    slots, _ = await registry.kv.range(registry.keys.maintenance)
+    assert [kv.value for kv in slots] == [M2]
