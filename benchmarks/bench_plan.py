@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from benchmarks.bench_scheduler import REGIONS, make_machines
 from benchmarks.report import ScenarioResult
 from fleetd import whatif_load
 from fleetd.engine.plan import EngineView
@@ -35,23 +36,11 @@ from fleetd.unit.file import UnitFile, parse_unit
 from fleetd.unit.xfleet import requirements
 
 T = TypeVar("T")
-REGIONS = ["us-east", "us-west", "eu", "ap"]
 EXEC = "[Service]\nExecStart=/bin/sleep 3600\n"
 
 
 def body(x_fleet: str = "") -> UnitFile:
     return parse_unit(EXEC + (f"\n[X-Fleet]\n{x_fleet}\n" if x_fleet else ""))
-
-
-def make_machines(count: int) -> dict[str, Machine]:
-    machines = {}
-    for i in range(count):
-        metadata = {"region": REGIONS[i % len(REGIONS)]}
-        if i % 2:
-            metadata["disk"] = "ssd"
-        machine_id = f"{i:08x}" + "0" * 24
-        machines[machine_id] = Machine.make(machine_id, f"10.{i // 256}.{i % 256}.1", metadata)
-    return machines
 
 
 def make_units(count: int, machine_ids: list[str]) -> dict[str, UnitFile]:

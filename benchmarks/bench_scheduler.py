@@ -27,7 +27,7 @@ def make_machines(count: int) -> dict[str, Machine]:
         if i % 2:
             metadata["disk"] = "ssd"
         machine_id = f"{i:08x}" + "0" * 24
-        machines[machine_id] = Machine.make(machine_id, metadata=metadata)
+        machines[machine_id] = Machine.make(machine_id, f"10.{i // 256}.{i % 256}.1", metadata)
     return machines
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from fleetd.errors import InvalidInput, UnitFileError
 from fleetd.model import Cordon, Machine, Placement, TargetState, Unit, UnitState
+from fleetd.omitempty import omit_empty
 from fleetd.registry.registry import Registry
 from fleetd.unit.file import XFLEET_SECTION, UnitFile, UnitOption
 from fleetd.unit.xfleet import requirements
@@ -230,17 +231,12 @@ async def load_state_views(
 # ---- API v1 JSON ---------------------------------------------------------------------------
 
 
-def _omit_empty(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """Go's `omitempty` with keys in alphabetical order, as fleet's schema code emits them."""
-    return {k: obj[k] for k in sorted(obj) if obj[k] not in (None, "", [], {})}
-
-
 def option_to_api(option: UnitOption) -> dict[str, str]:
-    return _omit_empty({"name": option.name, "section": option.section, "value": option.value})
+    return omit_empty({"name": option.name, "section": option.section, "value": option.value})
 
 
 def unit_to_api(view: UnitView) -> dict[str, Any]:
-    return _omit_empty(
+    return omit_empty(
         {
             "currentState": view.current_state,
             "desiredState": view.desired_state,
@@ -253,7 +249,7 @@ def unit_to_api(view: UnitView) -> dict[str, Any]:
 
 
 def state_to_api(view: StateView) -> dict[str, str]:
-    return _omit_empty(
+    return omit_empty(
         {
             "hash": view.hash,
             "machineID": view.machine_id,
@@ -301,9 +297,7 @@ def cordon_from_api(machine_id: str, obj: Any) -> Cordon:
 
 
 def machine_to_api(view: MachineView) -> dict[str, Any]:
-    obj = _omit_empty(
-        {"id": view.id, "metadata": dict(view.metadata), "primaryIP": view.primary_ip}
-    )
+    obj = omit_empty({"id": view.id, "metadata": dict(view.metadata), "primaryIP": view.primary_ip})
     if view.cordon is not None:
         # Beyond fleet, and only when cordoned: a fleet client sees the Machine it knows.
         obj["cordon"] = cordon_to_api(view.cordon)

@@ -41,6 +41,7 @@ from fleetd.feasibility import (
     metadata_misses,
 )
 from fleetd.model import Cordon, Machine, Requirements, TargetState, Unit
+from fleetd.omitempty import omit_empty
 from fleetd.unit.file import UnitFile
 from fleetd.unit.names import UnitNameInfo
 from fleetd.unit.xfleet import requirements as parse_requirements
@@ -836,18 +837,13 @@ def _explain_global(
 # ---- JSON (the API's answers, fleetctl's -o json) -------------------------------------------
 
 
-def _omit(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """The API's omitempty: keys in order, without None, "", [] and {} (0 and false stay)."""
-    return {k: obj[k] for k in sorted(obj) if obj[k] not in (None, "", [], {})}
-
-
 def prediction_to_api(p: Prediction) -> dict[str, Any]:
-    return _omit(
+    return omit_empty(
         {
             "kill": list(p.kill),
             "drain": list(p.drain),
             "units": [
-                _omit(
+                omit_empty(
                     {
                         "name": u.name,
                         "action": u.action.value,
@@ -859,7 +855,7 @@ def prediction_to_api(p: Prediction) -> dict[str, Any]:
                 for u in p.units
             ],
             "globals": [
-                _omit(
+                omit_empty(
                     {
                         "name": g.name,
                         "machineID": g.machine_id,
@@ -882,7 +878,7 @@ def prediction_to_api(p: Prediction) -> dict[str, Any]:
 
 
 def explanation_to_api(e: Explanation) -> dict[str, Any]:
-    return _omit(
+    return omit_empty(
         {
             "name": e.name,
             "desiredState": e.desired_state,
@@ -897,7 +893,7 @@ def explanation_to_api(e: Explanation) -> dict[str, Any]:
                     "fits": m.fits,
                     "here": m.here,
                     "checks": [
-                        _omit(
+                        omit_empty(
                             {
                                 "constraint": c.constraint,
                                 "result": c.result.value,
@@ -910,7 +906,7 @@ def explanation_to_api(e: Explanation) -> dict[str, Any]:
                 for m in e.machines
             ],
             "fixes": [
-                _omit({"change": f.change, "machines": list(f.machines), "changes": f.changes})
+                omit_empty({"change": f.change, "machines": list(f.machines), "changes": f.changes})
                 for f in e.fixes
             ],
             "notes": list(e.notes),

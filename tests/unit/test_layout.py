@@ -87,6 +87,7 @@ PURE = [
     "fleetd.engine.whatif",
     "fleetd.agent.plan",
     "fleetd.feasibility",
+    "fleetd.omitempty",
     "fleetd.unit",
     "fleetd.model",
     "fleetd.errors",
