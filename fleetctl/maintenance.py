@@ -20,6 +20,7 @@ import click
 
 from fleetctl.client import ClusterClient
 from fleetctl.command import FleetCommand, run, say, warn
+from fleetctl.completion import complete_machines
 from fleetctl.errors import CommandFailed
 from fleetd.config_values import parse_positive_duration
 from fleetd.errors import ConfigError
@@ -120,7 +121,7 @@ def _deadline(text: str) -> float:
 
 @click.command("cordon", cls=FleetCommand, short_help="Give a machine no new units.")
 @click.option("--reason", default="", help="Why, shown in list-machines and reasons.")
-@click.argument("machine")
+@click.argument("machine", shell_complete=complete_machines)
 def cordon(reason: str, machine: str) -> None:
     """Cordon MACHINE (an ID or a unique prefix): it keeps its units but gets no new ones."""
 
@@ -134,7 +135,7 @@ def cordon(reason: str, machine: str) -> None:
 
 
 @click.command("uncordon", cls=FleetCommand, short_help="Make a machine schedulable again.")
-@click.argument("machine")
+@click.argument("machine", shell_complete=complete_machines)
 def uncordon(machine: str) -> None:
     """Uncordon MACHINE: it takes new units again (a drain in progress ends)."""
 
@@ -157,7 +158,7 @@ def uncordon(machine: str) -> None:
 )
 @click.option("--no-wait", is_flag=True, help="Start the drain and return at once.")
 @click.option("--reason", default="", help="Why, shown in list-machines.")
-@click.argument("machine")
+@click.argument("machine", shell_complete=complete_machines)
 def drain(deadline: str, no_wait: bool, reason: str, machine: str) -> None:
     """Cordon MACHINE and move its non-global units elsewhere, each started on its new machine
     before it stops here (PartitionPolicy=stop units stop first). Waits until the machine is
