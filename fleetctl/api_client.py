@@ -289,7 +289,12 @@ class ApiClient:
             raise NotFound(f"machine {machine_id} does not exist")
 
     async def cordon(self, cordon: Cordon) -> None:
-        body = {"reason": cordon.reason, "drain": cordon.drain, "deadline": cordon.deadline}
+        body = {
+            "reason": cordon.reason,
+            "drain": cordon.drain,
+            "deadline": cordon.deadline,
+            "includeGlobal": cordon.include_global,
+        }
         try:
             status, _ = await self._request("PUT", f"cordons/{cordon.machine_id}", body=body)
         except ApiError as e:

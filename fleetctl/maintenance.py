@@ -61,10 +61,13 @@ def drain_status(
     units: Sequence[UnitView],
     states: Sequence[StateView],
     placements: dict[str, Placement],
+    *,
+    include_global: bool = False,
 ) -> DrainStatus:
     """A unit is left while it is placed on the machine or a copy of it runs there (the old
-    copy of a move waits for the new one to be active)."""
-    local = {u.name: u for u in units if not u.is_global}
+    copy of a move waits for the new one to be active); a global unit only with
+    `include_global`, while its copy there runs."""
+    local = {u.name: u for u in units if include_global or not u.is_global}
     running_here = {s.name for s in states if s.machine_id == machine_id and s.name in local}
     left: dict[str, str] = {}
     for name in sorted(
@@ -73,7 +76,9 @@ def drain_status(
         if name not in local:
             continue
         placement = placements.get(name)
-        if placement is not None and placement.machine_id == machine_id:
+        if local[name].is_global:
+            left[name] = "global unit: stopping here"
+        elif placement is not None and placement.machine_id == machine_id:
             left[name] = placement.reason or "waiting for the engine to move it"
         elif placement is not None and placement.machine_id:
             left[name] = f"starting on {placement.machine_id[:8]}; stops here once active there"
@@ -90,6 +95,8 @@ async def wait_for_drain(
     deadline: float,
     show: Callable[[str], None],
     poll: float = POLL_INTERVAL,
+    *,
+    include_global: bool = False,
 ) -> DrainStatus:
     """Poll until the machine runs no non-global unit or `deadline` (monotonic) passes,
     showing each unit as it leaves."""
@@ -98,7 +105,7 @@ async def wait_for_drain(
         units, states, placements = await asyncio.gather(
             client.units(), client.unit_states(machine_id=machine_id), client.placements()
         )
-        status = drain_status(machine_id, units, states, placements)
+        status = drain_status(machine_id, units, states, placements, include_global=include_global)
         if before is None:
             show(f"{len(status.left)} units to move off {machine_id}")
         else:
@@ -157,9 +164,12 @@ def uncordon(machine: str) -> None:
     help="How long to wait for the machine to be empty (Go duration, e.g. 90s, 5m).",
 )
 @click.option("--no-wait", is_flag=True, help="Start the drain and return at once.")
+@click.option(
+    "--include-global", is_flag=True, help="Stop the machine's global units too (they do not move)."
+)
 @click.option("--reason", default="", help="Why, shown in list-machines.")
 @click.argument("machine", shell_complete=complete_machines)
-def drain(deadline: str, no_wait: bool, reason: str, machine: str) -> None:
+def drain(deadline: str, no_wait: bool, include_global: bool, reason: str, machine: str) -> None:
     """Cordon MACHINE and move its non-global units elsewhere, each started on its new machine
     before it stops here (PartitionPolicy=stop units stop first). Waits until the machine is
     empty; a unit no other machine can run is left running and named."""
@@ -170,12 +180,21 @@ def drain(deadline: str, no_wait: bool, reason: str, machine: str) -> None:
         now = time.time()
         since = found.cordon.since if found.cordon is not None and found.cordon.drain else now
         await client.cordon(
-            Cordon(found.id, reason=reason, since=since, drain=True, deadline=now + seconds)
+            Cordon(
+                found.id,
+                reason=reason,
+                since=since,
+                drain=True,
+                deadline=now + seconds,
+                include_global=include_global,
+            )
         )
         if no_wait:
             say(f"Machine {found.id} draining")
             return 0
-        status = await wait_for_drain(client, found.id, time.monotonic() + seconds, warn)
+        status = await wait_for_drain(
+            client, found.id, time.monotonic() + seconds, warn, include_global=include_global
+        )
         if status.done:
             say(f"Machine {found.id} drained")
             return 0

@@ -130,7 +130,8 @@ class Cordon:
     """A machine taken out of placement: it keeps its units but gets no new ones.
 
     With `drain` the engine also moves its non-global units elsewhere, each started on its new
-    machine before its old copy stops (PartitionPolicy=stop units: stopped first). `deadline`
+    machine before its old copy stops (PartitionPolicy=stop units: stopped first); with
+    `include_global` too, the machine's own agent stops its global units. `deadline`
     (unix time, 0 for none) is when `fleetctl drain` gives up waiting; the engine goes on.
     """
 
@@ -139,6 +140,7 @@ class Cordon:
     since: float = 0.0
     drain: bool = False
     deadline: float = 0.0
+    include_global: bool = False  # with drain: the machine's agent stops its global units too
 
 
 class PartitionPolicy(StrEnum):

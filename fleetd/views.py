@@ -267,6 +267,7 @@ def cordon_to_api(cordon: Cordon) -> dict[str, Any]:
     return {
         "deadline": cordon.deadline,
         "drain": cordon.drain,
+        "includeGlobal": cordon.include_global,
         "reason": cordon.reason,
         "since": cordon.since,
     }
@@ -275,12 +276,15 @@ def cordon_to_api(cordon: Cordon) -> dict[str, Any]:
 def cordon_from_api(machine_id: str, obj: Any) -> Cordon:
     """A cordon from an API body: {"reason", "drain", "deadline"} (each optional)."""
     obj = _object(obj, "Cordon")
-    unknown = sorted(set(obj) - {"reason", "drain", "deadline", "since"})
+    unknown = sorted(set(obj) - {"reason", "drain", "deadline", "since", "includeGlobal"})
     if unknown:
         raise InvalidInput(f"Cordon: unknown field {unknown[0]!r}")
-    drain = obj.get("drain", False)
-    if not isinstance(drain, bool):
-        raise InvalidInput(f"Cordon: field 'drain' must be a boolean, got {drain!r}")
+    flags = {}
+    for name in ("drain", "includeGlobal"):
+        flag = obj.get(name, False)
+        if not isinstance(flag, bool):
+            raise InvalidInput(f"Cordon: field {name!r} must be a boolean, got {flag!r}")
+        flags[name] = flag
     numbers = {}
     for name in ("deadline", "since"):
         value = obj.get(name, 0)
@@ -291,8 +295,9 @@ def cordon_from_api(machine_id: str, obj: Any) -> Cordon:
         machine_id,
         reason=_field(obj, "reason", "Cordon"),
         since=numbers["since"],
-        drain=drain,
+        drain=flags["drain"],
         deadline=numbers["deadline"],
+        include_global=flags["includeGlobal"],
     )
 
 

@@ -1,6 +1,7 @@
 """The agent's loop: runs what the engine scheduled to this machine, through systemd.
 
-It watches only `schedule/<this machine>/`, `global/` and its own dynamic metadata, so a
+It watches only `schedule/<this machine>/`, `global/`, its own dynamic metadata and its own
+cordon (a drain with --include-global stops its global units), so a
 placement elsewhere costs it nothing. Each change: reconcile, i.e. compute what this machine
 should run and have the task executor (fleetd.agent.tasks) plan and run the tasks against
 what the agent did so far. The agent composes its parts on one record
@@ -66,7 +67,7 @@ class Agent:
         # This machine's schedule, the global units and this machine's dynamic metadata: a
         # placement elsewhere costs this agent nothing.
         self.mirror = registry.mirror(
-            [Topic.SCHEDULE, Topic.GLOBALS, Topic.META],
+            [Topic.SCHEDULE, Topic.GLOBALS, Topic.META, Topic.CORDONS],
             machine_id=self.machine_id,
             check_names=True,
         )
@@ -189,6 +190,9 @@ class Agent:
             if not s.machine_id:
                 global_units[s.name] = (Unit(s.name, s.hash, s.target_state), reqs)
         scheduled = [s for s in self.scheduled.values() if s.name in requirements]
+        cordon = self.mirror.cordons.get(self.machine_id)
+        if cordon is not None and cordon.drain and cordon.include_global:
+            global_units = {}  # `fleetctl drain --include-global`: its global units stop too
         return desired_for_machine(self.machine(), scheduled, global_units, requirements)
 
     async def reconcile(self) -> int:

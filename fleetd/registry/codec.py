@@ -63,6 +63,7 @@ def encode_cordon(cordon: Cordon) -> str:
             "since": cordon.since,
             "drain": cordon.drain,
             "deadline": cordon.deadline,
+            "include_global": cordon.include_global,
         }
     )
 
@@ -77,14 +78,16 @@ def _number(obj: dict[str, Any], name: str) -> float:
 def decode_cordon(machine_id: str, text: str) -> Cordon:
     obj = _load(text)
     drain = obj.get("drain", False)
-    if not isinstance(drain, bool):
-        raise CorruptValue("field 'drain' is not a boolean")
+    include_global = obj.get("include_global", False)
+    if not isinstance(drain, bool) or not isinstance(include_global, bool):
+        raise CorruptValue("field 'drain' or 'include_global' is not a boolean")
     return Cordon(
         machine_id,
         reason=_str(obj, "reason", ""),
         since=_number(obj, "since"),
         drain=drain,
         deadline=_number(obj, "deadline"),
+        include_global=include_global,
     )
 
 

@@ -191,7 +191,7 @@ class Mirror:
             Topic.META: keys.machine_meta if mid is None else keys.machine_meta_of(mid),
             Topic.STATES: keys.states,
             Topic.LEADER: keys.leader,
-            Topic.CORDONS: keys.cordons,
+            Topic.CORDONS: keys.cordons if mid is None else keys.cordon(mid),
         }[topic]
 
     @property
@@ -311,9 +311,10 @@ class Mirror:
                 self.states[(unit_name, machine_id)] = published
                 return StateChange(unit_name, machine_id, published)
             if topic is Topic.CORDONS:
-                cordon = codec.decode_cordon(tail, value)
-                self.cordons[tail] = cordon
-                return CordonChange(tail, cordon)
+                machine_id = self.machine_id if self.machine_id is not None else tail
+                cordon = codec.decode_cordon(machine_id, value)
+                self.cordons[machine_id] = cordon
+                return CordonChange(machine_id, cordon)
             if topic is Topic.BODIES:
                 if tail not in registry.bodies:
                     registry.bodies.put(tail, parse_unit(value))
@@ -352,8 +353,9 @@ class Mirror:
             self.states.pop((unit_name, machine_id), None)
             return StateChange(unit_name, machine_id, None)
         if topic is Topic.CORDONS:
-            self.cordons.pop(tail, None)
-            return CordonChange(tail, None)
+            machine_id = self.machine_id if self.machine_id is not None else tail
+            self.cordons.pop(machine_id, None)
+            return CordonChange(machine_id, None)
         if topic is Topic.BODIES:
             self.registry.bodies.discard([tail])
             return BodyChange(tail, False)

@@ -121,3 +121,28 @@ async def test_a_drain_survives_an_engine_failover(cluster: SimCluster) -> None:
     assert status.done, status.left
     for i in range(4):
         assert target not in running_on(cluster, f"u{i}.service")
+
+
+async def test_include_global_stops_the_global_units_there_only(cluster: SimCluster) -> None:
+    await start(cluster, "everywhere.service", HELLO + "\n[X-Fleet]\nGlobal=true\n")
+    await wait_for(
+        lambda: len(running_on(cluster, "everywhere.service")) == 3, what="global unit on 3"
+    )
+    home = next(iter(cluster.machines))
+    client = RegistryClient(cluster.client)
+    await cluster.client.cordon(Cordon(home, drain=True))
+    status = await wait_for_drain(client, home, time.monotonic() + 5, lambda _: None, 0.05)
+    assert status.done  # without the flag the global unit is not waited for ...
+    assert cluster.machines[home] in running_on(cluster, "everywhere.service")  # ... and stays
+    await cluster.client.cordon(Cordon(home, drain=True, include_global=True))
+    status = await wait_for_drain(
+        client, home, time.monotonic() + 10, lambda _: None, 0.05, include_global=True
+    )
+    assert status.done, status.left
+    running = running_on(cluster, "everywhere.service")
+    assert len(running) == 2
+    assert cluster.machines[home] not in running
+    assert await cluster.client.uncordon(home)
+    await wait_for(
+        lambda: len(running_on(cluster, "everywhere.service")) == 3, what="back on 3 machines"
+    )
