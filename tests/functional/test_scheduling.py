@@ -14,6 +14,7 @@ kill-to-active, graceful handover) are printed and appended to fleet_helpers.MET
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -539,6 +540,10 @@ def test_killed_machine_units_come_back_elsewhere(fleet: Fleet) -> None:
     was_leader = fleet.driver.leader() == victim.machine_id
     survivors = [m for m in fleet.home if m is not victim]
     leases = {m.name: survivor_lease(fleet, m) for m in survivors}
+    # Before anyone kills it: what does the engine's planner say the kill will do?
+    asked = fleetctl(fleet, "plan", "--kill", victim.machine_id, "-o", "json")
+    assert asked.returncode == 0, asked  # every unit has somewhere to go
+    predicted = {u["name"]: u for u in json.loads(asked.stdout)["units"]}
 
     started = time.monotonic()
     fleet.cluster.kill(victim)
@@ -560,6 +565,11 @@ def test_killed_machine_units_come_back_elsewhere(fleet: Fleet) -> None:
     eventually(all_back, AGENT_TTL + 15, lambda: f"{lost} to run elsewhere (seen {seen})")
     for name in lost:
         fleet.wait_running(name, not_on=[victim.machine_id])  # and systemd there agrees
+    # The prediction was exact: the same units moved, each to the machine it named.
+    assert sorted(predicted) == lost, (predicted, lost)
+    for name in lost:
+        assert predicted[name]["action"] == "move", predicted[name]
+        assert fleet.running_on(name) == [predicted[name]["to"]], (name, predicted[name])
     elapsed = round(max(seen[n] for n in lost), 3)
     fleet.record(
         "kill_to_active_elsewhere_seconds",
