@@ -23,7 +23,8 @@ from fleetctl.command import FleetCommand, run, say, warn
 from fleetctl.completion import complete_machines
 from fleetctl.errors import CommandFailed
 from fleetd.config_values import parse_positive_duration
-from fleetd.errors import ConfigError
+from fleetd.engine.whatif import resolve_machines
+from fleetd.errors import ConfigError, InvalidInput
 from fleetd.model import Cordon, Placement
 from fleetd.views import MachineView, StateView, UnitView
 
@@ -32,17 +33,14 @@ DEFAULT_DEADLINE = "10m"
 
 
 async def resolve_machine(client: ClusterClient, prefix: str) -> MachineView:
-    """The one registered machine whose id starts with `prefix`, or a clear error."""
-    if not prefix:
-        raise CommandFailed("a machine ID (or a unique prefix of one) is required")
-    machines = await client.machines()
-    matches = [m for m in machines if m.id.startswith(prefix)]
-    if not matches:
-        raise CommandFailed(f"no registered machine matches {prefix!r}")
-    if len(matches) > 1:
-        ids = ", ".join(m.id for m in matches[:5])
-        raise CommandFailed(f"{prefix!r} matches more than one machine ({ids}): give more of it")
-    return matches[0]
+    """The one registered machine whose id starts with `prefix` (the rule `plan --kill` uses),
+    or a clear error."""
+    machines = {m.id: m for m in await client.machines()}
+    try:
+        (machine_id,) = resolve_machines([prefix], machines)
+    except InvalidInput as e:
+        raise CommandFailed(str(e)) from None
+    return machines[machine_id]
 
 
 @dataclass(frozen=True)
