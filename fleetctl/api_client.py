@@ -30,7 +30,7 @@ from fleetd.engine.whatif import (
     prediction_from_api,
 )
 from fleetd.errors import Conflict, FleetError, InvalidInput, NotFound, RegistryUnavailable
-from fleetd.model import Cordon, Placement, TargetState
+from fleetd.model import Cordon, TargetState
 from fleetd.unit.file import UnitFile
 from fleetd.views import (
     MachineView,
@@ -307,15 +307,6 @@ class ApiClient:
     async def uncordon(self, machine_id: str) -> bool:
         status, _ = await self._request("DELETE", f"cordons/{machine_id}")
         return status != 404
-
-    async def placements(self) -> dict[str, Placement]:
-        # The API's units carry their machine and the placement's reason (unplaced, or kept
-        # on a draining machine).
-        return {
-            u.name: Placement(u.name, u.machine_id, u.reason)
-            for u in await self.units()
-            if not u.is_global
-        }
 
 
 def _unit_path(name: str) -> str:

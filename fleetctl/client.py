@@ -28,7 +28,7 @@ from fleetctl.settings import Driver, Settings, Target, select_target
 from fleetd import __version__, whatif_load
 from fleetd.engine.whatif import Explanation, Prediction, Start
 from fleetd.errors import Conflict, FleetError, InvalidInput, NotFound
-from fleetd.model import Cordon, Placement, TargetState
+from fleetd.model import Cordon, TargetState
 from fleetd.registry.instrumented import InstrumentedKV
 from fleetd.registry.kv import KV
 from fleetd.registry.migrations import version_key
@@ -106,10 +106,6 @@ class ClusterClient(Protocol):
 
     async def uncordon(self, machine_id: str) -> bool:
         """Make a machine schedulable again; False if it was not cordoned."""
-        ...
-
-    async def placements(self) -> dict[str, Placement]:
-        """Where each non-global unit is placed, or why not (a drain shows why units stay)."""
         ...
 
     async def plan(
@@ -193,9 +189,6 @@ class RegistryClient:
 
     async def uncordon(self, machine_id: str) -> bool:
         return await self.registry.uncordon(machine_id)
-
-    async def placements(self) -> dict[str, Placement]:
-        return await self.registry.placements()
 
     async def plan(
         self, starts: Sequence[Start], kill: Sequence[str], drain: Sequence[str] = ()

@@ -100,9 +100,12 @@ async def wait_for_drain(
     showing each unit as it leaves."""
     before: dict[str, str] | None = None
     while True:
-        units, states, placements = await asyncio.gather(
-            client.units(), client.unit_states(machine_id=machine_id), client.placements()
+        units, states = await asyncio.gather(
+            client.units(), client.unit_states(machine_id=machine_id)
         )
+        # A unit's view carries its placement: its machine, and the reason it is not placed
+        # or (a drain) why it stays.
+        placements = {u.name: Placement(u.name, u.machine_id, u.reason) for u in units}
         status = drain_status(machine_id, units, states, placements, include_global=include_global)
         if before is None:
             show(f"{len(status.left)} units to move off {machine_id}")

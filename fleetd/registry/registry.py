@@ -574,15 +574,9 @@ class Registry:
 
     async def cordons(self) -> dict[str, Cordon]:
         """Cordoned machines by id (registered or not: a cordon outlives a reboot)."""
-        kvs, _ = await self.kv.range(self.keys.cordons)
-        out = {}
-        for kv in kvs:
-            machine_id = kv.key[len(self.keys.cordons) :]
-            try:
-                out[machine_id] = codec.decode_cordon(machine_id, kv.value)
-            except CorruptValue as e:
-                self.skip_corrupt(kv.key, kv.mod_revision, str(e))
-        return out
+        mirror = self.mirror([Topic.CORDONS])  # its decoder, as the engine's reads them
+        await mirror.load()
+        return mirror.cordons
 
     # ---- published unit states -------------------------------------------------------------
 
